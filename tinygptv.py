@@ -1,0 +1,653 @@
+"""TinyGPT-V, assembled: a frozen vision tower, a trained bridge, and Phi-2 with LoRA.
+
+Yuan et al., "TinyGPT-V: Efficient Multimodal Large Language Model via Small Backbones",
+arXiv:2312.16862, section 3 (architecture) and figure 2. The data flow at full size (224 px):
+
+    image (B, 3, 224, 224)
+      -> visual_encoder: EVA ViT-g/14 + ln_vision (vit.py)      (B, 257, 1408)  frozen
+      -> qformer: 32 learned queries, BLIP-2 (qformer.py)       (B, 32, 768)    frozen
+      -> llama_proj  Linear(768, 4096)                          (B, 32, 4096)   trained
+      -> llama_proj2 Linear(4096, 2560)                         (B, 32, 2560)   trained
+      -> spliced into the prompt's token embeddings at <ImageHere>
+      -> llama_model: Phi-2 + QK LayerNorm + RMSNorm (phi2.py), LoRA (lora.py)
+      -> next-token logits (B, T, 51200)
+
+Notable parts of this file, top to bottom:
+- `TinyGPTVConfig` with the paper's `full` preset and a `tiny` one of the same architecture;
+- the prompt templates of the four stages and the stage-4 task tags, in one place;
+- image preprocessing (Pillow, bicubic, CLIP mean/std) and the tokenizer (`tokenizers`);
+- `TinyGPTV`: image encoding, splicing image embeddings into the prompt, the loss, generation;
+- checkpoints holding only what trains, and assembly from real Phi-2 / BLIP-2 downloads;
+- conversion of the official TinyGPT-V and LAVIS `.pth` releases to safetensors;
+- `quantize_int8`: hand-written int8 inference;
+- a command line: `python tinygptv.py --image cat.png --prompt "[vqa] what is this?"`.
+
+The names (`visual_encoder`, `qformer`, `llama_proj`, `llama_proj2`, `llama_model`) are the
+official code's, so its checkpoint keys can be held against ours. `llama_model` is Phi-2: the
+official code kept MiniGPT-4's name when it swapped LLaMA for Phi-2.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+from lora import LoRALinear, add_lora, load_lora_state_dict, merge_lora
+from phi2 import Phi2, Phi2Config
+from qformer import QFormer, QFormerConfig
+from vit import VisionConfig, VisionTransformer
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class TinyGPTVConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig.eva_vit_g)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig.blip2)
+    llm: Phi2Config = field(default_factory=lambda: Phi2Config.phi2(qk_layernorm=True, post_layernorm=True))
+    proj_dim: int = 4096  # llama_proj's output: MiniGPT-4's LLaMA width, kept by TinyGPT-V
+    lora_r: int = 64  # section 5 of TINYGPTV.md: peft r=64, alpha=16, dropout 0.05
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple = ("query_key_value", "dense")  # attention only, not the MLP
+
+    @classmethod
+    def full(cls):
+        """The paper's widths: ViT-g (39 blocks), Q-Former (12 layers, 32 queries), Phi-2 (32 layers)."""
+        return cls()
+
+    @classmethod
+    def tiny(cls, vocab_size=1024):
+        """The same architecture at a size two CPU cores train in minutes (the demo's)."""
+        return cls(
+            vision=VisionConfig.tiny(image_size=64, patch_size=8, hidden_size=96, num_hidden_layers=4,
+                                     num_attention_heads=4, intermediate_size=384),
+            qformer=QFormerConfig.tiny(hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=384, encoder_hidden_size=96, num_query_tokens=16),
+            llm=Phi2Config.tiny(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4,
+                                num_attention_heads=4, intermediate_size=512, max_position_embeddings=512,
+                                qk_layernorm=True, post_layernorm=True),
+            proj_dim=256, lora_r=16, lora_alpha=16.0, lora_dropout=0.05,
+        )
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        return cls(vision=VisionConfig(**d.pop("vision")), qformer=QFormerConfig(**d.pop("qformer")),
+                   llm=Phi2Config(**d.pop("llm")), lora_targets=tuple(d.pop("lora_targets")), **d)
+
+
+# -----------------------------------------------------------------------------
+# Prompts (TINYGPTV.md section 6). `<ImageHere>` marks where the 32 image embeddings go.
+
+IMAGE_SLOT = "<Img><ImageHere></Img>"
+TEMPLATES = {
+    1: IMAGE_SLOT,  # stages 1-2: no instruction; the caption follows the image directly
+    2: IMAGE_SLOT,
+    3: "###Human: " + IMAGE_SLOT + " {} ###Assistant: ",  # MiniGPT-4's conversation format
+    4: "[INST] " + IMAGE_SLOT + " {} [/INST]",  # MiniGPT-v2's format, with task tags
+}
+# What ends an answer (the model learns to write it, and generation stops at it). Stage 4 ends with
+# the tokenizer's end-of-text token, as MiniGPT-v2 ends with the LLM's eos.
+END_MARKERS = {1: "\n", 2: "\n", 3: "###", 4: "<|endoftext|>"}
+# Answers longer than this many tokens are cut (the official max_txt_len per stage).
+MAX_TEXT_TOKENS = {1: 32, 2: 32, 3: 160, 4: 1024}
+# Stage-4 task tags and the instruction each wraps its query in (MiniGPT-v2's phrasing).
+# "chat" is an untagged instruction (LLaVA-style data); "describe" is stage 3's own instruction.
+TASK_INSTRUCTIONS = {
+    "vqa": "[vqa] Based on the image, respond to this question with a short answer: {}",
+    "caption": "[caption] Briefly describe this image.",
+    "refer": "[refer] give me the location of {}",
+    "identify": "[identify] what object is in this location {}",
+    "grounding": "[grounding] describe this image in detail",
+    "detection": "[detection] {}",
+    "chat": "{}",
+    "describe": "{}",
+}
+BOS = "<|endoftext|>"  # Phi-2's bos = eos = 50256; the demo tokenizer has the same token
+
+
+def instruction_for(task, query):
+    """The instruction text of one sample (what goes in the template's `{}`)."""
+    if task not in TASK_INSTRUCTIONS:
+        raise ValueError(f"unknown task '{task}': expected one of {', '.join(TASK_INSTRUCTIONS)}")
+    return TASK_INSTRUCTIONS[task].format(query)
+
+
+def parse_user_prompt(prompt):
+    """'[vqa] what color is it' -> instruction_for('vqa', 'what color is it'); untagged -> chat."""
+    m = re.match(r"\s*\[(\w+)\]\s*(.*)", prompt, re.S)
+    if m is None:
+        return instruction_for("chat", prompt.strip())
+    tag, rest = m.group(1), m.group(2).strip()
+    if tag not in TASK_INSTRUCTIONS or tag in ("chat", "describe"):
+        tags = ", ".join(f"[{t}]" for t in TASK_INSTRUCTIONS if t not in ("chat", "describe"))
+        raise ValueError(f"unknown task tag [{tag}]: use one of {tags}, or no tag")
+    return instruction_for(tag, rest)
+
+
+# -----------------------------------------------------------------------------
+# Images and text in
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_image(image):
+    """A path or a PIL image -> an RGB PIL image; a one-line error for a missing or corrupt file."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if not os.path.isfile(image):
+        raise FileNotFoundError(f"image not found: {image}")
+    try:
+        with Image.open(image) as im:
+            return im.convert("RGB")  # any mode (L, P, RGBA, CMYK) -> RGB; forces a full decode
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read image {image}: {e}") from None
+
+
+def preprocess(image, size):
+    """PIL image or path -> (3, size, size) float tensor, bicubic resize and CLIP normalization."""
+    im = load_image(image).resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def load_tokenizer(path):
+    """A `tokenizer.json` file, or a directory holding one (a Phi-2 download, or the demo's)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer not found: {path}")
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:
+        raise ValueError(f"cannot read tokenizer {path}: {str(e).splitlines()[0]}") from None
+    if tok.token_to_id(BOS) is None:
+        raise ValueError(f"tokenizer {path} has no {BOS} token")
+    return tok
+
+
+def encode(tok, text):
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+@dataclass
+class Example:
+    """One tokenized sample: text before the image slot, after it, and the answer to learn."""
+    before: list  # BOS + template text up to <ImageHere>
+    after: list  # template text after <ImageHere> (including the instruction)
+    answer: list  # answer + end marker; empty when generating
+
+
+def make_example(tok, stage, instruction, answer=None):
+    before, after = TEMPLATES[stage].format(instruction).split("<ImageHere>")
+    ids_answer = []
+    if answer is not None:  # the end marker is learned too, so the model knows when to stop
+        ids_answer = encode(tok, answer)[: MAX_TEXT_TOKENS[stage] - 1] + encode(tok, END_MARKERS[stage])
+    return Example([tok.token_to_id(BOS)] + encode(tok, before), encode(tok, after), ids_answer)
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class TinyGPTV(nn.Module):
+
+    def __init__(self, config: TinyGPTVConfig):
+        super().__init__()
+        self.config = config
+        self.visual_encoder = VisionTransformer(config.vision)  # ends with ln_vision
+        self.qformer = QFormer(config.qformer)  # holds query_tokens
+        # Two projections with no activation between them (section 3.1): 768 -> 4096 is
+        # MiniGPT-4's projection into LLaMA, reused; 4096 -> 2560 is new, into Phi-2's width.
+        self.llama_proj = nn.Linear(config.qformer.hidden_size, config.proj_dim)
+        self.llama_proj2 = nn.Linear(config.proj_dim, config.llm.hidden_size)
+        self.llama_model = Phi2(config.llm)
+
+    def image_size(self, stage):
+        """Stages 1-3 see the config's size (224); stage 4 twice it (448), as in the paper."""
+        return self.config.vision.image_size * (2 if stage == 4 else 1)
+
+    # -- image -> LLM embeddings
+    def encode_queries(self, pixel_values):
+        """(B, 3, H, W) -> the frozen vision tower's Q-Former output (B, n_query, 768)."""
+        return self.qformer(self.visual_encoder(pixel_values))
+
+    def project(self, queries):
+        """(B, n_query, 768) -> (B, n_query, llm hidden): the only path the image takes into Phi-2."""
+        return self.llama_proj2(self.llama_proj(queries))
+
+    def add_lora(self):
+        """Stages 2-4: LoRA on Phi-2's fused qkv and dense (TINYGPTV.md section 5)."""
+        c = self.config
+        return add_lora(self.llama_model, targets=c.lora_targets, r=c.lora_r, alpha=c.lora_alpha,
+                        dropout=c.lora_dropout)
+
+    @property
+    def has_lora(self):
+        return any(isinstance(m, LoRALinear) for m in self.llama_model.modules())
+
+    # -- splicing: one row = [before tokens][image embeds][after tokens][answer tokens]
+    def assemble(self, image_embeds, examples, pad_left=False):
+        """Build the LLM input for a batch.
+
+        image_embeds: (B, n_query, C) after the projections; examples: B `Example`s.
+        Returns inputs_embeds (B, T, C), attention_mask (B, T), labels (B, T) (-100 but on answers),
+        and image_start (B,), the position of each row's first image embedding.
+        Rows are right-padded for training and left-padded for generation, so that every row's
+        last prompt token sits at the same position when decoding starts.
+        """
+        embed = self.llama_model.embed_tokens
+        device, n_img = image_embeds.device, image_embeds.shape[1]
+        rows, labels, starts = [], [], []
+        for img, ex in zip(image_embeds, examples):
+            ids = torch.tensor(ex.before + ex.after + ex.answer, dtype=torch.long, device=device)
+            tok = embed(ids).to(img.dtype)  # (L, C)
+            nb = len(ex.before)
+            rows.append(torch.cat([tok[:nb], img, tok[nb:]]))  # (L + n_img, C)
+            lab = torch.full((len(ids) + n_img,), -100, dtype=torch.long, device=device)
+            if ex.answer:
+                lab[-len(ex.answer):] = ids[-len(ex.answer):]
+            labels.append(lab)
+            starts.append(nb)
+        T = max(r.shape[0] for r in rows)
+        B, C = len(rows), image_embeds.shape[-1]
+        inputs = image_embeds.new_zeros(B, T, C)
+        mask = torch.zeros(B, T, dtype=torch.long, device=device)
+        lab_out = torch.full((B, T), -100, dtype=torch.long, device=device)
+        image_start = torch.tensor(starts, device=device)
+        for i, (r, lab) in enumerate(zip(rows, labels)):
+            L = r.shape[0]
+            sl = slice(T - L, T) if pad_left else slice(0, L)
+            inputs[i, sl], mask[i, sl], lab_out[i, sl] = r, 1, lab
+            if pad_left:
+                image_start[i] += T - L
+        return inputs, mask, lab_out, image_start
+
+    def forward(self, examples, pixel_values=None, queries=None):
+        """Training forward: returns (logits (B, T, V), labels (B, T)). Pass pixels, or the Q-Former
+        outputs cached by the caller (the vision tower is frozen in every stage, so its output for
+        an image never changes)."""
+        if queries is None:
+            queries = self.encode_queries(pixel_values)
+        inputs, mask, labels, _ = self.assemble(self.project(queries), examples)
+        return self.llama_model(inputs_embeds=inputs, attention_mask=mask), labels
+
+    @torch.no_grad()
+    def generate(self, tok, images, instructions, stage=4, max_new_tokens=20, **sampling):
+        """Answer one instruction per image. Greedy by default; `sampling` goes to Phi2.generate
+        (temperature, top_k, top_p, repetition_penalty, seed). Returns one string per image."""
+        size = self.image_size(stage)
+        param = next(self.llama_proj.parameters())
+        pixels = torch.stack([preprocess(im, size) for im in images]).to(param.device, param.dtype)
+        examples = [make_example(tok, stage, ins) for ins in instructions]
+        inputs, mask, _, _ = self.assemble(self.project(self.encode_queries(pixels)), examples, pad_left=True)
+        limit = self.config.llm.max_position_embeddings
+        if inputs.shape[1] + max_new_tokens > limit:
+            raise ValueError(f"prompt is {inputs.shape[1]} tokens with the image; with {max_new_tokens} new "
+                             f"tokens that exceeds the context of {limit}: shorten the prompt")
+        end = END_MARKERS[stage]
+        # a marker can tokenize differently after a space, so both spellings stop generation
+        stops = [encode(tok, end), encode(tok, " " + end)]
+        out = self.llama_model.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                        stop_sequences=stops, **sampling)
+        return [tok.decode(ids).split(end)[0].strip() for ids in out]
+
+
+def lm_loss(logits, labels, reduction="mean"):
+    """Next-token cross-entropy over the answer tokens: position t predicts token t + 1."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=-100, reduction=reduction)
+
+
+# -----------------------------------------------------------------------------
+# What trains, and checkpoints that hold only that (TINYGPTV.md section 7)
+
+# The stabilizer and pre-norm weights train in every stage; their biases stay frozen.
+NORM_WEIGHTS = ("q_layernorm.weight", "k_layernorm.weight", "post_layernorm.weight",
+                "input_layernorm.weight", "final_layernorm.weight")
+
+
+def is_trainable(name):
+    """The parameters TinyGPT-V trains: the projections, LoRA (when present) and the norm weights."""
+    return (name.startswith(("llama_proj.", "llama_proj2.")) or ".lora_" in name
+            or (name.startswith("llama_model.") and name.endswith(NORM_WEIGHTS)))
+
+
+def trainable_state_dict(model):
+    return {k: v.detach() for k, v in model.state_dict().items() if is_trainable(k)}
+
+
+def save_checkpoint(model, path, stage, extra=None):
+    """Write what trains, plus the config, to one safetensors file, atomically."""
+    meta = {"config": json.dumps(model.config.to_dict()), "stage": str(stage), **(extra or {})}
+    tensors = {k: v.contiguous().cpu() for k, v in trainable_state_dict(model).items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)  # a reader never sees a half-written checkpoint
+
+
+def read_checkpoint(path):
+    """-> (tensors, metadata) with one-line errors for a missing or corrupt file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        tensors = load_file(path)
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"corrupt checkpoint {path}: {str(e).splitlines()[0]}") from None
+    return tensors, meta
+
+
+def load_checkpoint(model, path):
+    """Strictly load a stage checkpoint into `model`. A stage-1 file (no LoRA) into a model with fresh
+    LoRA is allowed: stage 2 starts its adapters from zero. Every other difference is an error."""
+    tensors, meta = read_checkpoint(path)
+    expected = trainable_state_dict(model)
+    own_lora = {k for k in expected if ".lora_" in k}
+    file_has_lora = any(".lora_" in k for k in tensors)
+    need = set(expected) - (own_lora if not file_has_lora else set())
+    missing = sorted(need - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        raise ValueError(f"{path}: missing key {missing[0]} ({len(missing)} missing)")
+    if unexpected:
+        raise ValueError(f"{path}: unexpected key {unexpected[0]} ({len(unexpected)} unexpected)")
+    for k, v in tensors.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
+    model.load_state_dict(tensors, strict=False)  # strictness checked above, over the trained subset
+    return meta
+
+
+def config_from_checkpoint(path):
+    _, meta = read_checkpoint(path)
+    if "config" not in meta:
+        raise ValueError(f"{path} holds no TinyGPT-V config: is it a checkpoint written by this project?")
+    return TinyGPTVConfig.from_dict(json.loads(meta["config"])), int(meta.get("stage", 4))
+
+
+def from_pretrained(phi2_path, vit_path, qformer_path=None, checkpoint=None, dtype=None, device="cpu"):
+    """Assemble TinyGPT-V from what a user can download: a Phi-2 directory, a BLIP-2 directory
+    (ViT, ln_vision, Q-Former, query tokens; pass it as `vit_path`, the Q-Former is read from the
+    same place unless `qformer_path` says otherwise) and optionally a stage checkpoint of ours."""
+    visual_encoder = VisionTransformer.from_pretrained(vit_path, dtype=dtype, device=device)
+    qformer = QFormer.from_pretrained(qformer_path or vit_path, dtype=dtype, device=device)
+    llm = Phi2.from_pretrained(phi2_path, dtype=dtype, device=device, qk_layernorm=True, post_layernorm=True)
+    config = TinyGPTVConfig(vision=visual_encoder.config, qformer=qformer.config, llm=llm.config)
+    stage = 0
+    if checkpoint is not None:
+        ck_config, stage = config_from_checkpoint(checkpoint)
+        config.proj_dim, config.lora_r, config.lora_alpha = ck_config.proj_dim, ck_config.lora_r, ck_config.lora_alpha
+    with torch.device("meta"):  # the big parts come from the downloads: build only the shell
+        model = TinyGPTV(config)
+    model.visual_encoder, model.qformer, model.llama_model = visual_encoder, qformer, llm
+    model.llama_proj = nn.Linear(config.qformer.hidden_size, config.proj_dim, device=device, dtype=dtype)
+    model.llama_proj2 = nn.Linear(config.proj_dim, config.llm.hidden_size, device=device, dtype=dtype)
+    if checkpoint is not None:
+        if stage >= 2:
+            model.add_lora()
+        load_checkpoint(model, checkpoint)
+    return model.eval(), stage
+
+
+# -----------------------------------------------------------------------------
+# Converting the official releases (torch .pth pickles) to safetensors, never unpickling code
+
+OFFICIAL_PREFIX = "llama_model.base_model.model.model."  # peft wrapper + PhiForCausalLM's .model
+
+
+def _torch_load(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain types only
+    except Exception as e:
+        raise ValueError(f"cannot read {path} as a weights-only torch file: {str(e).splitlines()[0]}") from None
+    return obj.get("model", obj) if isinstance(obj, dict) else obj
+
+
+def convert_official_stage(state_dict, num_heads):
+    """Official TinyGPT-V stage state dict -> our names. Returns (converted, unknown keys).
+
+    The official Phi-2 fuses q, k, v in one `query_key_value` whose output rows run head by head,
+    [h0: q k v][h1: q k v]...; ours are [q (all heads); k; v]. LoRA's B (out, r) indexes output
+    rows, so it is permuted the same way; A (r, in) indexes input columns and is unchanged.
+    """
+    out, unknown = {}, []
+    for k, v in state_dict.items():
+        if k.startswith(("llama_proj.", "llama_proj2.")):
+            out[k] = v
+            continue
+        if not k.startswith(OFFICIAL_PREFIX):
+            unknown.append(k)
+            continue
+        name = "llama_model." + k[len(OFFICIAL_PREFIX):]
+        m = re.fullmatch(r"(.*\.(?:query_key_value|dense))\.lora_([AB])\.weight", name)
+        if m:
+            if name.endswith("query_key_value.lora_B.weight"):
+                r = v.shape[1]
+                v = v.view(num_heads, 3, -1, r).transpose(0, 1).reshape(-1, r)  # (3*H*hd, r)
+            out[f"{m.group(1)}.lora_{m.group(2)}"] = v
+        elif name.endswith(NORM_WEIGHTS):
+            out[name] = v
+        else:
+            unknown.append(k)
+    return out, unknown
+
+
+def convert_lavis(state_dict):
+    """LAVIS EVA / BLIP-2 pickles -> the LAVIS names vit.py and qformer.py read from safetensors.
+    A raw `eva_vit_g.pth` has no `visual_encoder.` prefix; it gets one."""
+    out, unknown = {}, []
+    ours = ("visual_encoder.", "ln_vision.", "Qformer.", "query_tokens")
+    eva = ("cls_token", "pos_embed", "patch_embed.", "blocks.")
+    for k, v in state_dict.items():
+        if k.startswith(ours):
+            out[k] = v
+        elif k.startswith(eva):
+            out["visual_encoder." + k] = v
+        else:
+            unknown.append(k)
+    return out, unknown
+
+
+def convert(src, dst, num_heads=32):
+    sd = _torch_load(src)
+    if any(k.startswith((OFFICIAL_PREFIX, "llama_proj")) for k in sd):
+        out, unknown = convert_official_stage(sd, num_heads)
+    else:
+        out, unknown = convert_lavis(sd)
+    if not out:
+        raise ValueError(f"{src}: no TinyGPT-V, EVA or BLIP-2 weights found")
+    if unknown:  # reported, never dropped silently
+        print(f"convert: {len(unknown)} keys not used: {', '.join(unknown[:8])}" + (" ..." if len(unknown) > 8 else ""))
+    tmp = dst + ".tmp"
+    save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata={"converted_from": os.path.basename(src)})
+    os.replace(tmp, dst)
+    print(f"convert: wrote {len(out)} tensors to {dst}")
+    return out, unknown
+
+
+# -----------------------------------------------------------------------------
+# int8 inference, by hand
+
+
+class Int8Linear(nn.Module):
+    """A Linear layer stored in int8, for inference.
+
+    Weights: per output channel symmetric, w_q = round(w / s_w) in [-127, 127], s_w = max|w_row| / 127.
+    Activations (dynamic, per token): x_q = round(x / s_x), s_x = max|x_token| / 127.
+    Then y = (x_q @ w_q^T) * s_x * s_w^T + b, with the product accumulated exactly in int32
+    (`torch._int_mm`). Rounding each value moves it by at most half a step, so a relative error of
+    about 1/254 of the row's (token's) largest magnitude per value; over a K-long dot product the
+    errors are independent and grow like sqrt(K), not K. Outlier features (a few huge activations)
+    inflate s_x for their whole token and are the classic failure (LLM.int8(), Dettmers 2022).
+    Where the int8 kernel cannot run (CPU decode of one token is faster weight-only, odd shapes),
+    the activations stay in float and the weight is used dequantized.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()  # (out, in)
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (out,)
+        self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, shape[-1]).float()  # (N, in)
+        N = x2.shape[0]
+        if _int_mm_ok(N, self.in_features, self.out_features, x.device):
+            sx = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0  # (N, 1)
+            xq = torch.round(x2 / sx).clamp(-127, 127).to(torch.int8)
+            y = torch._int_mm(xq, self.weight_int8.t()).float() * sx * self.weight_scale  # (N, out)
+        elif x.device.type == "cpu":
+            # weight-only int8 kernel: bf16 activations, int8 weights, per-channel scales
+            y = torch._weight_int8pack_mm(x2.bfloat16(), self.weight_int8, self.weight_scale.bfloat16()).float()
+        else:
+            y = x2 @ (self.weight_int8.float() * self.weight_scale[:, None]).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(dtype).reshape(*shape[:-1], self.out_features)
+
+
+def _int_mm_ok(n, k, m, device):
+    """torch._int_mm's shape rules (CUDA: n > 16, k and m multiples of 8). On the CPU it is used for
+    prefill-sized inputs; one decoded token goes through the faster weight-only kernel."""
+    if device.type == "cuda":
+        return n > 16 and k % 8 == 0 and m % 8 == 0
+    return n >= 16 and k % 8 == 0 and m % 8 == 0
+
+
+def quantize_int8(model: TinyGPTV, vision=False):
+    """Merge LoRA, then replace the language model's Linear layers (and the vision side's, if asked)
+    with Int8Linear. Returns the number of layers replaced."""
+    merge_lora(model.llama_model)
+    roots = [model.llama_model] + ([model.visual_encoder, model.qformer] if vision else [])
+    count = 0
+    for root in roots:
+        for name, module in list(root.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(module, child_name, Int8Linear(child))
+                    count += 1
+    return count
+
+
+def weight_bytes(module):
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+DEMO_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "demo")
+
+
+def load_demo(run_dir=DEMO_RUN, stage=None):
+    """The demo's trained model (train.py writes it): tokenizer, stand-in backbones, stage checkpoint."""
+    if stage is None:
+        done = [s for s in (4, 3, 2, 1) if os.path.isfile(os.path.join(run_dir, f"stage{s}.safetensors"))]
+        if not done:
+            raise FileNotFoundError(f"no trained demo checkpoint in {run_dir}: run `python train.py` first")
+        stage = done[0]
+    ckpt = os.path.join(run_dir, f"stage{stage}.safetensors")
+    backbones = os.path.join(run_dir, "backbones")
+    model, stage = from_pretrained(os.path.join(backbones, "phi2"), os.path.join(backbones, "vit"),
+                                   os.path.join(backbones, "qformer"), ckpt)
+    return model, load_tokenizer(backbones), stage
+
+
+def count_parameters(config):
+    with torch.device("meta"):
+        model = TinyGPTV(config)  # meta tensors: shapes only, no memory
+        model.add_lora()
+    parts = {"visual_encoder (ViT + ln_vision)": model.visual_encoder, "qformer (+ query_tokens)": model.qformer,
+             "llama_proj + llama_proj2": nn.ModuleList([model.llama_proj, model.llama_proj2]),
+             "llama_model (Phi-2 + stabilizers + LoRA)": model.llama_model}
+    rows = [(k, sum(p.numel() for p in m.parameters())) for k, m in parts.items()]
+    lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    trainable = sum(p.numel() for n, p in model.named_parameters() if is_trainable(n))
+    rows += [("  of which LoRA", lora), ("total", sum(p.numel() for p in model.parameters())),
+             ("trainable in stages 2-4", trainable)]
+    return rows
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["convert"]:
+        p = argparse.ArgumentParser(prog="tinygptv.py convert",
+                                    description="Convert an official .pth (TinyGPT-V stage, LAVIS EVA/BLIP-2) to safetensors")
+        p.add_argument("src")
+        p.add_argument("dst")
+        p.add_argument("--num-heads", type=int, default=32, help="Phi-2's heads, to un-interleave the fused qkv")
+        a = p.parse_args(argv[1:])
+        convert(a.src, a.dst, a.num_heads)
+        return
+    if argv[:1] == ["params"]:
+        for name, n in count_parameters(TinyGPTVConfig.full()):
+            print(f"{name:45s} {n:>15,d}")
+        return
+    p = argparse.ArgumentParser(description="Ask TinyGPT-V about an image. Without weight options it "
+                                "answers from the demo that `python train.py` trains.")
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", required=True, help='e.g. "[vqa] what color is the circle" or "[refer] the red square"')
+    p.add_argument("--checkpoint", help="a stage checkpoint (.safetensors) of this project")
+    p.add_argument("--phi2", help="a Phi-2 directory (transformers layout, with tokenizer.json)")
+    p.add_argument("--blip2", help="a BLIP-2 directory or LAVIS safetensors (ViT + Q-Former)")
+    p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), help="prompt template (default: the checkpoint's stage)")
+    p.add_argument("--int8", action="store_true", help="int8 weights for the language model")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.phi2 or a.blip2:
+        if not (a.phi2 and a.blip2):
+            raise ValueError("real weights need both --phi2 and --blip2")
+        model, stage = from_pretrained(a.phi2, a.blip2, checkpoint=a.checkpoint)
+        tok = load_tokenizer(a.phi2)
+    elif a.checkpoint:
+        raise ValueError("--checkpoint needs --phi2 and --blip2 (the frozen weights it builds on)")
+    else:
+        model, tok, stage = load_demo()
+    stage = a.stage or max(stage, 1)
+    instruction = parse_user_prompt(a.prompt) if stage >= 3 else ""
+    image = load_image(a.image)
+    if a.int8:
+        quantize_int8(model)
+    answer = model.generate(tok, [image], [instruction], stage=stage, max_new_tokens=a.max_new_tokens,
+                            temperature=a.temperature, top_p=a.top_p, seed=a.seed)[0]
+    print(answer)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

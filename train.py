@@ -1,0 +1,540 @@
+"""Training TinyGPT-V in its four stages (paper section 4.2, table 1; TINYGPTV.md section 7).
+
+    python train.py                 # every stage of the built-in demo, skipping finished ones
+    python train.py --stage 2       # one stage, from stage 1's checkpoint (built first if missing)
+    python train.py --resume        # continue an interrupted stage exactly where it stopped
+    torchrun --nproc_per_node 2 train.py --stage 2      # data parallel (gloo on CPU, nccl on GPU)
+    python train.py --data pairs.json --phi2 DIR --blip2 DIR --stage 1   # real data and weights
+
+What each stage trains (everything else is frozen: ViT, ln_vision, Q-Former, Phi-2's weights):
+    stage 1 warm-up       llama_proj, llama_proj2, norm weights           image-caption pairs
+    stage 2 pre-training  + LoRA on Phi-2's qkv and dense                 image-caption pairs
+    stage 3 instruction   same, "###Human: ... ###Assistant:" prompts     detailed descriptions
+    stage 4 multi-task    same, "[INST] [task] ... [/INST]", 2x image     VQA, refer, identify, ...
+The official code also trained LoRA in stage 1 (a config default); the paper says it does not, and
+this file follows the paper.
+
+The demo: no pretrained EVA, BLIP-2 or Phi-2 can be downloaded here, so "stage 0" stands in for
+pretraining done elsewhere. It trains a byte-level BPE tokenizer on the demo's text, a tiny Phi-2
+as a plain language model on that text, and a tiny ViT + Q-Former on the demo's images (predicting
+what sits in each grid cell). Stages 1-4 then run exactly as the paper's, on frozen backbones.
+
+Notable features: AdamW with decay only on >= 2-D tensors, linear warm-up then cosine per step,
+gradient accumulation and clipping, bf16 autocast on CUDA (fp16 + GradScaler where bf16 is
+missing), atomic checkpoints with exact resume (weights, optimizer, step, data order, RNG), a
+NaN guard, a progress line, and a held-out evaluation table after each stage, with blank images
+as the baseline that shows how much the model uses the picture.
+"""
+
+import argparse
+import functools
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import data
+import tinygptv as tg
+from phi2 import Phi2
+from qformer import QFormer
+from vit import VisionTransformer
+
+# -----------------------------------------------------------------------------
+# The stage table
+
+
+@dataclass
+class StageConfig:
+    lr: float  # peak learning rate, after warm-up
+    min_lr: float  # the cosine ends here
+    warmup: int  # steps of linear warm-up from warmup_start_lr
+    steps: int
+    batch_size: int
+    lora: bool
+    warmup_start_lr: float = 1e-6
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+
+
+# The official configs (TINYGPTV.md section 7). Stage 4 "1e-5 -> 8e-5" is the official file's
+# own (sic): its min_lr is above its peak. Kept as written, for the record.
+PAPER_STAGES = {
+    1: StageConfig(lr=1e-4, min_lr=8e-5, warmup=1000, steps=5000, batch_size=64, lora=False),
+    2: StageConfig(lr=1e-4, min_lr=8e-5, warmup=5000, steps=20000, batch_size=64, lora=True),
+    3: StageConfig(lr=3e-5, min_lr=1e-5, warmup=200, steps=1000, batch_size=6, lora=True),
+    4: StageConfig(lr=1e-5, min_lr=8e-5, warmup=1000, steps=50000, batch_size=3, lora=True),
+}
+# The demo trains tiny models from scratch in minutes: fewer steps, so higher learning rates.
+DEMO_STAGES = {
+    1: StageConfig(lr=2e-3, min_lr=2e-4, warmup=30, steps=300, batch_size=32, lora=False),
+    2: StageConfig(lr=2e-3, min_lr=2e-4, warmup=30, steps=300, batch_size=32, lora=True),
+    3: StageConfig(lr=1e-3, min_lr=1e-4, warmup=20, steps=200, batch_size=16, lora=True),
+    4: StageConfig(lr=2e-3, min_lr=1e-4, warmup=50, steps=900, batch_size=32, lora=True),
+}
+
+
+def lr_at(step, sc: StageConfig):
+    """Linear warm-up from warmup_start_lr to lr, then cosine from lr to min_lr (stepped per iteration)."""
+    if step < sc.warmup:
+        return sc.warmup_start_lr + (sc.lr - sc.warmup_start_lr) * step / sc.warmup
+    t = (step - sc.warmup) / max(1, sc.steps - sc.warmup)
+    return sc.min_lr + (sc.lr - sc.min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+# -----------------------------------------------------------------------------
+# Small utilities: process group, atomic saves, errors
+
+
+def world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def log(*a):
+    if world()[0] == 0:
+        print(*a, flush=True)
+
+
+def atomic_torch_save(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # an interruption leaves the previous file whole
+
+
+class TrainingError(ValueError):
+    """An expected failure (NaN loss, missing stage): reported in one line by main()."""
+
+
+# -----------------------------------------------------------------------------
+# Stage 0: stand-in backbones for the demo
+
+
+def demo_scenes(args):
+    return _demo_scenes(args.demo_train, args.demo_eval, args.seed)
+
+
+@functools.lru_cache(maxsize=2)
+def _demo_scenes(n_train, n_eval, seed):
+    return data.demo_splits(n_train=n_train, n_val=n_eval, n_test=n_eval, seed=seed)
+
+
+def lm_texts(scenes, seed):
+    """The text the demo's language model learns: every caption, description, question and answer,
+    also inside the stage templates, so that their tokens exist and read as language."""
+    texts = list(data.text_corpus(scenes))
+    for stage in (1, 3, 4):
+        for s in data.stage_samples(scenes[:200], stage, 32, seed):
+            ins = tg.instruction_for(s.task, s.query) if stage >= 3 else ""
+            texts.append(tg.TEMPLATES[stage].format(ins).replace("<ImageHere>", "") + s.answer + tg.END_MARKERS[stage])
+    return texts
+
+
+def train_tokenizer(texts, path):
+    """Byte-level BPE, Phi-2's (GPT-2's) kind of tokenizer, with <|endoftext|> as bos = eos."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=[tg.BOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tmp = path + ".tmp"
+    tok.save(tmp)
+    os.replace(tmp, path)
+    return tok
+
+
+def pretrain_language_model(cfg, tok, texts, args):
+    """The demo's Phi-2: a plain Phi-2 (no stabilizers, like microsoft/phi-2) trained on the text."""
+    torch.manual_seed(args.seed)
+    llm_cfg = replace(cfg.llm, vocab_size=tok.get_vocab_size(), qk_layernorm=False, post_layernorm=False)
+    model = Phi2(llm_cfg)
+    bos = tok.token_to_id(tg.BOS)
+    seqs = [[bos] + tg.encode(tok, t) + [bos] for t in texts]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    g = torch.Generator().manual_seed(args.seed)
+    steps, bs = args.lm_steps, 32
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(len(seqs), (bs,), generator=g).tolist()
+        T = max(len(seqs[i]) for i in idx)
+        ids = torch.full((bs, T), bos, dtype=torch.long)
+        labels = torch.full((bs, T), -100, dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
+            labels[r, :len(seqs[i])] = ids[r, :len(seqs[i])]
+        for group in opt.param_groups:
+            group["lr"] = 3e-3 * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = tg.lm_loss(model(ids), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"stage 0 | language model  step {step:4d}/{steps} | loss {loss.item():.3f} | {time.time() - t0:.0f}s")
+    return model
+
+
+def pretrain_vision(cfg, scenes, args):
+    """The demo's EVA ViT + Q-Former: trained to say what is in each grid cell of a scene (colour,
+    shape, size or empty), from the 32 query outputs, at both image sizes the stages use (the real
+    EVA was trained at 224 px and is used at 448 with interpolated positions; at this size the
+    demo simply trains on both)."""
+    torch.manual_seed(args.seed)
+    vit, qformer = VisionTransformer(cfg.vision), QFormer(cfg.qformer)
+    nq, d = cfg.qformer.num_query_tokens, cfg.qformer.hidden_size
+    head = nn.Linear(nq * d, data.NUM_CELLS * data.NUM_CELL_CLASSES)  # thrown away afterwards
+    params = list(vit.parameters()) + list(qformer.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
+    sizes = (cfg.vision.image_size, 2 * cfg.vision.image_size)
+    pixels = {s: torch.stack([tg.preprocess(data.render(sc, s), s) for sc in scenes]) for s in sizes}
+    targets = torch.tensor([data.cell_labels(sc) for sc in scenes])  # (N, cells)
+    g = torch.Generator().manual_seed(args.seed)
+    steps, bs = args.vision_steps, 32
+    t0 = time.time()
+    for step in range(steps):
+        s = sizes[step % 2]
+        idx = torch.randint(len(scenes), (bs,), generator=g)
+        for group in opt.param_groups:
+            group["lr"] = 2e-3 * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        logits = head(qformer(vit(pixels[s][idx])).flatten(1)).view(bs * data.NUM_CELLS, -1)
+        loss = nn.functional.cross_entropy(logits, targets[idx].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            acc = (logits.argmax(-1) == targets[idx].flatten()).float().mean().item()
+            log(f"stage 0 | vision  step {step:4d}/{steps} | loss {loss.item():.3f} | cell acc {acc:.2f} | "
+                f"{time.time() - t0:.0f}s")
+    return vit, qformer
+
+
+def build_backbones(args):
+    """Stage 0 (demo only): write runs/demo/backbones/{tokenizer.json, phi2/, vit/, qformer/}."""
+    root = os.path.join(args.out, "backbones")
+    done = os.path.join(root, "DONE")
+    if os.path.isfile(done):
+        return
+    log("stage 0 | training the demo's stand-in backbones (real runs use pretrained EVA, BLIP-2, Phi-2)")
+    os.makedirs(root, exist_ok=True)
+    scenes = demo_scenes(args)["train"]
+    texts = lm_texts(scenes, args.seed)
+    tok = train_tokenizer(texts, os.path.join(root, "tokenizer.json"))
+    cfg = tg.TinyGPTVConfig.tiny(vocab_size=tok.get_vocab_size())
+    pretrain_language_model(cfg, tok, texts, args).save_pretrained(os.path.join(root, "phi2"))
+    vit, qformer = pretrain_vision(cfg, scenes, args)
+    vit.save_pretrained(os.path.join(root, "vit"))
+    qformer.save_pretrained(os.path.join(root, "qformer"))
+    with open(done, "w") as f:
+        f.write("stage 0 finished\n")
+
+
+# -----------------------------------------------------------------------------
+# Building the model for a stage
+
+
+def stage_path(args, stage):
+    return os.path.join(args.out, f"stage{stage}.safetensors")
+
+
+def build_model(args, stage):
+    """Backbones (real or the demo's) + the previous stage's checkpoint + LoRA from stage 2 on."""
+    if args.phi2:
+        model, _ = tg.from_pretrained(args.phi2, args.blip2)
+        tok = tg.load_tokenizer(args.phi2)
+    else:
+        root = os.path.join(args.out, "backbones")
+        model, _ = tg.from_pretrained(os.path.join(root, "phi2"), os.path.join(root, "vit"), os.path.join(root, "qformer"))
+        tok = tg.load_tokenizer(root)
+    if args.stages[stage].lora:
+        model.add_lora()
+    if stage > 1:  # a stage-1 file has no LoRA: stage 2's adapters then start fresh (B = 0)
+        tg.load_checkpoint(model, stage_path(args, stage - 1))
+    for name, p in model.named_parameters():
+        p.requires_grad = tg.is_trainable(name)
+    return model.to(args.device), tok
+
+
+# -----------------------------------------------------------------------------
+# Data for a stage
+
+
+def stage_data(args, stage, split="train"):
+    """The stage's samples: the demo's (per split), or a user's file via --data."""
+    if args.data:
+        return data.load_dataset(args.data, args.image_root)
+    scenes = demo_scenes(args)[split]
+    size = DEMO_IMAGE_SIZE * (2 if stage == 4 else 1)
+    return data.stage_samples(scenes, stage, size, args.seed + (0 if split == "train" else 1))
+
+
+DEMO_IMAGE_SIZE = tg.TinyGPTVConfig.tiny().vision.image_size
+
+
+def instruction(stage, sample):
+    return "" if stage <= 2 else tg.instruction_for(sample.task, sample.query)
+
+
+def batch_indices(step, n, batch_size, seed):
+    """The samples of global step `step`: a fresh seeded permutation per epoch, so that the data
+    order is a pure function of the step and resuming needs only the step to continue it."""
+    per_epoch = n // batch_size
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return perm[k * batch_size:(k + 1) * batch_size].tolist()
+
+
+@torch.no_grad()
+def encode_all(model, samples, stage, device, batch_size=64):
+    """Q-Former outputs of every sample's image, once: the whole vision tower is frozen."""
+    size = model.image_size(stage)
+    out, cache = [], {}
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        todo = [s.image for s in chunk if id(s.image) not in cache]
+        if todo:
+            px = torch.stack([tg.preprocess(im, size) for im in todo]).to(device)
+            for im, q in zip(todo, model.encode_queries(px)):
+                cache[id(im)] = q
+        out.extend(cache[id(s.image)] for s in chunk)
+    return torch.stack(out)  # (N, n_query, d)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: held-out accuracy per task, and the same with a blank image
+
+
+def exact(a, b):
+    return a.strip().lower() == b.strip().lower()
+
+
+def evaluate(model, tok, args, n=None):
+    """Each metric with the prompt of the stage that teaches it, on held-out scenes."""
+    n = n or args.eval_samples
+    model.eval()
+    rows = {}
+    scenes = demo_scenes(args)["test"]
+    for stage, tasks in ((1, ("caption",)), (3, ("describe",)), (4, ("vqa", "refer", "identify"))):
+        samples = data.stage_samples(scenes, stage, DEMO_IMAGE_SIZE * (2 if stage == 4 else 1), args.seed + 1)
+        for task in tasks:
+            picked = [s for s in samples if s.task == task][:n]
+            if not picked:
+                continue
+            for blank in (False, True):
+                images = [data.blank_image(s.image.size[0]) if blank else s.image for s in picked]
+                answers = []
+                for i in range(0, len(picked), 64):
+                    answers += model.generate(tok, images[i:i + 64], [instruction(stage, s) for s in picked[i:i + 64]],
+                                              stage=stage, max_new_tokens=48 if stage == 3 else 24)
+                if task == "refer":
+                    hits = [data.iou(data.parse_box(a) or (0, 0, 0, 0), s.meta["box"]) >= 0.5 for a, s in zip(answers, picked)]
+                else:
+                    hits = [exact(a, s.answer) for a, s in zip(answers, picked)]
+                rows.setdefault(task, {})["blank" if blank else "image"] = 100.0 * sum(hits) / len(hits)
+    model.train()
+    return rows
+
+
+METRIC_NAMES = {"caption": "caption exact match", "describe": "description exact match", "vqa": "VQA exact match",
+                "refer": "[refer] IoU >= 0.5", "identify": "[identify] exact match"}
+
+
+def print_table(stage, before, after):
+    log(f"\nstage {stage} | held-out evaluation (% of test samples)")
+    log(f"  {'metric':26s} {'before':>8s} {'after':>8s} {'blank img':>10s}")
+    for task, r in after.items():
+        b = before.get(task, {}).get("image", float("nan"))
+        log(f"  {METRIC_NAMES[task]:26s} {b:8.1f} {r['image']:8.1f} {r['blank']:10.1f}")
+    log("")
+
+
+# -----------------------------------------------------------------------------
+# One stage
+
+
+def param_groups(model, weight_decay):
+    """Weight decay on matrices only; biases and norm weights (1-D) are not decayed (nanoGPT, BLIP-2)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for n, p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def train_stage(args, stage):
+    sc = args.stages[stage]
+    rank, nproc = world()
+    torch.manual_seed(args.seed + stage)
+    model, tok = build_model(args, stage)
+    samples = stage_data(args, stage)
+    if not samples:
+        raise TrainingError(f"stage {stage}: no training samples")
+    examples = [tg.make_example(tok, stage, instruction(stage, s), s.answer) for s in samples]
+    queries = encode_all(model, samples, stage, args.device) if args.cache_features else None
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"stage {stage} | {len(samples)} samples | training {n_trained:,} parameters in {len(trained)} tensors "
+        f"({'projections, norms, LoRA' if model.has_lora else 'projections, norms'})")
+
+    opt = torch.optim.AdamW(param_groups(model, sc.weight_decay), lr=sc.lr, betas=(0.9, 0.999))
+    use_amp = args.device.startswith("cuda")
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    net = model
+    if nproc > 1:  # each rank computes its share of the global batch; DDP all-reduces the gradients
+        net = nn.parallel.DistributedDataParallel(model)
+
+    state_path = os.path.join(args.out, f"stage{stage}.state.pt")
+    step = 0
+    if args.resume and os.path.isfile(state_path):
+        st = torch.load(state_path, map_location=args.device, weights_only=True)
+        model.load_state_dict(st["model"], strict=False)
+        opt.load_state_dict(st["optimizer"])
+        scaler.load_state_dict(st["scaler"])
+        torch.set_rng_state(st["rng"])  # dropout continues as if never stopped
+        step = st["step"]
+        log(f"stage {stage} | resumed at step {step} from {state_path}")
+
+    def save_state():
+        if rank == 0:
+            atomic_torch_save({"model": tg.trainable_state_dict(model), "optimizer": opt.state_dict(),
+                               "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "step": step,
+                               "stage_config": asdict(sc)}, state_path)
+
+    before = evaluate(model, tok, args) if (args.eval and not args.data and rank == 0) else {}
+    model.train()
+    t0, done_here, seen = time.time(), 0, 0
+    while step < sc.steps:
+        lr = lr_at(step, sc)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = batch_indices(step, len(samples), sc.batch_size, args.seed + stage)
+        idx = idx[rank::nproc]  # this rank's share
+        n_answer = torch.tensor(float(sum(len(examples[i].answer) for i in idx)))
+        if nproc > 1:  # normalize by the whole global batch's answer tokens, as one process would
+            dist.all_reduce(n_answer)
+        micro = [idx[i::args.grad_accum] for i in range(args.grad_accum)]
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for m in micro:
+            with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
+                if queries is not None:
+                    logits, labels = net([examples[i] for i in m], queries=queries[m])
+                else:
+                    px = torch.stack([tg.preprocess(samples[i].image, model.image_size(stage)) for i in m]).to(args.device)
+                    logits, labels = net([examples[i] for i in m], pixel_values=px)
+                # sum over tokens / global count: DDP averages over ranks, so scale by nproc
+                loss = tg.lm_loss(logits, labels, reduction="sum") / n_answer * nproc
+            scaler.scale(loss).backward()
+            total += loss.item() / nproc
+        if not math.isfinite(total):
+            raise TrainingError(f"stage {stage}: loss is {total} at step {step}; stopped without saving, the "
+                                f"last good checkpoint ({state_path if os.path.isfile(state_path) else 'none yet'}) is intact")
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], sc.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        step += 1
+        done_here += 1
+        seen += len(idx) * nproc
+        if step % args.log_every == 0 or step == sc.steps:
+            dt = time.time() - t0
+            eta = dt / done_here * (sc.steps - step)
+            log(f"stage {stage} | step {step:5d}/{sc.steps} | loss {total:.4f} | lr {lr:.2e} | "
+                f"{seen / dt:.1f} samples/s | ETA {eta:.0f}s")
+        if step % args.ckpt_every == 0 or step == sc.steps:
+            save_state()
+        if args.stop_after and done_here >= args.stop_after and step < sc.steps:
+            save_state()
+            log(f"stage {stage} | stopped after {done_here} steps as asked; `--resume` continues")
+            return None
+    if rank == 0:
+        tg.save_checkpoint(model, stage_path(args, stage), stage)
+        log(f"stage {stage} | wrote {stage_path(args, stage)}")
+        if args.eval and not args.data:
+            after = evaluate(model, tok, args)
+            print_table(stage, before, after)
+            with open(os.path.join(args.out, f"stage{stage}.eval.json"), "w") as f:
+                json.dump({"before": before, "after": after}, f, indent=1)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), help="run only this stage (default: all)")
+    p.add_argument("--resume", action="store_true", help="continue the stage from its last step checkpoint")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "demo"))
+    p.add_argument("--data", help="a real data file (caption pairs, LLaVA, VQA or refexp JSON) for the stage")
+    p.add_argument("--image-root", help="folder the data file's image names are relative to")
+    p.add_argument("--phi2", help="a real Phi-2 directory (with tokenizer.json)")
+    p.add_argument("--blip2", help="a real BLIP-2 directory (ViT, ln_vision, Q-Former)")
+    p.add_argument("--paper", action="store_true", help="use the paper's stage settings instead of the demo's")
+    p.add_argument("--steps", type=int, help="override the stage's number of steps")
+    p.add_argument("--batch-size", type=int, help="override the stage's global batch size")
+    p.add_argument("--grad-accum", type=int, default=1, help="split each batch into this many micro-batches")
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--stop-after", type=int, help="stop after this many steps (resume later with --resume)")
+    p.add_argument("--no-eval", dest="eval", action="store_false")
+    p.add_argument("--eval-samples", type=int, default=200)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--demo-train", type=int, default=3000, help="demo scenes for training")
+    p.add_argument("--demo-eval", type=int, default=300, help="demo scenes for validation and test, each")
+    p.add_argument("--lm-steps", type=int, default=600, help="stage 0: language-model steps")
+    p.add_argument("--vision-steps", type=int, default=600, help="stage 0: vision pretraining steps")
+    a = p.parse_args(argv)
+    if (a.phi2 is None) != (a.blip2 is None):
+        p.error("real weights need both --phi2 and --blip2")
+    stages = PAPER_STAGES if a.paper else DEMO_STAGES
+    a.stages = {k: replace(v, **({"steps": a.steps} if a.steps else {}), **({"batch_size": a.batch_size} if a.batch_size else {}))
+                for k, v in stages.items()}
+    a.cache_features = a.data is None  # the demo's images fit in memory; real data is streamed
+    return a
+
+
+def run(args):
+    if "RANK" in os.environ and not dist.is_initialized():  # launched by torchrun
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    os.makedirs(args.out, exist_ok=True)
+    if not args.phi2:
+        build_backbones(args)
+    if dist.is_initialized():
+        dist.barrier()
+    wanted = [args.stage] if args.stage else [1, 2, 3, 4]
+    for stage in range(1, max(wanted) + 1):
+        finished = os.path.isfile(stage_path(args, stage))
+        if finished and (stage not in wanted or not args.stage):
+            log(f"stage {stage} | already finished: {stage_path(args, stage)}")
+            continue
+        if stage not in wanted:
+            log(f"stage {stage} | needed by stage {args.stage} and missing: building it first")
+        if train_stage(args, stage) is None:  # stopped early on purpose (--stop-after)
+            return
+
+
+def main(argv=None):
+    try:
+        run(parse_args(argv))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished stages and the last step checkpoint are intact; `--resume` continues",
+              file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
