@@ -1,0 +1,513 @@
+"""Phi-2, hand-written, with TinyGPT-V's two training stabilizers.
+
+Phi-2 (Microsoft, 2.7B parameters, the `microsoft/phi-2` checkpoint) is TinyGPT-V's language model
+(Yuan et al., arXiv:2312.16862, section 3). Facts in ../shared/TINYGPTV.md section 4.
+Input: token ids (B, T) or embeddings (B, T, 2560) (image tokens arrive as embeddings).
+Output: next-token logits (B, T, 51200).
+
+Notable parts, top to bottom:
+- `Phi2Config` with the real Phi-2 sizes (`phi2()`) and a `tiny()` preset of the same architecture;
+- the parallel block: one LayerNorm feeds attention and MLP side by side, both added to x;
+- partial rotary embedding: RoPE turns only the first int(0.4 * head_dim) dims of each head;
+- the stabilizers: `q_layernorm`/`k_layernorm` (per head, before RoPE) and an RMSNorm
+  `post_layernorm` on the attention branch, each behind a config flag (off = plain Phi-2);
+- `KVCache` and `generate`: greedy or seeded sampling (temperature, top-k, top-p, repetition
+  penalty), stop sequences, left-padded batches that decode exactly like single prompts;
+- `from_pretrained` / `save_pretrained`: strict loading of transformers-layout and legacy-fused
+  checkpoints (every missing, unexpected or mis-shaped tensor is an error), tensor by tensor.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+
+@dataclass
+class Phi2Config:
+    vocab_size: int = 51200
+    hidden_size: int = 2560
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    intermediate_size: int = 10240
+    partial_rotary_factor: float = 0.4  # RoPE on int(0.4 * 80) = 32 of each head's 80 dims
+    rope_theta: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    max_position_embeddings: int = 2048
+    resid_pdrop: float = 0.1  # dropout on both branches of the block, training only
+    qk_layernorm: bool = False  # TinyGPT-V stabilizer 1: LayerNorm on each head's q and k
+    post_layernorm: bool = False  # TinyGPT-V stabilizer 2: RMSNorm on the attention branch
+    rms_norm_eps: float = 1e-6
+    bos_token_id: int = 50256  # "<|endoftext|>" is both bos and eos in Phi-2's tokenizer
+    eos_token_id: int = 50256
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of {self.num_attention_heads} heads")
+        if self.rotary_dim % 2:
+            raise ValueError(f"rotary_dim int({self.partial_rotary_factor} * {self.head_dim}) = {self.rotary_dim} "
+                             "is odd; RoPE turns dims in pairs")
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self):
+        return int(self.partial_rotary_factor * self.head_dim)
+
+    @classmethod
+    def phi2(cls, **kw):
+        return cls(**kw)  # the defaults are microsoft/phi-2's config.json
+
+    @classmethod
+    def tiny(cls, **kw):
+        # head_dim 16 -> int(0.4 * 16) = 6 rotary dims: partial rotary stays non-trivial
+        d = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=256, max_position_embeddings=512, bos_token_id=0, eos_token_id=0)
+        return cls(**{**d, **kw})
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+def gelu_new(x):
+    """GELU, tanh approximation (GPT-2's "gelu_new", Phi-2's activation): 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3)))."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight: no mean subtraction, no bias (TinyGPT-V's post_layernorm).
+    The mean of squares is taken in fp32 so bf16/fp16 activations do not overflow or lose precision."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(position_ids, rotary_dim, theta, dtype):
+    """cos, sin tables (B, 1, T, rotary_dim) for positions (B, T), in the NeoX "rotate half" layout:
+    dim i and dim i + rotary_dim/2 form one pair turning at frequency theta^(-2i/rotary_dim)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, device=position_ids.device).float() / rotary_dim)
+    angles = position_ids[..., None].float() * inv_freq  # (B, T, rd/2), in fp32: positions reach 2048
+    angles = torch.cat([angles, angles], dim=-1)  # (B, T, rd)
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the first cos.shape[-1] dims of each head of x (B, nh, T, hd); the rest pass through."""
+    rd = cos.shape[-1]
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)  # pair (a, b) -> (-b, a), a 90 degree turn
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+class KVCache:
+    """Keys and values of every layer for all positions seen so far; Phi2.forward appends to it."""
+
+    def __init__(self):
+        self.keys, self.values = [], []  # per layer: (B, nh, past, hd)
+
+    @property
+    def length(self):
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def update(self, layer, k, v):
+        if layer == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        return self.keys[layer], self.values[layer]
+
+
+class Phi2Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        C, self.nh, self.hd = config.hidden_size, config.num_attention_heads, config.head_dim
+        # One fused projection, because TinyGPT-V puts LoRA on it. Its weight (3C, C) stacks the rows
+        # [q_proj; k_proj; v_proj] of transformers >= 4.37 checkpoints: q = rows 0:C, k = C:2C,
+        # v = 2C:3C, and inside each, head h owns rows h*hd:(h+1)*hd. The legacy fused layout
+        # (TinyGPT-V, transformers 4.36) runs head by head instead, [h0: q,k,v][h1: q,k,v]...;
+        # `legacy_qkv_to_ours` turns it into this one. The bias follows the same row order.
+        self.query_key_value = nn.Linear(C, 3 * C)
+        self.dense = nn.Linear(C, C)
+        if config.qk_layernorm:
+            # one LayerNorm(head_dim) each for q and k, its parameters shared by all heads
+            self.q_layernorm = nn.LayerNorm(self.hd, eps=config.layer_norm_eps)
+            self.k_layernorm = nn.LayerNorm(self.hd, eps=config.layer_norm_eps)
+        self.qk_layernorm = config.qk_layernorm
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.query_key_value(x).split(C, dim=-1)  # 3 x (B, T, C)
+        q = q.view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        v = v.view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        if self.qk_layernorm:  # before RoPE, as in TinyGPT-V and transformers >= 4.48
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hd), S = past + T
+        # Written out rather than F.scaled_dot_product_attention so it reads as the formula. Masked
+        # scores get the dtype's lowest value, not -inf: a padding query that may see no key at all
+        # then gets a harmless uniform softmax instead of NaN.
+        att = (q @ k.transpose(-2, -1)) * self.hd ** -0.5  # (B, nh, T, S)
+        att = att.masked_fill(~mask, torch.finfo(att.dtype).min)
+        att = F.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype)  # fp32 softmax for bf16 runs
+        y = (att @ v).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.dense(y)
+
+
+class Phi2MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(gelu_new(self.fc1(x)))  # (B, T, C)
+
+
+class Phi2Block(nn.Module):
+    """Parallel block (GPT-J style): x + attn(ln(x)) + mlp(ln(x)), one LayerNorm for both branches.
+    With post_layernorm (TinyGPT-V): x + RMSNorm(attn(ln(x))) + mlp(ln(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = Phi2Attention(config)
+        self.mlp = Phi2MLP(config)
+        if config.post_layernorm:
+            self.post_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, layer=0):
+        h = self.input_layernorm(x)  # (B, T, C)
+        a = self.self_attn(h, cos, sin, mask, kv_cache, layer)  # (B, T, C)
+        if hasattr(self, "post_layernorm"):
+            a = self.post_layernorm(a)
+        return x + self.resid_dropout(a) + self.resid_dropout(self.mlp(h))
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class Phi2(nn.Module):
+    """Phi-2 as a causal LM. Names follow the checkpoints minus transformers' "model." prefix."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Phi2Block(config) for _ in range(config.num_hidden_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)  # untied, with bias
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        # only for training from scratch; real runs load Phi-2. 0.02 is Phi-2's initializer_range.
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, kv_cache=None):
+        """Logits (B, T, vocab) for input_ids (B, T) or inputs_embeds (B, T, C).
+
+        attention_mask (B, past + T): 1 for real tokens, 0 for padding, covering the cached positions
+        too. Positions default to the count of real tokens before each one, so left-padded rows
+        start at position 0 like unpadded ones. kv_cache, if given, gets this call's keys/values.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        B, T, _ = x.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=x.device)
+        if tuple(attention_mask.shape) != (B, past + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                             f"({B}, {past + T}): batch by cached plus new positions")
+        keep = attention_mask.bool()  # (B, S)
+        if position_ids is None:
+            position_ids = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+        # query t sits at absolute position past + t: it sees keys 0 .. past + t that are not padding
+        causal = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)  # (T, S)
+        mask = causal[None, None] & keep[:, None, None, :]  # (B, 1, T, S)
+        cos, sin = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta, x.dtype)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, mask, kv_cache, i)  # (B, T, C)
+        return self.lm_head(self.final_layernorm(x))  # (B, T, vocab)
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens=20,
+                 temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0, stop_sequences=None, seed=None):
+        """Continue each prompt; returns per row only the new token ids, stop sequence removed.
+
+        Prompts in a batch are left-padded (attention_mask 0 on the left), so every row's next token
+        comes from the last column; a row's tokens do not depend on the other rows. temperature 0 is
+        greedy argmax. stop_sequences: token-id lists; a row stops once its new tokens end with one.
+        If stop_sequences is None, config.eos_token_id alone is the stop; pass [] to never stop early.
+        repetition_penalty (CTRL, Keskar et al. 2019): for tokens already in the prompt (input_ids
+        only, not padding) or generated, positive logits are divided by it, negative multiplied.
+        seed: each row samples from its own torch.Generator seeded with it (one prompt gives the same
+        tokens alone or in any batch); None uses torch's global generator.
+        """
+        x = input_ids if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.long, device=x.device)
+        stops = [[eos] for eos in [self.config.eos_token_id]] if stop_sequences is None else \
+            [list(s) for s in stop_sequences if len(s)]
+        generators = [torch.Generator(x.device).manual_seed(seed) for _ in range(B)] if seed is not None else [None] * B
+        seen = torch.zeros(B, self.config.vocab_size, dtype=torch.bool, device=x.device)  # for the penalty
+        if input_ids is not None:
+            seen.scatter_(1, input_ids * attention_mask.long(), attention_mask.bool())  # pad positions scatter False
+        out, done = [[] for _ in range(B)], [False] * B
+        was_training = self.training
+        self.eval()  # dropout would make batched and single runs differ
+        try:
+            cache = KVCache()
+            logits = self(input_ids, inputs_embeds, attention_mask, kv_cache=cache)[:, -1]  # (B, vocab)
+            for step in range(max_new_tokens):
+                token = self._next_token(logits.float(), seen, temperature, top_k, top_p, repetition_penalty,
+                                         generators)  # (B,)
+                seen[torch.arange(B), token] = True
+                for b, t in enumerate(token.tolist()):
+                    if done[b]:
+                        continue
+                    out[b].append(t)
+                    for s in stops:
+                        if out[b][-len(s):] == s:
+                            del out[b][-len(s):]
+                            done[b] = True
+                            break
+                if all(done) or step == max_new_tokens - 1:
+                    break
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)  # (B, S + 1)
+                logits = self(token[:, None], attention_mask=attention_mask, kv_cache=cache)[:, -1]  # (B, vocab)
+        finally:
+            self.train(was_training)
+        return out
+
+    @staticmethod
+    def _next_token(logits, seen, temperature, top_k, top_p, repetition_penalty, generators):
+        """Pick one token per row from logits (B, vocab)."""
+        if repetition_penalty != 1.0:
+            penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+            logits = torch.where(seen, penalized, logits)
+        if temperature == 0:
+            return logits.argmax(-1)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            # nucleus: keep the most likely tokens until their mass reaches top_p (always the first)
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+            logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        probs = logits.softmax(-1)  # (B, vocab)
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+
+    # -------------------------------------------------------------------------
+    # Checkpoints: transformers names <-> ours (see TINYGPTV.md section 4 for the key list)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu", **overrides):
+        """Load Phi-2 from a transformers-layout directory (config.json and model.safetensors, or
+        shards with model.safetensors.index.json) or from one .safetensors file, whose config comes
+        from a config.json beside it if there is one, else from Phi2Config's defaults (the real
+        Phi-2 sizes); `overrides` (Phi2Config fields) apply on top of either.
+
+        Strict: a missing, unexpected or mis-shaped tensor is a ValueError naming it. The one
+        exception: stabilizer norms turned on by an override (qk_layernorm=True, post_layernorm=True
+        for TinyGPT-V) but absent from the checkpoint start at weight 1, bias 0; one line says so.
+        dtype: float32 (when None), bfloat16 or float16. The model is built on the meta device and
+        each tensor is read, converted and placed on `device` in turn, so no second full copy of
+        the weights is ever held.
+        """
+        dtype = dtype or torch.float32
+        tensors = load_safetensors_dir(path)  # checkpoint key -> (open file, its path)
+        config_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)),
+                                   "config.json")
+        file_config = {}
+        if os.path.isfile(config_file):
+            file_config = config_from_json(config_file)
+        elif os.path.isdir(path):
+            raise FileNotFoundError(f"{config_file} not found: a checkpoint directory needs its config.json")
+        config = Phi2Config(**{**file_config, **overrides})
+        with torch.device("meta"):  # shapes only, no memory: the real tensors are assigned below
+            model = cls(config)
+        fresh = {"qk_layernorm": ("q_layernorm", "k_layernorm"), "post_layernorm": ("post_layernorm",)}
+        fresh = {m for flag, mods in fresh.items() if overrides.get(flag) and not file_config.get(flag) for m in mods}
+
+        def take(key, shape):
+            if key not in tensors:
+                raise ValueError(f"{path}: missing tensor '{key}'")
+            handle, file = tensors.pop(key)
+            try:
+                found = tuple(handle.get_slice(key).get_shape())
+                if found != tuple(shape):
+                    raise ValueError(f"{file}: tensor '{key}' has shape {found}, expected {tuple(shape)}")
+                return handle.get_tensor(key).to(device=device, dtype=dtype)
+            except SafetensorError as e:
+                raise ValueError(f"{file}: cannot read tensor '{key}' ({str(e).splitlines()[0]})") from None
+
+        state, initialized = {}, []
+        for name, p in model.state_dict().items():
+            key = name if name.startswith("lm_head.") else "model." + name  # transformers' PhiModel is .model
+            if "query_key_value" in name and key not in tensors:  # transformers >= 4.37: q, k, v apart
+                parts = [key.replace("query_key_value", proj) for proj in ("q_proj", "k_proj", "v_proj")]
+                state[name] = torch.cat([take(k, (p.shape[0] // 3, *p.shape[1:])) for k in parts])  # (3C, ...)
+            elif "query_key_value" in name:  # legacy fused layout, rows head by head
+                state[name] = legacy_qkv_to_ours(take(key, p.shape), config.num_attention_heads)
+            elif key not in tensors and name.split(".")[-2] in fresh:  # a stabilizer new to this checkpoint
+                state[name] = (torch.ones if name.endswith("weight") else torch.zeros)(p.shape, dtype=dtype,
+                                                                                          device=device)
+                initialized.append(name)
+            else:
+                state[name] = take(key, p.shape)
+        if tensors:
+            key, (_, file) = sorted(tensors.items())[0]
+            raise ValueError(f"{file}: unexpected tensor '{key}' ({len(tensors)} unexpected in all: "
+                             f"{', '.join(sorted(tensors)[:4])}{', ...' if len(tensors) > 4 else ''})")
+        model.load_state_dict(state, strict=True, assign=True)
+        if initialized:
+            print(f"phi2: {len(initialized)} stabilizer norm tensors ({', '.join(sorted(fresh))}) are not in "
+                  f"{path}; they start at weight 1, bias 0")
+        return model
+
+    def save_pretrained(self, directory):
+        """Write config.json (transformers' PhiConfig fields plus our "post_layernorm") and
+        model.safetensors with transformers' names, each atomically. transformers loads the result
+        when post_layernorm is off (it has no such norm); Phi2.from_pretrained always does."""
+        c = self.config
+        config = dict(architectures=["PhiForCausalLM"], model_type="phi", vocab_size=c.vocab_size,
+                      hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                      num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                      num_key_value_heads=c.num_attention_heads, hidden_act="gelu_new",
+                      partial_rotary_factor=c.partial_rotary_factor, rope_theta=c.rope_theta,
+                      layer_norm_eps=c.layer_norm_eps, max_position_embeddings=c.max_position_embeddings,
+                      resid_pdrop=c.resid_pdrop, embd_pdrop=0.0, attention_dropout=0.0,
+                      qk_layernorm=c.qk_layernorm, post_layernorm=c.post_layernorm, rms_norm_eps=c.rms_norm_eps,
+                      bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, tie_word_embeddings=False,
+                      torch_dtype=str(self.lm_head.weight.dtype).removeprefix("torch."))
+        tensors = {}
+        for name, t in self.state_dict().items():
+            key = name if name.startswith("lm_head.") else "model." + name
+            t = t.detach().cpu()
+            if "query_key_value" in name:
+                for proj, part in zip(("q_proj", "k_proj", "v_proj"), t.chunk(3)):
+                    tensors[key.replace("query_key_value", proj)] = part.contiguous()
+            else:
+                tensors[key] = t.contiguous()
+        os.makedirs(directory, exist_ok=True)
+        _write_atomically(os.path.join(directory, "model.safetensors"),
+                          lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        _write_atomically(os.path.join(directory, "config.json"), lambda tmp: _write_json(config, tmp))
+
+
+def legacy_qkv_to_ours(t, num_heads):
+    """Legacy fused query_key_value rows [h0: q,k,v][h1: q,k,v]... (3C, C) or (3C,) -> ours [q; k; v]."""
+    rest = t.shape[1:]
+    t = t.reshape(num_heads, 3, -1, *rest)  # (nh, 3, hd, ...)
+    return t.transpose(0, 1).reshape(-1, *rest)  # (3, nh, hd, ...) -> (3C, ...)
+
+
+def config_from_json(file):
+    """Phi2Config fields from a transformers PhiConfig config.json (4.x or 5.x) plus "post_layernorm"."""
+    try:
+        with open(file) as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    # transformers 5 keeps RoPE settings in rope_parameters; some 4.x configs in rope_scaling
+    for nested in ("rope_parameters", "rope_scaling"):
+        rope = d.get(nested) or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"{file}: {nested} {rope} is not plain RoPE; only rope_type 'default' is supported")
+        for k in ("partial_rotary_factor", "rope_theta"):
+            if k in rope:
+                d.setdefault(k, rope[k])
+    if d.get("hidden_act", "gelu_new") != "gelu_new":
+        raise ValueError(f"{file}: hidden_act {d['hidden_act']!r} is not Phi-2's gelu_new")
+    if d.get("num_key_value_heads") not in (None, d.get("num_attention_heads")):
+        raise ValueError(f"{file}: grouped-query attention (num_key_value_heads) is not Phi-2's")
+    if isinstance(d.get("eos_token_id"), list):
+        d["eos_token_id"] = d["eos_token_id"][0]
+    names = {f.name for f in fields(Phi2Config)}
+    return {k: v for k, v in d.items() if k in names and v is not None}
+
+
+def load_safetensors_dir(path):
+    """Open a checkpoint lazily: a directory holding model.safetensors, or shards listed in
+    model.safetensors.index.json, or a single .safetensors file. Returns {key: (open file, path)};
+    tensors are read only when asked for. Missing paths raise FileNotFoundError, a corrupt file or
+    index ValueError, each with a one-line message naming the file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
+    if os.path.isdir(path):
+        single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(single):
+            files = [single]
+        elif os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
+            files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+        else:
+            raise FileNotFoundError(f"{path}: holds neither model.safetensors nor model.safetensors.index.json")
+    else:
+        files = [path]
+    tensors = {}
+    for file in files:
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file}: checkpoint shard not found")
+        try:
+            handle = safe_open(file, framework="pt")
+            keys = list(handle.keys())
+        except (SafetensorError, OSError) as e:  # truncated or not safetensors at all
+            raise ValueError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        for key in keys:
+            if key in tensors:
+                raise ValueError(f"{file}: tensor '{key}' is also in {tensors[key][1]}")
+            tensors[key] = (handle, file)
+    return tensors
+
+
+def _write_json(d, file):
+    with open(file, "w") as f:
+        json.dump(d, f, indent=2)
+
+
+def _write_atomically(final, write):
+    """write(tmp) into a temporary file beside `final`, then rename it over `final` in one step."""
+    tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
