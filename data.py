@@ -1,0 +1,521 @@
+"""The data of the four stages: a built-in "shapes world" for the demo, and loaders for real files.
+
+TinyGPT-V trains on LAION/CC/SBU captions (stages 1-2), MiniGPT-4's cc_sbu_align descriptions
+(stage 3) and a multi-task mix of LLaVA, RefCOCO, VQAv2, GQA... (stage 4; TINYGPTV.md section 7).
+None of that can be downloaded here, so this file brings a procedural world small enough for a
+tiny model to learn on two CPU cores, and writes every stage's texts from it. Real files of the
+same kinds load behind the same `Sample` interface.
+
+The chapter, top to bottom:
+- the world: a 3x3 grid of cells, 1-4 objects per scene, each (color, shape, size) in its own
+  cell; `make_scenes`, `demo_splits` (train/val/test with no scene in common);
+- rendering with Pillow in relative coordinates, so a scene looks the same at 224 and 448 px;
+- the texts: `caption` (stages 1-2), `description` + `DESCRIBE_INSTRUCTIONS` (stage 3);
+- the stage-4 tasks `[vqa] [caption] [refer] [identify] [grounding]`, boxes as `{<x1><y1><x2><y2>}`
+  in integers 0-100 of the image size (MiniGPT-v2's format), `stage_samples`, `text_corpus`;
+- `cell_labels`: per-cell classes for pretraining the stand-in vision tower (stage 0);
+- loaders for caption pairs, LLaVA conversations, VQA and referring expressions.
+
+Shapes in and out: `render(scene, size)` -> RGB PIL image (size, size); boxes are 4-tuples of
+ints (x1, y1, x2, y2) in 0-100; every sample is a `Sample(image, task, query, answer, meta)`.
+"""
+
+import json
+import os
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageDraw
+
+# -----------------------------------------------------------------------------
+# The world. Deliberately coarse: few clearly distinct values of each attribute, objects in the
+# cells of a 3x3 grid, so that a model of a few hundred thousand parameters can learn it.
+
+COLORS = {"red": (220, 50, 50), "green": (40, 160, 70), "blue": (50, 90, 220),
+          "yellow": (235, 190, 20), "purple": (140, 70, 180)}
+SHAPES = ("circle", "square", "triangle", "cross")
+SIZES = ("small", "large")
+BACKGROUND = (245, 245, 240)  # light and plain; also the whole of the blank-image baseline
+POSITIONS = ("top left", "top middle", "top right", "middle left", "center", "middle right",
+             "bottom left", "bottom middle", "bottom right")  # cell 0..8 in reading order
+NUM_CELLS = 9
+NUM_CELL_CLASSES = 1 + len(COLORS) * len(SHAPES) * len(SIZES)  # 0 = empty cell
+CELL_CENTERS = (17, 50, 83)  # centers of the three columns (rows) in 0-100 coordinates
+HALF_SIDE = {"small": 7, "large": 13}  # half the box side, 0-100 coordinates
+JITTER = 3  # objects move up to this far from the cell center: 13 + 3 < 33 / 2, so none overlap
+MAX_OBJECTS = 4
+
+
+@dataclass
+class Obj:
+    shape: str
+    color: str
+    size: str
+    cell: int  # 0..8, reading order
+    box: tuple  # (x1, y1, x2, y2) ints in 0-100; the drawn shape fills exactly this box
+
+
+@dataclass
+class Scene:
+    objects: list  # of Obj, sorted by cell
+    seed: int  # make_scene(seed) rebuilds this scene
+
+
+def make_scene(seed):
+    """One scene from its own seed. No two objects share (color, shape), so "the red circle"
+    always names exactly one object and every phrase and question below is unambiguous."""
+    rng = random.Random(seed)
+    k = rng.randint(1, MAX_OBJECTS)
+    cells = sorted(rng.sample(range(NUM_CELLS), k))
+    kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], k)
+    objects = []
+    for cell, (color, shape) in zip(cells, kinds):
+        size = rng.choice(SIZES)
+        h = HALF_SIDE[size]
+        cx = CELL_CENTERS[cell % 3] + rng.randint(-JITTER, JITTER)
+        cy = CELL_CENTERS[cell // 3] + rng.randint(-JITTER, JITTER)
+        objects.append(Obj(shape, color, size, cell, (cx - h, cy - h, cx + h, cy + h)))
+    return Scene(objects, seed)
+
+
+def signature(scene):
+    """What makes two scenes "the same" for the splits: the objects, not the jitter."""
+    return tuple((o.cell, o.color, o.shape, o.size) for o in scene.objects)
+
+
+def _draw_unique(n, rng, seen):
+    scenes, tries = [], 0
+    while len(scenes) < n:
+        tries += 1
+        if tries > 100 * n + 1000:
+            raise ValueError(f"cannot draw {n} distinct scenes")
+        scene = make_scene(rng.getrandbits(32))
+        if signature(scene) not in seen:
+            seen.add(signature(scene))
+            scenes.append(scene)
+    return scenes
+
+
+def make_scenes(n, seed):
+    """n distinct scenes, the same ones for the same seed."""
+    return _draw_unique(n, random.Random(seed), set())
+
+
+def demo_splits(n_train=4000, n_val=200, n_test=200, seed=0):
+    """Disjoint train/val/test scenes. The held-out splits are drawn first, so they keep the
+    natural mix of scenes and stay the same when n_train changes; train skips any scene already
+    held out (there are only 360 one-object scenes, so the dedupe matters)."""
+    rng, seen = random.Random(seed), set()
+    test = _draw_unique(n_test, rng, seen)
+    val = _draw_unique(n_val, rng, seen)
+    return {"train": _draw_unique(n_train, rng, seen), "val": val, "test": test}
+
+
+# -----------------------------------------------------------------------------
+# Rendering. Geometry lives in 0-100 coordinates and is scaled to the canvas, so the boxes in the
+# texts are the drawn shapes' bounding boxes at any size. No anti-aliasing: colors stay exact.
+
+def render(scene, size):
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for o in scene.objects:
+        x1, y1, x2, y2 = (round(v * size / 100) for v in o.box)
+        x2, y2 = max(x1, x2 - 1), max(y1, y2 - 1)  # Pillow's bounds are inclusive: stay inside
+        fill = COLORS[o.color]
+        if o.shape == "circle":
+            draw.ellipse((x1, y1, x2, y2), fill=fill)
+        elif o.shape == "square":
+            draw.rectangle((x1, y1, x2, y2), fill=fill)
+        elif o.shape == "triangle":
+            draw.polygon(((x1 + x2) / 2, y1, x1, y2, x2, y2), fill=fill)
+        else:  # cross: two bars a third of the box thick
+            t, cx, cy = (x2 - x1) / 6, (x1 + x2) / 2, (y1 + y2) / 2
+            draw.rectangle((x1, cy - t, x2, cy + t), fill=fill)
+            draw.rectangle((cx - t, y1, cx + t, y2), fill=fill)
+    return img
+
+
+def blank_image(size):
+    """The baseline input: the scene's background with nothing on it."""
+    return Image.new("RGB", (size, size), BACKGROUND)
+
+
+# -----------------------------------------------------------------------------
+# The texts of stages 1-3. Captions follow the paper's cleaning (lower case, no punctuation,
+# at most 50 words); descriptions are longer and say where each object is.
+
+NUMBERS = ("zero", "one", "two", "three", "four")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+
+# Our own list: the official stage-3 prompt file is missing from the TinyGPT-V repository.
+DESCRIBE_INSTRUCTIONS = [
+    "Describe this image in detail.",
+    "What do you see in this picture?",
+    "Give a detailed description of the image.",
+    "Tell me what is in this image and where each thing is.",
+    "Explain what this picture shows.",
+    "Write a few sentences about this image.",
+    "List the objects in the image and their positions.",
+    "Please describe the scene.",
+    "What does this image contain? Be specific.",
+    "Look at the picture and describe everything you notice.",
+]
+
+
+def clean_caption(text):
+    """Lower-case, strip punctuation, keep at most 50 words (TINYGPTV.md section 6)."""
+    words = re.sub(r"[^\w\s]|_", "", text.lower()).split()
+    return " ".join(words[:50])
+
+
+def phrase(obj):
+    """The full name of an object, e.g. "the small red circle" (the [identify] answer)."""
+    return f"the {obj.size} {obj.color} {obj.shape}"
+
+
+def caption(scene):
+    return " and ".join(f"a {o.size} {o.color} {o.shape}" for o in scene.objects)
+
+
+def description(scene):
+    k = len(scene.objects)
+    lines = [f"There {'is' if k == 1 else 'are'} {NUMBERS[k]} shape{'s' if k > 1 else ''} on a light background."]
+    lines += [f"A {o.size} {o.color} {o.shape} is in the {POSITIONS[o.cell]}." for o in scene.objects]
+    return " ".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# The stage-4 tasks (MiniGPT-v2's tags). `query` is the task's free text; tinygptv.py wraps it in
+# the tag's instruction and the [INST] template.
+
+TASKS = ("vqa", "caption", "refer", "identify", "grounding")
+VQA_TYPES = ("color", "shape", "size", "count", "position", "yes/no")
+
+
+def box_text(box):
+    return "{" + "".join(f"<{int(v)}>" for v in box) + "}"
+
+
+def parse_box(text):
+    """The first `{<x1><y1><x2><y2>}` in text as a tuple of ints, or None (none, or out of 0-100)."""
+    m = re.search(r"\{<(\d+)><(\d+)><(\d+)><(\d+)>\}", text)
+    if m is None:
+        return None
+    box = tuple(int(v) for v in m.groups())
+    return box if all(v <= 100 for v in box) else None
+
+
+def iou(a, b):
+    """Intersection over union of two (x1, y1, x2, y2) boxes; 0 when either has no area."""
+    w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0
+
+
+def _name_without(obj, scene, attr):
+    """The shortest unambiguous name of obj that does not give away `attr` ("color" or "shape")."""
+    kind = obj.shape if attr == "color" else f"{obj.color} object"
+    key = (lambda o: o.shape) if attr == "color" else (lambda o: o.color)
+    same = [o for o in scene.objects if key(o) == key(obj)]
+    if len(same) == 1:
+        return f"the {kind}"
+    if sum(o.size == obj.size for o in same) == 1:
+        return f"the {obj.size} {kind}"
+    return f"the {kind} in the {POSITIONS[obj.cell]}"
+
+
+def vqa_question(scene, qtype, rng):
+    """One (question, answer) of the given type; answers are one or two words."""
+    objs = scene.objects
+    o = rng.choice(objs)
+    short = f"the {o.color} {o.shape}"  # unique: no two objects share (color, shape)
+    if qtype == "color":
+        return f"what color is {_name_without(o, scene, 'color')}?", o.color
+    if qtype == "shape":
+        return f"what shape is {_name_without(o, scene, 'shape')}?", o.shape
+    if qtype == "size":
+        return f"what size is {short}?", o.size
+    if qtype == "position":
+        return f"where is {short}?", POSITIONS[o.cell]
+    if qtype == "count":
+        kind = rng.choice(("all", "color", "shape"))
+        if kind == "all":
+            return "how many shapes are there?", NUMBERS[len(objs)]
+        if kind == "color":
+            c = rng.choice(list(COLORS))
+            return f"how many {c} shapes are there?", NUMBERS[sum(x.color == c for x in objs)]
+        s = rng.choice(SHAPES)
+        return f"how many {PLURALS[s]} are there?", NUMBERS[sum(x.shape == s for x in objs)]
+    if qtype == "yes/no":
+        yes = rng.random() < 0.5  # balanced, so "yes" alone scores 50%
+        if rng.random() < 0.5:  # existence
+            present = {(x.color, x.shape) for x in objs}
+            pool = sorted(present) if yes else [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+            c, s = rng.choice(pool)
+            return f"is there a {c} {s}?", "yes" if yes else "no"
+        cell = o.cell if yes else rng.choice([i for i in range(NUM_CELLS) if i != o.cell])
+        return f"is {short} in the {POSITIONS[cell]}?", "yes" if yes else "no"
+    raise ValueError(f"unknown VQA question type '{qtype}': expected one of {', '.join(VQA_TYPES)}")
+
+
+def grounded_caption(scene):
+    """The caption with each object's box after its name (the [grounding] answer)."""
+    return " and ".join(f"a {o.size} {o.color} {o.shape} {box_text(o.box)}" for o in scene.objects)
+
+
+@dataclass
+class Sample:
+    image: object  # a PIL image (demo) or a file path (real data; opened lazily)
+    task: str  # "caption", "describe", one of TASKS, or "chat" (real conversations)
+    query: str  # the task's free text, without template or tag
+    answer: str  # the target text
+    meta: dict = field(default_factory=dict)  # what evaluation needs: box, qtype, ...
+
+
+def _scene_samples(scene, stage, image, rng):
+    meta = {"scene": scene.seed}
+    if stage in (1, 2):
+        return [Sample(image, "caption", "", caption(scene), dict(meta))]
+    if stage == 3:
+        return [Sample(image, "describe", rng.choice(DESCRIBE_INSTRUCTIONS), description(scene), dict(meta))]
+    out = [Sample(image, "vqa", q, a, {**meta, "qtype": t}) for t in VQA_TYPES for q, a in [vqa_question(scene, t, rng)]]
+    out.append(Sample(image, "caption", "", caption(scene), dict(meta)))
+    for o in scene.objects:
+        # refer names the object with or without its size: both are unambiguous in the scene
+        name = phrase(o) if rng.random() < 0.5 else f"the {o.color} {o.shape}"
+        out.append(Sample(image, "refer", name, box_text(o.box), {**meta, "box": o.box}))
+        out.append(Sample(image, "identify", box_text(o.box), phrase(o), {**meta, "box": o.box}))
+    out.append(Sample(image, "grounding", "", grounded_caption(scene),
+                      {**meta, "boxes": [o.box for o in scene.objects]}))
+    return out
+
+
+def stage_samples(scenes, stage, image_size, seed):
+    """The training (or evaluation) samples of one stage. Stage 4 gives, per scene, one question of
+    each VQA type, a caption, a [refer] and an [identify] per object and a [grounding]. One image is
+    rendered per scene and shared by its samples."""
+    if stage not in (1, 2, 3, 4):
+        raise ValueError(f"unknown stage {stage}: expected 1, 2, 3 or 4")
+    out = []
+    for scene in scenes:
+        rng = random.Random(seed * 2**32 + scene.seed)  # a scene's texts don't depend on its neighbors
+        out += _scene_samples(scene, stage, render(scene, image_size), rng)
+    return out
+
+
+def text_corpus(scenes, seed=0):
+    """All texts the stages write for these scenes (instructions included), for training the demo
+    tokenizer and the stand-in language model of stage 0."""
+    texts = list(DESCRIBE_INSTRUCTIONS)
+    for scene in scenes:
+        for stage in (1, 3, 4):  # drawn as stage_samples draws them, so the same seed gives its texts
+            for s in _scene_samples(scene, stage, None, random.Random(seed * 2**32 + scene.seed)):
+                texts += [t for t in (s.query, s.answer) if t]
+    return texts
+
+
+def cell_labels(scene):
+    """Per cell: 0 if empty, else 1 + the index of (color, shape, size) - the stage-0 target."""
+    labels = [0] * NUM_CELLS
+    for o in scene.objects:
+        c, s, z = list(COLORS).index(o.color), SHAPES.index(o.shape), SIZES.index(o.size)
+        labels[o.cell] = 1 + (c * len(SHAPES) + s) * len(SIZES) + z
+    return labels
+
+
+# -----------------------------------------------------------------------------
+# Real data behind the same interface. Each file is a JSON list (or a JSON object holding an
+# "annotations" list) or JSONL. Images are checked up front: a missing or unreadable one is skipped
+# and counted, so a long run doesn't die on its 10,000th sample; a malformed file is an error.
+
+def _read_records(path):
+    """-> [(where, record)], where = "entry [i]" (JSON) or "line n" (JSONL), for error messages."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = text.splitlines()
+    filled = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    if len(filled) > 1 and _is_json_object(filled[0][1]):  # JSONL: one object per line
+        records = []
+        for n, line in filled:
+            try:
+                records.append((f"line {n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n}: bad JSON ({e.msg}, column {e.colno})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {e.lineno}: bad JSON ({e.msg}, column {e.colno})") from None
+        if isinstance(data, dict):
+            data = data["annotations"] if "annotations" in data else [data]
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of records (or JSONL)")
+        records = [(f"entry [{i}]", r) for i, r in enumerate(data)]
+    for where, r in records:
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}: {where}: expected a JSON object, got {type(r).__name__}")
+    return records
+
+
+def _is_json_object(line):
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _field(path, where, record, name, types=str):
+    if name not in record:
+        raise ValueError(f"{path}: {where}: missing field '{name}'")
+    if not isinstance(record[name], types):
+        raise ValueError(f"{path}: {where}: field '{name}' has the wrong type ({type(record[name]).__name__})")
+    return record[name]
+
+
+def _image_status(file):
+    """-> ("ok", (w, h)), ("missing", None) or ("corrupt", None)."""
+    if not os.path.isfile(file):
+        return "missing", None
+    try:
+        with Image.open(file) as im:
+            size = im.size
+            im.verify()
+    except Exception:  # Pillow raises many kinds (OSError, SyntaxError, struct.error...) for bad files
+        return "corrupt", None
+    return "ok", size
+
+
+def _keep_readable(path, samples):
+    """Drop samples whose image is missing or corrupt, print the count; -> (kept, {file: size})."""
+    status, kept, skipped = {}, [], Counter()
+    for s in samples:
+        if s.image not in status:
+            status[s.image] = _image_status(s.image)
+        state, _ = status[s.image]
+        if state == "ok":
+            kept.append(s)
+        else:
+            skipped[state] += 1
+    if skipped:
+        print(f"skipped {sum(skipped.values())} of {len(samples)} samples: {skipped['missing']} missing, "
+              f"{skipped['corrupt']} corrupt images ({path})")
+    return kept, {f: size for f, (state, size) in status.items() if state == "ok"}
+
+
+def _caption_samples(path, records, root):
+    """{"image", "caption"} pairs -> caption samples, cleaned as the paper's stage 1-2 captions.
+    MiniGPT-4's cc_sbu_align ({"image_id", "caption"} under "annotations") is stage-3 data: its
+    long descriptions stay as written and become "describe" samples with one of our instructions."""
+    out = []
+    for i, (where, r) in enumerate(records):
+        if "image" not in r and "image_id" in r:
+            image = str(_field(path, where, r, "image_id", (str, int))) + ".jpg"
+            text = _field(path, where, r, "caption").strip()
+            query = DESCRIBE_INSTRUCTIONS[i % len(DESCRIBE_INSTRUCTIONS)]
+            out.append(Sample(os.path.join(root, image), "describe", query, text, {}))
+        else:
+            image, text = _field(path, where, r, "image"), _field(path, where, r, "caption")
+            out.append(Sample(os.path.join(root, image), "caption", "", clean_caption(text), {}))
+    return _keep_readable(path, out)[0]
+
+
+def _llava_samples(path, records, root):
+    """One "chat" sample per (human, gpt) turn pair; the `<image>` marker is dropped from the
+    question because the template places the image."""
+    out = []
+    for where, r in records:
+        image = os.path.join(root, _field(path, where, r, "image"))
+        turns = _field(path, where, r, "conversations", list)
+        if len(turns) % 2:
+            raise ValueError(f"{path}: {where}: odd number of conversation turns ({len(turns)})")
+        for t in range(0, len(turns), 2):
+            pair = []
+            for turn, speaker in zip(turns[t:t + 2], ("human", "gpt")):
+                if not isinstance(turn, dict) or turn.get("from") != speaker or not isinstance(turn.get("value"), str):
+                    raise ValueError(f"{path}: {where}: turn {t + len(pair)} should be "
+                                     f"{{\"from\": \"{speaker}\", \"value\": text}}")
+                pair.append(turn["value"])
+            query = pair[0].replace("<image>", "").strip()
+            out.append(Sample(image, "chat", query, pair[1].strip(), {"turn": t // 2}))
+    return _keep_readable(path, out)[0]
+
+
+def _vqa_samples(path, records, root):
+    """{"image", "question", "answer"}; a list of answers (VQAv2's ten) trains on the most common."""
+    out = []
+    for where, r in records:
+        image, question = _field(path, where, r, "image"), _field(path, where, r, "question")
+        answers = _field(path, where, r, "answer", (str, list))
+        answers = [answers] if isinstance(answers, str) else [a.get("answer") if isinstance(a, dict) else a for a in answers]
+        if not answers or not all(isinstance(a, str) for a in answers):
+            raise ValueError(f"{path}: {where}: field 'answer' should be a text or a non-empty list of texts")
+        best = Counter(answers).most_common(1)[0][0]  # ties: the first one given
+        out.append(Sample(os.path.join(root, image), "vqa", question.strip(), best.strip(),
+                          {"qtype": r.get("question_type", "real"), "answers": answers}))
+    return _keep_readable(path, out)[0]
+
+
+def _refexp_samples(path, records, root):
+    """{"image", "phrase", "box": [x, y, w, h] in pixels} -> [refer] samples with the box in 0-100
+    of the image's size, which is read from the file."""
+    out = []
+    for where, r in records:
+        image, text = _field(path, where, r, "image"), _field(path, where, r, "phrase")
+        box = _field(path, where, r, "box", list)
+        if len(box) != 4 or not all(isinstance(v, (int, float)) for v in box) or box[2] <= 0 or box[3] <= 0:
+            raise ValueError(f"{path}: {where}: field 'box' should be [x, y, w, h] with w, h > 0")
+        out.append(Sample(os.path.join(root, image), "refer", text.strip(), "", {"box_px": tuple(box)}))
+    kept, sizes = _keep_readable(path, out)
+    for s in kept:
+        (w, h), (x, y, bw, bh) = sizes[s.image], s.meta.pop("box_px")
+        box = tuple(min(100, max(0, round(100 * v / d))) for v, d in ((x, w), (y, h), (x + bw, w), (y + bh, h)))
+        s.answer, s.meta["box"] = box_text(box), box
+    return kept
+
+
+def _root(path, image_root):
+    return image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
+
+
+def load_caption_pairs(path, image_root=None):
+    return _caption_samples(path, _read_records(path), _root(path, image_root))
+
+
+def load_llava(path, image_root=None):
+    return _llava_samples(path, _read_records(path), _root(path, image_root))
+
+
+def load_vqa(path, image_root=None):
+    return _vqa_samples(path, _read_records(path), _root(path, image_root))
+
+
+def load_refexp(path, image_root=None):
+    return _refexp_samples(path, _read_records(path), _root(path, image_root))
+
+
+def load_dataset(path, image_root=None):
+    """Any of the four formats, told apart by the first record's fields. Image paths are relative
+    to image_root (default: the data file's folder)."""
+    records = _read_records(path)
+    keys = set(records[0][1]) if records else set()
+    if "conversations" in keys:
+        load = _llava_samples
+    elif "phrase" in keys and "box" in keys:
+        load = _refexp_samples
+    elif "question" in keys:
+        load = _vqa_samples
+    elif "caption" in keys:
+        load = _caption_samples
+    else:
+        raise ValueError(f"{path}: cannot tell the format from the first record's fields {sorted(keys)}: expected "
+                         "caption pairs (image, caption), LLaVA (image, conversations), VQA (image, question, "
+                         "answer) or referring expressions (image, phrase, box)")
+    return load(path, records, _root(path, image_root))
