@@ -217,9 +217,10 @@ def iou(a, b):
 
 def _name_without(obj, scene, attr):
     """The shortest unambiguous name of obj that does not give away `attr` ("color" or "shape")."""
-    kind = obj.shape if attr == "color" else f"{obj.color} object"
-    key = (lambda o: o.shape) if attr == "color" else (lambda o: o.color)
-    same = [o for o in scene.objects if key(o) == key(obj)]
+    if attr == "color":  # name it by its shape
+        kind, same = obj.shape, [o for o in scene.objects if o.shape == obj.shape]
+    else:  # by its color
+        kind, same = f"{obj.color} object", [o for o in scene.objects if o.color == obj.color]
     if len(same) == 1:
         return f"the {kind}"
     if sum(o.size == obj.size for o in same) == 1:
