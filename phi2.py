@@ -79,7 +79,8 @@ class Phi2Config:
 
 
 def gelu_new(x):
-    """GELU, tanh approximation (GPT-2's "gelu_new", Phi-2's activation): 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3)))."""
+    """GELU's tanh approximation, GPT-2's "gelu_new" and Phi-2's activation:
+    0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))). Close to F.gelu(approximate="tanh"), not bitwise."""
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
@@ -271,16 +272,18 @@ class Phi2(nn.Module):
         seed: each row samples from its own torch.Generator seeded with it (one prompt gives the same
         tokens alone or in any batch); None uses torch's global generator.
         """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = input_ids if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.long, device=x.device)
-        stops = [[eos] for eos in [self.config.eos_token_id]] if stop_sequences is None else \
-            [list(s) for s in stop_sequences if len(s)]
-        generators = [torch.Generator(x.device).manual_seed(seed) for _ in range(B)] if seed is not None else [None] * B
+        stops = [[self.config.eos_token_id]] if stop_sequences is None else [list(s) for s in stop_sequences if s]
+        generators = [None] * B if seed is None else [torch.Generator(x.device).manual_seed(seed) for _ in range(B)]
         seen = torch.zeros(B, self.config.vocab_size, dtype=torch.bool, device=x.device)  # for the penalty
         if input_ids is not None:
-            seen.scatter_(1, input_ids * attention_mask.long(), attention_mask.bool())  # pad positions scatter False
+            rows, cols = attention_mask.nonzero(as_tuple=True)  # real prompt tokens, not padding
+            seen[rows, input_ids[rows, cols]] = True
         out, done = [[] for _ in range(B)], [False] * B
         was_training = self.training
         self.eval()  # dropout would make batched and single runs differ
@@ -347,7 +350,8 @@ class Phi2(nn.Module):
         the weights is ever held.
         """
         dtype = dtype or torch.float32
-        tensors = load_safetensors_dir(path)  # checkpoint key -> (open file, its path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
         config_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)),
                                    "config.json")
         file_config = {}
@@ -355,7 +359,11 @@ class Phi2(nn.Module):
             file_config = config_from_json(config_file)
         elif os.path.isdir(path):
             raise FileNotFoundError(f"{config_file} not found: a checkpoint directory needs its config.json")
+        unknown = set(overrides) - {f.name for f in fields(Phi2Config)}
+        if unknown:
+            raise ValueError(f"unknown Phi2Config fields in overrides: {', '.join(sorted(unknown))}")
         config = Phi2Config(**{**file_config, **overrides})
+        tensors = load_safetensors_dir(path)  # checkpoint key -> (open file, its path)
         with torch.device("meta"):  # shapes only, no memory: the real tensors are assigned below
             model = cls(config)
         fresh = {"qk_layernorm": ("q_layernorm", "k_layernorm"), "post_layernorm": ("post_layernorm",)}
