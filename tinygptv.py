@@ -619,6 +619,7 @@ def main(argv=None):
     p.add_argument("--checkpoint", help="a stage checkpoint (.safetensors) of this project")
     p.add_argument("--phi2", help="a Phi-2 directory (transformers layout, with tokenizer.json)")
     p.add_argument("--blip2", help="a BLIP-2 directory or LAVIS safetensors (ViT + Q-Former)")
+    p.add_argument("--qformer", help="the Q-Former, if not in the --blip2 path")
     p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), help="prompt template (default: the checkpoint's stage)")
     p.add_argument("--int8", action="store_true", help="int8 weights for the language model")
     p.add_argument("--max-new-tokens", type=int, default=40)
@@ -629,7 +630,7 @@ def main(argv=None):
     if a.phi2 or a.blip2:
         if not (a.phi2 and a.blip2):
             raise ValueError("real weights need both --phi2 and --blip2")
-        model, stage = from_pretrained(a.phi2, a.blip2, checkpoint=a.checkpoint)
+        model, stage = from_pretrained(a.phi2, a.blip2, a.qformer, checkpoint=a.checkpoint)
         tok = load_tokenizer(a.phi2)
     elif a.checkpoint:
         raise ValueError("--checkpoint needs --phi2 and --blip2 (the frozen weights it builds on)")

@@ -282,8 +282,8 @@ def instruction(stage, sample):
 def batch_indices(step, n, batch_size, seed):
     """The samples of global step `step`: a fresh seeded permutation per epoch, so that the data
     order is a pure function of the step and resuming needs only the step to continue it."""
-    per_epoch = n // batch_size
-    epoch, k = divmod(step, per_epoch)
+    batch_size = min(batch_size, n)
+    epoch, k = divmod(step, n // batch_size)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
     return perm[k * batch_size:(k + 1) * batch_size].tolist()
 
@@ -364,6 +364,7 @@ def param_groups(model, weight_decay):
 
 
 def train_stage(args, stage):
+    """Train one stage; returns (the loss of each step run here, whether the stage finished)."""
     sc = args.stages[stage]
     rank, nproc = world()
     torch.manual_seed(args.seed + stage)
@@ -405,7 +406,7 @@ def train_stage(args, stage):
 
     before = evaluate(model, tok, args) if (args.eval and not args.data and rank == 0) else {}
     model.train()
-    t0, done_here, seen = time.time(), 0, 0
+    t0, done_here, seen, losses = time.time(), 0, 0, []
     while step < sc.steps:
         lr = lr_at(step, sc)
         for group in opt.param_groups:
@@ -436,6 +437,7 @@ def train_stage(args, stage):
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], sc.grad_clip)
         scaler.step(opt)
         scaler.update()
+        losses.append(total)
         step += 1
         done_here += 1
         seen += len(idx) * nproc
@@ -449,7 +451,7 @@ def train_stage(args, stage):
         if args.stop_after and done_here >= args.stop_after and step < sc.steps:
             save_state()
             log(f"stage {stage} | stopped after {done_here} steps as asked; `--resume` continues")
-            return None
+            return losses, False
     if rank == 0:
         tg.save_checkpoint(model, stage_path(args, stage), stage)
         log(f"stage {stage} | wrote {stage_path(args, stage)}")
@@ -458,7 +460,7 @@ def train_stage(args, stage):
             print_table(stage, before, after)
             with open(os.path.join(args.out, f"stage{stage}.eval.json"), "w") as f:
                 json.dump({"before": before, "after": after}, f, indent=1)
-    return model
+    return losses, True
 
 
 # -----------------------------------------------------------------------------
@@ -517,7 +519,8 @@ def run(args):
             continue
         if stage not in wanted:
             log(f"stage {stage} | needed by stage {args.stage} and missing: building it first")
-        if train_stage(args, stage) is None:  # stopped early on purpose (--stop-after)
+        _, finished = train_stage(args, stage)
+        if not finished:  # stopped early on purpose (--stop-after)
             return
 
 

@@ -1,0 +1,154 @@
+"""What train.py promises: each stage learns and trains exactly its parameter set, a run interrupted
+and resumed ends where an uninterrupted one does, two processes take the same step as one, a missing
+stage is built first, a NaN stops without harming the last checkpoint, and bad data is reported."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import tinygptv as tg
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a miniature demo: tiny data, short stage 0, a handful of steps per stage
+SMALL = ["--demo-train", "96", "--demo-eval", "16", "--lm-steps", "30", "--vision-steps", "30", "--no-eval",
+         "--steps", "6", "--batch-size", "8", "--log-every", "1", "--ckpt-every", "2", "--device", "cpu"]
+
+
+def args_for(out, *extra):
+    return train.parse_args(["--out", str(out), *SMALL, *extra])
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory):
+    """Stage 0 once for the module; each test copies it into its own run directory."""
+    out = tmp_path_factory.mktemp("run")
+    train.build_backbones(args_for(out))
+    return out / "backbones"
+
+
+def new_run(tmp_path, backbones, name="run"):
+    out = tmp_path / name
+    shutil.copytree(backbones, out / "backbones")
+    return out
+
+
+def test_stage0_writes_loadable_backbones(backbones):
+    for part in ("tokenizer.json", "phi2", "vit", "qformer", "DONE"):
+        assert (backbones / part).exists()
+    model, _ = tg.from_pretrained(str(backbones / "phi2"), str(backbones / "vit"), str(backbones / "qformer"))
+    assert model.config.llm.qk_layernorm and model.config.llm.post_layernorm  # added for TinyGPT-V
+
+
+def test_each_stage_trains_its_exact_set_and_its_loss_falls(tmp_path, backbones):
+    out = new_run(tmp_path, backbones)
+    for stage in (1, 2, 3, 4):
+        args = args_for(out, "--steps", "12")
+        model, _ = train.build_model(args, stage)
+        got = {n for n, p in model.named_parameters() if p.requires_grad}
+        norms = {n for n in got if n.endswith(tg.NORM_WEIGHTS)}
+        lora = {n for n in got if ".lora_" in n}
+        proj = {"llama_proj.weight", "llama_proj.bias", "llama_proj2.weight", "llama_proj2.bias"}
+        L = model.config.llm.num_hidden_layers
+        assert got == proj | norms | lora
+        assert len(norms) == 4 * L + 1  # q, k, post, input layernorm per layer + final
+        assert len(lora) == (0 if stage == 1 else 4 * L)  # the paper: no LoRA in stage 1
+        assert all(".self_attn.query_key_value." in n or ".self_attn.dense." in n for n in lora)
+        losses, finished = train.train_stage(args, stage)
+        assert finished and len(losses) == 12
+        assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, (stage, losses)
+        assert (out / f"stage{stage}.safetensors").exists()
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, backbones):
+    a = new_run(tmp_path, backbones, "a")
+    b = new_run(tmp_path, backbones, "b")
+    train.run(args_for(a, "--stage", "1"))
+    train.run(args_for(b, "--stage", "1", "--stop-after", "3"))
+    assert not (b / "stage1.safetensors").exists() and (b / "stage1.state.pt").exists()
+    train.run(args_for(b, "--stage", "1", "--resume"))
+    wa, wb = load_file(str(a / "stage1.safetensors")), load_file(str(b / "stage1.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_missing_previous_stage_is_built_first(tmp_path, backbones, capsys):
+    out = new_run(tmp_path, backbones)
+    train.run(args_for(out, "--stage", "2", "--steps", "2"))
+    log = capsys.readouterr().out
+    assert "stage 1 | needed by stage 2 and missing: building it first" in log
+    assert (out / "stage1.safetensors").exists() and (out / "stage2.safetensors").exists()
+    train.run(args_for(out, "--steps", "2"))  # all stages: 1 and 2 are skipped, 3 and 4 run
+    log = capsys.readouterr().out
+    assert "stage 1 | already finished" in log and "stage 2 | already finished" in log
+    assert (out / "stage4.safetensors").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, backbones, monkeypatch):
+    out = new_run(tmp_path, backbones)
+    args = args_for(out, "--stage", "1", "--steps", "8")
+    real, calls = tg.lm_loss, {"n": 0}
+
+    def poisoned(logits, labels, reduction="mean"):
+        calls["n"] += 1
+        loss = real(logits, labels, reduction)
+        return loss * float("nan") if calls["n"] > 5 else loss
+
+    monkeypatch.setattr(tg, "lm_loss", poisoned)
+    with pytest.raises(train.TrainingError, match="loss is nan at step 5"):
+        train.run(args)
+    state = torch.load(out / "stage1.state.pt", weights_only=True)
+    assert state["step"] == 4  # the checkpoint of step 4 (ckpt every 2) survived, untouched
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (out / "stage1.safetensors").exists()
+
+
+def test_two_processes_take_the_same_step_as_one(tmp_path, backbones):
+    one = new_run(tmp_path, backbones, "one")
+    two = new_run(tmp_path, backbones, "two")
+    common = ["train.py", "--stage", "1", "--steps", "2", *SMALL]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r1 = subprocess.run([sys.executable, *common, "--out", str(one)], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r1.returncode == 0, r1.stderr
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                         *common, "--out", str(two)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    w1, w2 = load_file(str(one / "stage1.safetensors")), load_file(str(two / "stage1.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:  # the same update up to the order of float additions in the all-reduce
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)
+    assert "step     2/2" in r2.stdout and r2.stdout.count("step     2/2") == 1  # rank 0 alone logs
+
+
+def test_real_data_skips_bad_images_and_rejects_malformed_files(tmp_path, backbones):
+    out = new_run(tmp_path, backbones)
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "ok.png")
+    (tmp_path / "corrupt.png").write_bytes(b"not an image")
+    rows = [{"image": "ok.png", "caption": "a red square"}] * 8 + [{"image": "gone.png", "caption": "x"},
+                                                                   {"image": "corrupt.png", "caption": "y"}]
+    (tmp_path / "pairs.json").write_text(json.dumps(rows))
+    cmd = [sys.executable, "train.py", "--stage", "1", *SMALL, "--out", str(out), "--image-root", str(tmp_path)]
+    r = subprocess.run(cmd + ["--data", str(tmp_path / "pairs.json")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "skipped 2 of 10" in r.stdout + r.stderr
+    (tmp_path / "bad.json").write_text('[{"image": "ok.png", "caption": "a"}, {"image": ')
+    r = subprocess.run(cmd + ["--data", str(tmp_path / "bad.json")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "bad.json" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_schedule_warms_up_then_follows_the_cosine():
+    sc = train.StageConfig(lr=1e-4, min_lr=8e-5, warmup=10, steps=110, batch_size=1, lora=False)
+    assert train.lr_at(0, sc) == pytest.approx(1e-6)
+    assert train.lr_at(5, sc) == pytest.approx(1e-6 + (1e-4 - 1e-6) / 2)
+    assert train.lr_at(10, sc) == pytest.approx(1e-4)
+    assert train.lr_at(60, sc) == pytest.approx(9e-5)  # half way down the cosine
+    assert train.lr_at(110, sc) == pytest.approx(8e-5)
