@@ -238,8 +238,10 @@ class TinyGPTV(nn.Module):
     def add_lora(self):
         """Stages 2-4: LoRA on Phi-2's fused qkv and dense (TINYGPTV.md section 5)."""
         c = self.config
-        return add_lora(self.llama_model, targets=c.lora_targets, r=c.lora_r, alpha=c.lora_alpha,
-                        dropout=c.lora_dropout)
+        names = add_lora(self.llama_model, targets=c.lora_targets, r=c.lora_r, alpha=c.lora_alpha,
+                         dropout=c.lora_dropout)
+        self.train(self.training)  # the new dropout layers follow the model's mode (eval stays eval)
+        return names
 
     @property
     def has_lora(self):
@@ -392,9 +394,9 @@ def from_pretrained(phi2_path, vit_path, qformer_path=None, checkpoint=None, dty
     """Assemble TinyGPT-V from what a user can download: a Phi-2 directory, a BLIP-2 directory
     (ViT, ln_vision, Q-Former, query tokens; pass it as `vit_path`, the Q-Former is read from the
     same place unless `qformer_path` says otherwise) and optionally a stage checkpoint of ours."""
+    llm = Phi2.from_pretrained(phi2_path, dtype=dtype, device=device, qk_layernorm=True, post_layernorm=True)
     visual_encoder = VisionTransformer.from_pretrained(vit_path, dtype=dtype, device=device)
     qformer = QFormer.from_pretrained(qformer_path or vit_path, dtype=dtype, device=device)
-    llm = Phi2.from_pretrained(phi2_path, dtype=dtype, device=device, qk_layernorm=True, post_layernorm=True)
     config = TinyGPTVConfig(vision=visual_encoder.config, qformer=qformer.config, llm=llm.config)
     stage = 0
     if checkpoint is not None:

@@ -286,10 +286,16 @@ def test_user_prompts_and_unknown_tags():
 @pytest.fixture(scope="module")
 def weights(tok, tmp_path_factory):
     d = tmp_path_factory.mktemp("weights")
-    model = tiny_model(tok)
+    model = tiny_model(tok, lora=False)  # the downloads: base weights, no adapters
     model.llama_model.save_pretrained(str(d / "phi2"))
     model.visual_encoder.save_pretrained(str(d / "vit"))
     model.qformer.save_pretrained(str(d / "qformer"))
+    model.add_lora()  # what stages 2-4 trained: non-zero adapters, saved in the stage checkpoint
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
     tok.save(str(d / "phi2" / "tokenizer.json"))
     tg.save_checkpoint(model, str(d / "stage4.safetensors"), stage=4)
     Image.new("RGB", (40, 40), (200, 10, 10)).save(d / "red.png")

@@ -1,0 +1,460 @@
+"""EVA ViT-g/14 as BLIP-2 uses it, with BLIP-2's `ln_vision` on top: TinyGPT-V's frozen image encoder.
+
+TinyGPT-V (Yuan et al., arXiv:2312.16862, section 3) keeps MiniGPT-4's vision half: the EVA ViT-g/14
+of EVA (Fang et al., arXiv:2211.07636) as BLIP-2 (Li et al., arXiv:2301.12597) cut it, followed by
+BLIP-2's LayerNorm `ln_vision`. Facts in ../shared/TINYGPTV.md section 2.
+Input: pixels (B, 3, H, W), CLIP-normalized, H and W multiples of the patch size (224 px -> 16x16).
+Output: (B, 1 + N, 1408) after ln_vision, N = (H/14)(W/14): the CLS token and every patch token.
+
+Notable parts, top to bottom:
+- `VisionConfig` with the real EVA ViT-g sizes (`eva_vit_g()`) and a `tiny()` preset;
+- a plain pre-norm ViT: patch embedding with bias, CLS token, learned absolute positions, exact GELU;
+- attention with biases on q and v only (the k bias would cancel in the softmax, see `Attention`);
+- any image size that is a multiple of the patch: the position embedding is resized bicubically
+  (224 -> 448 px for TinyGPT-V's stage 4), as transformers' `interpolate_pos_encoding=True` does;
+- 39 blocks, not EVA's 40: BLIP-2 takes the penultimate block's features;
+- `from_pretrained` / `save_pretrained`: strict loading of transformers BLIP-2 directories, LAVIS
+  safetensors and our own directories, tensor by tensor (every missing, unexpected or mis-shaped
+  tensor is an error; the one exception, a 40-block EVA file, says what it does).
+
+Names follow LAVIS (`patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.N.attn.qkv`, `ln_vision`),
+so a LAVIS checkpoint's keys read straight against this code; `TRANSFORMERS_NAMES` maps them to
+transformers' `Blip2VisionModel`, where ln_vision is called `post_layernorm`.
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224  # the size the position embedding was trained at; others are resized to
+    patch_size: int = 14
+    hidden_size: int = 1408
+    num_hidden_layers: int = 39  # EVA ViT-g has 40 blocks; BLIP-2 drops the last (penultimate features)
+    num_attention_heads: int = 16  # head dim 88 (LAVIS: num_heads = 1408 // 88)
+    intermediate_size: int = 6144  # LAVIS: int(1408 * mlp_ratio 4.3637)
+    layer_norm_eps: float = 1e-6  # the blocks' LayerNorms (EVA)
+    ln_vision_eps: float = 1e-5  # LAVIS: torch's default; transformers' post_layernorm uses 1e-6
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of {self.num_attention_heads} heads")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def grid_size(self):
+        return self.image_size // self.patch_size  # 16 at 224 px
+
+    @classmethod
+    def eva_vit_g(cls, **kw):
+        return cls(**kw)  # the defaults are LAVIS's create_eva_vit_g and transformers' Blip2VisionConfig
+
+    @classmethod
+    def tiny(cls, **kw):
+        # head_dim 12: not a power of two, like ViT-g's 88
+        d = dict(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=192)
+        return cls(**{**d, **kw})
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into patch x patch squares and project each to a vector: one strided Conv2d."""
+
+    def __init__(self, config):
+        super().__init__()
+        p = config.patch_size
+        self.proj = nn.Conv2d(3, config.hidden_size, kernel_size=p, stride=p)  # with bias, as in EVA
+
+    def forward(self, x):
+        x = self.proj(x)  # (B, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        D, self.nh, self.hd = config.hidden_size, config.num_attention_heads, config.head_dim
+        # One projection for q, k, v: weight (3D, D), rows [q; k; v], head h owning rows h*hd:(h+1)*hd
+        # of each. EVA (following BEiT) gives q and v a bias but not k: a key bias b would add q.b
+        # to every score of query q's row, and a softmax does not change when the same number is
+        # added to a whole row, so it could never have an effect. transformers stores the three as
+        # one `qkv.bias` whose middle third is zeros.
+        self.qkv = nn.Linear(D, 3 * D, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(D))
+        self.v_bias = nn.Parameter(torch.zeros(D))
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])  # (3D,)
+        # the bias is added outside the Linear so that qkv can be swapped for another layer (int8)
+        qkv = self.qkv(x) + bias  # (B, T, 3D)
+        q, k, v = qkv.view(B, T, 3, self.nh, self.hd).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
+        # Written out rather than F.scaled_dot_product_attention so it reads as the formula. Every
+        # token sees every other: no mask in a ViT.
+        att = (q @ k.transpose(-2, -1)) * self.hd ** -0.5  # (B, nh, T, T)
+        att = F.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype)  # fp32 softmax for bf16 runs
+        y = (att @ v).transpose(1, 2).reshape(B, T, D)  # (B, T, D), heads side by side again
+        return self.proj(y)
+
+
+class Mlp(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # (B, T, D); exact erf GELU, not the tanh approximation
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)). EVA ViT-g as BLIP-2
+    uses it has no layer scale, no relative position bias and no dropout (drop path is 0 when frozen)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = Attention(config)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = Mlp(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))  # (B, T, D)
+        return x + self.mlp(self.norm2(x))  # (B, T, D)
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class VisionTransformer(nn.Module):
+    """EVA ViT-g/14 (39 blocks) + ln_vision. Mirrors LAVIS `create_eva_vit_g` followed by BLIP-2's
+    `ln_vision`, and transformers' `Blip2VisionModel` (whose `post_layernorm` is ln_vision)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        self.patch_embed = PatchEmbed(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + config.grid_size ** 2, D))  # CLS first, then the grid
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        # BLIP-2 puts a LayerNorm between the frozen ViT and the Q-Former; it belongs to BLIP-2's
+        # weights (trained with the Q-Former), not to EVA's.
+        self.ln_vision = nn.LayerNorm(D, eps=config.ln_vision_eps)
+        self.apply(self._init_weights)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    @staticmethod
+    def _init_weights(m):
+        # only for training from scratch (the demo); real runs load EVA. trunc_normal(0.02) as in EVA.
+        # (Works on the meta device too: init of a meta tensor does nothing.)
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def position_embedding(self, grid_h, grid_w):
+        """pos_embed for a grid_h x grid_w patch grid: (1, 1 + grid_h * grid_w, D).
+
+        At the trained grid it is the parameter itself. Otherwise the patch positions, seen as a
+        (D, g, g) image, are resized bicubically (align_corners=False) to (D, grid_h, grid_w); the
+        CLS position is kept. This is what transformers' `interpolate_pos_encoding=True` computes,
+        and what LAVIS's `interpolate_pos_embed` does once at load time for 448 px (stage 4)."""
+        g = self.config.grid_size
+        if (grid_h, grid_w) == (g, g):
+            return self.pos_embed
+        D = self.config.hidden_size
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]  # (1, 1, D), (1, g*g, D)
+        patch_pos = patch_pos.reshape(1, g, g, D).permute(0, 3, 1, 2)  # (1, D, g, g)
+        patch_pos = F.interpolate(patch_pos.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, D)  # (1, h*w, D), row-major
+        return torch.cat([cls_pos, patch_pos.to(cls_pos.dtype)], dim=1)  # (1, 1 + h*w, D)
+
+    def forward(self, pixel_values):
+        """pixel_values (B, 3, H, W) -> features (B, 1 + (H/p)(W/p), D) after ln_vision."""
+        p = self.config.patch_size
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}, expected (B, 3, H, W)")
+        B, _, H, W = pixel_values.shape
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}: resize it "
+                             f"(e.g. to {self.config.image_size}x{self.config.image_size})")
+        x = self.patch_embed(pixel_values.to(self.pos_embed.dtype))  # (B, N, D)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, D)
+        x = x + self.position_embedding(H // p, W // p)  # (B, 1 + N, D)
+        for block in self.blocks:
+            x = block(x)  # (B, 1 + N, D)
+        return self.ln_vision(x)  # (B, 1 + N, D)
+
+    # -------------------------------------------------------------------------
+    # Checkpoints. Three layouts are read:
+    #   transformers BLIP-2 directory: config.json ("vision_config") + safetensors, keys "vision_model.*"
+    #     (the Q-Former, query tokens and language model beside it are left alone);
+    #   LAVIS .safetensors file (tinygptv.py converts LAVIS's .pth): "visual_encoder.*", "ln_vision.*";
+    #   our own directory (save_pretrained): config.json of VisionConfig fields + LAVIS-named tensors.
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu", **overrides):
+        """Load the ViT and ln_vision from `path` (one of the three layouts above).
+
+        Config: from config.json for directories (transformers' vision_config: ln_vision_eps is its
+        layer_norm_eps, 1e-6), inferred from tensor shapes for a LAVIS file (ln_vision_eps 1e-5,
+        torch's default that LAVIS used; the head count is not in the file: 16 at width 1408 as in
+        EVA ViT-g, otherwise pass num_attention_heads=). `overrides` (VisionConfig fields) apply on top.
+
+        Strict: a missing, unexpected or mis-shaped tensor of the ViT or ln_vision is a ValueError
+        naming it. The one exception: a LAVIS file with 40 blocks (the released EVA ViT-g) loads
+        blocks 0-38 and ignores block 39, as BLIP-2 does; one line says so. transformers' k third of
+        qkv.bias is not kept (it has no effect, see Attention).
+        dtype: float32 (when None), bfloat16 or float16. The model is built on the meta device and
+        each tensor is read, converted and placed on `device` in turn: no second copy is held.
+        """
+        dtype = dtype or torch.float32
+        unknown = set(overrides) - {f.name for f in fields(VisionConfig)}
+        if unknown:
+            raise ValueError(f"unknown VisionConfig fields in overrides: {', '.join(sorted(unknown))}")
+        tensors = open_safetensors(path)  # checkpoint key -> (open file, its path)
+        if os.path.isdir(path):
+            config_file = os.path.join(path, "config.json")
+            if not os.path.isfile(config_file):
+                raise FileNotFoundError(f"{config_file} not found: a checkpoint directory needs its config.json")
+            d = _read_json(config_file)
+            if "vision_config" in d or d.get("model_type") == "blip_2_vision_model":
+                layout, prefix = "transformers", "vision_model." if "vision_config" in d else ""
+                file_config = config_from_blip2(d.get("vision_config", d), config_file)
+            else:
+                layout, prefix = "lavis", ""
+                bad = set(d) - {f.name for f in fields(VisionConfig)}
+                if bad:
+                    raise ValueError(f"{config_file}: not a BLIP-2 config (no vision_config) nor ours "
+                                     f"(unknown fields: {', '.join(sorted(bad))})")
+                file_config = d
+        else:
+            layout, prefix = "lavis", ""
+            file_config = config_from_lavis_shapes(
+                {k: tuple(h.get_slice(k).get_shape()) for k, (h, _) in tensors.items()}, path)
+            if file_config["num_attention_heads"] is None and "num_attention_heads" not in overrides:
+                raise ValueError(f"{path}: a LAVIS checkpoint does not record its number of heads; at width "
+                                 f"{file_config['hidden_size']} pass num_attention_heads= (EVA ViT-g: 1408 -> 16)")
+        config = VisionConfig(**{**file_config, **overrides})
+        ours = ("visual_encoder.", "ln_vision.") if layout == "lavis" else (prefix,)
+        tensors = {k: v for k, v in tensors.items() if k.startswith(ours)}  # e.g. the Q-Former's stay unread
+
+        file_blocks = len({k.split(".")[2] for k in tensors if k.startswith("visual_encoder.blocks.")})
+        if layout == "lavis" and not os.path.isdir(path) and file_blocks == 40 and config.num_hidden_layers == 39:
+            # BLIP-2 (section 3.3): "we remove the last layer of the ViT and use the second last
+            # layer's output features, which leads to slightly better performance."
+            for k in [k for k in tensors if k.startswith("visual_encoder.blocks.39.")]:
+                del tensors[k]
+            print(f"vit: {path} holds 40 blocks (EVA ViT-g as released); loading blocks 0-38 and ignoring "
+                  "block 39, as BLIP-2 does (it uses the penultimate block's features)")
+
+        with torch.device("meta"):  # shapes only, no memory: the real tensors are assigned below
+            model = cls(config)
+
+        def take(key, shape):
+            if key not in tensors:
+                hint = " (a raw EVA checkpoint has no ln_vision: it is BLIP-2's)" if key.startswith("ln_vision") else ""
+                raise ValueError(f"{path}: missing tensor '{key}'{hint}")
+            handle, file = tensors.pop(key)
+            try:
+                found = tuple(handle.get_slice(key).get_shape())
+                if found != tuple(shape):
+                    raise ValueError(f"{file}: tensor '{key}' has shape {found}, expected {tuple(shape)}")
+                return handle.get_tensor(key).to(device=device, dtype=dtype)
+            except SafetensorError as e:
+                raise ValueError(f"{file}: cannot read tensor '{key}' ({str(e).splitlines()[0]})") from None
+
+        state = {}
+        for name, p in model.state_dict().items():
+            if layout == "lavis":
+                state[name] = take(lavis_key(name), p.shape)
+            elif name.endswith(".attn.q_bias"):  # transformers: one qkv.bias (3D,) = [q_bias; k; v_bias]
+                attn = name.removesuffix(".q_bias")
+                qkv_bias = take(prefix + transformers_key(attn + ".qkv.bias"), (3 * p.shape[0],))
+                q_bias, _, v_bias = qkv_bias.chunk(3)  # the k third is dropped: it cannot change the output
+                state[name], state[attn + ".v_bias"] = q_bias.clone(), v_bias.clone()
+            elif not name.endswith(".attn.v_bias"):  # v_bias came with q_bias
+                state[name] = take(prefix + transformers_key(name), p.shape)
+        if tensors:
+            key, (_, file) = sorted(tensors.items())[0]
+            raise ValueError(f"{file}: unexpected tensor '{key}' ({len(tensors)} unexpected in all: "
+                             f"{', '.join(sorted(tensors)[:4])}{', ...' if len(tensors) > 4 else ''})")
+        model.load_state_dict(state, strict=True, assign=True)
+        return model
+
+    def save_pretrained(self, directory):
+        """Write config.json (the VisionConfig fields) and model.safetensors with LAVIS names, each
+        atomically. The safetensors file alone also loads as a LAVIS checkpoint."""
+        tensors = {lavis_key(name): t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
+        os.makedirs(directory, exist_ok=True)
+        _write_atomically(os.path.join(directory, "model.safetensors"),
+                          lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        _write_atomically(os.path.join(directory, "config.json"),
+                          lambda tmp: _write_json(asdict(self.config), tmp))
+
+
+# -----------------------------------------------------------------------------
+# Names and configs of the reference checkpoints
+
+
+def lavis_key(name):
+    """Our parameter name -> LAVIS's: the ViT lives under `visual_encoder.`, ln_vision beside it."""
+    return name if name.startswith("ln_vision.") else "visual_encoder." + name
+
+
+# ours -> transformers' Blip2VisionModel, module by module (inside a block: after "blocks.N.")
+TRANSFORMERS_NAMES = {
+    "cls_token": "embeddings.class_embedding",  # (1, 1, D)
+    "pos_embed": "embeddings.position_embedding",  # (1, 1 + N, D)
+    "patch_embed.proj": "embeddings.patch_embedding",
+    "blocks": "encoder.layers",
+    "norm1": "layer_norm1",
+    "attn.qkv": "self_attn.qkv",  # its bias (3D,) holds our q_bias and v_bias
+    "attn.proj": "self_attn.projection",
+    "norm2": "layer_norm2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "ln_vision": "post_layernorm",  # same LayerNorm, other name, eps 1e-6 there
+}
+
+
+def transformers_key(name):
+    """Our name -> transformers' (without the "vision_model." of a full BLIP-2 checkpoint)."""
+    if name in TRANSFORMERS_NAMES:
+        return TRANSFORMERS_NAMES[name]
+    if name.startswith("blocks."):
+        _, i, rest = name.split(".", 2)
+        module, param = rest.rsplit(".", 1)
+        return f"{TRANSFORMERS_NAMES['blocks']}.{i}.{TRANSFORMERS_NAMES[module]}.{param}"
+    module, param = name.rsplit(".", 1)
+    return f"{TRANSFORMERS_NAMES[module]}.{param}"
+
+
+def config_from_blip2(vc, file):
+    """VisionConfig fields from transformers' Blip2VisionConfig (a dict: config.json's vision_config).
+    Its defaults are EVA ViT-g's, as are ours, so a field it leaves out means the same to both."""
+    if vc.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"{file}: vision hidden_act {vc['hidden_act']!r} is not EVA's exact GELU ('gelu')")
+    if not vc.get("qkv_bias", True):
+        raise ValueError(f"{file}: vision qkv_bias is false; EVA ViT-g has q and v biases")
+    d = {}
+    for k in ("image_size", "patch_size"):
+        v = vc.get(k, getattr(VisionConfig, k))
+        if isinstance(v, (list, tuple)):
+            if len(set(v)) != 1:
+                raise ValueError(f"{file}: vision {k} {v} is not square")
+            v = v[0]
+        d[k] = v
+    for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        d[k] = vc.get(k, getattr(VisionConfig, k))
+    d["layer_norm_eps"] = d["ln_vision_eps"] = vc.get("layer_norm_eps", 1e-6)  # post_layernorm shares it
+    return d
+
+
+def config_from_lavis_shapes(shapes, source="checkpoint"):
+    """VisionConfig fields from the tensor shapes {key: shape} of a LAVIS checkpoint, which stores no
+    config. num_attention_heads is None unless the width is ViT-g's 1408 (16 heads of 88, LAVIS's
+    1408 // 88). A 40-block file (EVA as released) means 39 blocks: see from_pretrained."""
+    def shape(key):
+        if key not in shapes:
+            raise ValueError(f"{source}: missing tensor '{key}'")
+        return shapes[key]
+
+    D, _, p, _ = shape("visual_encoder.patch_embed.proj.weight")  # (D, 3, p, p)
+    n = shape("visual_encoder.pos_embed")[1] - 1  # (1, 1 + g*g, D)
+    g = math.isqrt(n)
+    if g * g != n:
+        raise ValueError(f"{source}: pos_embed holds {n} patch positions, not a square grid")
+    depth = len({k.split(".")[2] for k in shapes if k.startswith("visual_encoder.blocks.")})
+    return dict(image_size=g * p, patch_size=p, hidden_size=D, num_hidden_layers=39 if depth == 40 else depth,
+                num_attention_heads=16 if D == 1408 else None,
+                intermediate_size=shape("visual_encoder.blocks.0.mlp.fc1.weight")[0],  # (mlp, D)
+                layer_norm_eps=1e-6, ln_vision_eps=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Files
+
+
+def open_safetensors(path):
+    """Open a checkpoint lazily: a directory holding model.safetensors, or shards listed in
+    model.safetensors.index.json, or a single .safetensors file. Returns {key: (open file, path)};
+    tensors are read only when asked for. Missing paths raise FileNotFoundError, a corrupt file or
+    index ValueError, each with a one-line message naming the file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
+    files = [path]
+    if os.path.isdir(path):
+        single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(single):
+            files = [single]
+        elif os.path.isfile(index):
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: not a safetensors index (no weight_map)")
+            files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+        else:
+            raise FileNotFoundError(f"{path}: holds neither model.safetensors nor model.safetensors.index.json")
+    tensors = {}
+    for file in files:
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file}: checkpoint shard not found")
+        try:
+            handle = safe_open(file, framework="pt")
+            keys = list(handle.keys())
+        except (SafetensorError, OSError) as e:  # truncated, or not safetensors at all
+            raise ValueError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        for key in keys:
+            if key in tensors:
+                raise ValueError(f"{file}: tensor '{key}' is also in {tensors[key][1]}")
+            tensors[key] = (handle, file)
+    return tensors
+
+
+def _read_json(file):
+    try:
+        with open(file) as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    return d
+
+
+def _write_json(d, file):
+    with open(file, "w") as f:
+        json.dump(d, f, indent=2)
+
+
+def _write_atomically(final, write):
+    """write(tmp) into a temporary file beside `final`, then rename it over `final` in one step."""
+    tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
