@@ -254,6 +254,10 @@ def build_model(args, stage):
         model.add_lora()
     if stage > 1:  # a stage-1 file has no LoRA: stage 2's adapters then start fresh (B = 0)
         tg.load_checkpoint(model, stage_path(args, stage - 1))
+    if args.dropout is not None:  # Phi-2's residual dropout (0.1) and LoRA's (0.05) by default
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = args.dropout
     for name, p in model.named_parameters():
         p.requires_grad = tg.is_trainable(name)
     return model.to(args.device), tok
@@ -486,6 +490,8 @@ def parse_args(argv=None):
     p.add_argument("--no-eval", dest="eval", action="store_false")
     p.add_argument("--eval-samples", type=int, default=200)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dropout", type=float, help="set every dropout (Phi-2 residual, LoRA) to this; 0 makes "
+                   "runs with different process counts comparable")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--demo-train", type=int, default=3000, help="demo scenes for training")
     p.add_argument("--demo-eval", type=int, default=300, help="demo scenes for validation and test, each")
