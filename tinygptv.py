@@ -619,6 +619,7 @@ def main(argv=None):
     p.add_argument("--image", required=True)
     p.add_argument("--prompt", required=True, help='e.g. "[vqa] what color is the circle" or "[refer] the red square"')
     p.add_argument("--checkpoint", help="a stage checkpoint (.safetensors) of this project")
+    p.add_argument("--run", default=DEMO_RUN, help="the demo run directory train.py wrote (default: runs/demo)")
     p.add_argument("--phi2", help="a Phi-2 directory (transformers layout, with tokenizer.json)")
     p.add_argument("--blip2", help="a BLIP-2 directory or LAVIS safetensors (ViT + Q-Former)")
     p.add_argument("--qformer", help="the Q-Former, if not in the --blip2 path")
@@ -637,7 +638,7 @@ def main(argv=None):
     elif a.checkpoint:
         raise ValueError("--checkpoint needs --phi2 and --blip2 (the frozen weights it builds on)")
     else:
-        model, tok, stage = load_demo()
+        model, tok, stage = load_demo(a.run)
     stage = a.stage or max(stage, 1)
     instruction = parse_user_prompt(a.prompt) if stage >= 3 else ""
     image = load_image(a.image)

@@ -140,7 +140,7 @@ def train_tokenizer(texts, path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=[tg.BOS],
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=[tg.BOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     tmp = path + ".tmp"
@@ -343,6 +343,21 @@ def evaluate(model, tok, args, n=None):
     return rows
 
 
+def previous_evaluation(args, stage):
+    """Stage N starts as stage N-1 ended (new LoRA adapters have B = 0, so they change nothing):
+    its "before" column is stage N-1's "after", when that was measured on the same test set."""
+    path = os.path.join(args.out, f"stage{stage - 1}.eval.json")
+    if stage == 1 or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    return saved["after"] if saved.get("eval_set") == eval_set(args) else None
+
+
+def eval_set(args):
+    return [args.eval_samples, args.demo_eval, args.demo_train, args.seed]
+
+
 METRIC_NAMES = {"caption": "caption exact match", "describe": "description exact match", "vqa": "VQA exact match",
                 "refer": "[refer] IoU >= 0.5", "identify": "[identify] exact match"}
 
@@ -408,7 +423,9 @@ def train_stage(args, stage):
                                "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "step": step,
                                "stage_config": asdict(sc)}, state_path)
 
-    before = evaluate(model, tok, args) if (args.eval and not args.data and rank == 0) else {}
+    before = {}
+    if args.eval and not args.data and rank == 0:
+        before = previous_evaluation(args, stage) or evaluate(model, tok, args)
     model.train()
     t0, done_here, seen, losses = time.time(), 0, 0, []
     while step < sc.steps:
@@ -463,7 +480,7 @@ def train_stage(args, stage):
             after = evaluate(model, tok, args)
             print_table(stage, before, after)
             with open(os.path.join(args.out, f"stage{stage}.eval.json"), "w") as f:
-                json.dump({"before": before, "after": after}, f, indent=1)
+                json.dump({"before": before, "after": after, "eval_set": eval_set(args)}, f, indent=1)
     return losses, True
 
 
@@ -528,6 +545,11 @@ def run(args):
         _, finished = train_stage(args, stage)
         if not finished:  # stopped early on purpose (--stop-after)
             return
+    if not args.data and world()[0] == 0:  # a held-out picture to ask questions about
+        example = os.path.join(args.out, "example.png")
+        data.render(demo_scenes(args)["test"][0], 2 * DEMO_IMAGE_SIZE).save(example)
+        run = "" if os.path.abspath(args.out) == tg.DEMO_RUN else f" --run {os.path.relpath(args.out)}"
+        log(f"try: python tinygptv.py --image {os.path.relpath(example)}{run} --prompt \"[vqa] what shape is the blue object?\"")
 
 
 def main(argv=None):
