@@ -90,6 +90,11 @@ def test_missing_previous_stage_is_built_first(tmp_path, backbones, capsys):
     log = capsys.readouterr().out
     assert "stage 1 | already finished" in log and "stage 2 | already finished" in log
     assert (out / "stage4.safetensors").exists()
+    # the command line answers from the finished demo run by default (here: its --run directory)
+    r = subprocess.run([sys.executable, "tinygptv.py", "--run", str(out), "--image", str(out / "example.png"),
+                        "--prompt", "[vqa] what shape is the blue object?", "--max-new-tokens", "4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr  # (after 2 steps the answer itself is noise)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, backbones, monkeypatch):
