@@ -18,7 +18,7 @@ import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a miniature demo: tiny data, short stage 0, a handful of steps per stage
-SMALL = ["--demo-train", "96", "--demo-eval", "16", "--lm-steps", "30", "--vision-steps", "30", "--no-eval",
+SMALL = ["--demo-train", "48", "--demo-eval", "8", "--lm-steps", "10", "--vision-steps", "8", "--no-eval",
          "--steps", "6", "--batch-size", "8", "--log-every", "1", "--ckpt-every", "2", "--device", "cpu"]
 
 
