@@ -1,0 +1,654 @@
+"""Speed and memory at the real sizes: ours against transformers, and against the paper's claims.
+
+TinyGPT-V's promises are resource promises (Yuan et al., arXiv:2312.16862, abstract and section 1):
+inference in 8 GB of memory or on a CPU, training on one 24 GB GPU. This file checks them with
+random weights at the paper's sizes (nothing is downloaded); what is compared runs side by side in
+one run, with the same weights, dtype and thread count:
+
+1. Phi-2 decoding (batch 1, KV cache) and prefill, ours against transformers' `PhiForCausalLM`,
+   at Phi-2's real width with `--layers` layers. transformers is the reference being compared
+   against, not a dependency: it is imported inside that section only, which is skipped without it.
+2. int8 against fp32 and bf16 decoding, and against torch's own dynamic int8 (`torch.ao`, fbgemm)
+   where it exists: speed, weight memory and logit error.
+3. The whole model at the paper's sizes, one 224 px image and 32 new tokens, in int8 and bf16: peak
+   memory and time per token, against the memory-bandwidth bound (weight bytes read per token over
+   the bandwidth measured here).
+4. Training memory: one stage-2 step at batch 1 with the frozen weights in bf16, and on a GPU a
+   stage-4 step (448 px, 1024 text tokens, batch 3) with and without activation checkpointing.
+   At full size it needs a GPU: CPUs without bf16 instructions take most of an hour for one step.
+5. Training throughput per stage on the demo's tiny preset.
+
+    python bench.py                          # all sections on the CPU, 2 threads
+    python bench.py --quick                  # fewer layers, tokens and repeats
+    python bench.py --sections 1,2 --layers 4 --threads 2
+    python bench.py --sections 3,4 --preset tiny     # the full-size sections' code, at toy size
+    python bench.py --device cuda --json results.json
+
+It prints one table: section, what was measured, ours, the reference or baseline, their ratio, the
+target and whether it is met. Each peak-memory number comes from a fresh subprocess (this file run
+with --child), so one measurement's memory cannot leak into the next: on the CPU it is the
+process's peak resident set (VmHWM), on a GPU torch.cuda.max_memory_allocated.
+"""
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+import tinygptv as tg
+from phi2 import Phi2, Phi2Config
+from train import DEMO_STAGES, param_groups
+
+GB = 1e9
+
+# -----------------------------------------------------------------------------
+# Timing and memory helpers
+
+
+def now(device):
+    """Wall-clock seconds, after the GPU has finished what was queued (its work is asynchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def median_time(fn, device, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = now(device)
+        fn()
+        times.append(now(device) - t0)
+    return statistics.median(times)
+
+
+def timed_generate(run, first_block, device):
+    """Call run() (one generation) and time it. Returns (seconds to the first token, tokens/s after
+    it, run's result). Every forward pass, prefill or decode step, begins in `first_block`; a
+    pre-hook notes when, so one call yields both numbers for any model, ours or transformers'.
+    Tokens/s comes from the median step, so a moment when another process takes the CPU does
+    not count."""
+    starts = []
+    hook = first_block.register_forward_pre_hook(lambda module, args: starts.append(now(device)))
+    try:
+        t0 = now(device)
+        out = run()
+        t1 = now(device)
+    finally:
+        hook.remove()
+    if len(starts) < 2:
+        raise ValueError("timed_generate needs at least 2 new tokens")
+    ends = starts[2:] + [t1]
+    step = statistics.median(e - s for s, e in zip(starts[1:], ends))  # one decode step, one new token
+    return starts[1] - t0, 1 / step, out
+
+
+def bandwidth(device, gib=1.0, repeats=5):
+    """Memory bandwidth in bytes/s: the best of a few sums of a `gib` GiB float32 tensor (summing
+    reads each byte once and computes almost nothing, like a batch-1 decode step)."""
+    x = torch.ones(int(gib * 2 ** 30) // 4, device=device)
+    x.sum()
+    best = min(median_time(x.sum, device, 1) for _ in range(repeats))
+    return x.numel() * 4 / best
+
+
+def peak_memory(device):
+    """This process's peak memory in bytes: the GPU allocator's peak, or the peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:  # Linux: VmHWM, the resident set's high-water mark
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # elsewhere: ru_maxrss, in KiB on Linux and bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def state_bytes(model):
+    """Bytes of everything in the state dict, torch.ao's packed int8 weights included."""
+    def size(v):
+        if isinstance(v, torch.Tensor):
+            return v.numel() * v.element_size()
+        if isinstance(v, (tuple, list)):
+            return sum(size(x) for x in v)
+        return 0
+    return sum(size(v) for v in model.state_dict().values())
+
+
+# -----------------------------------------------------------------------------
+# The table
+
+
+@dataclass
+class Row:
+    section: int
+    what: str
+    ours: object = None  # a number (in `unit`) or text
+    baseline: object = None
+    unit: str = ""
+    target: str = ""
+    passed: object = None  # True, False, or None where there is no target
+
+    @property
+    def ratio(self):
+        if isinstance(self.ours, (int, float)) and isinstance(self.baseline, (int, float)) and self.baseline:
+            return self.ours / self.baseline
+        return None
+
+
+def fmt(v, unit=""):
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    digits = 3 if abs(v) < 10 else (1 if abs(v) < 1000 else 0)
+    return f"{v:,.{digits}f}{' ' + unit if unit else ''}"
+
+
+def is_note(r):
+    return r.ours is None and r.baseline is None
+
+
+def print_table(rows, header):
+    """One table; rows without numbers (a section's setting, a skip, a failure) print as plain lines."""
+    cells = [("", "what", "ours", "reference / baseline", "ratio", "target", "result")]
+    for r in rows:
+        cells.append(None if is_note(r) else (
+            str(r.section), r.what, fmt(r.ours, r.unit), fmt(r.baseline, r.unit),
+            "-" if r.ratio is None else f"{r.ratio:.2f}x", r.target or "-",
+            {True: "pass", False: "MISS", None: "-"}[r.passed]))
+    widths = [max(len(c[i]) for c in cells if c) for i in range(len(cells[0]))]
+    print("\n" + header)
+    for i, c in enumerate(cells):
+        if c is None:
+            r = rows[i - 1]
+            print(f"{r.section}  {r.what}" + ("  MISS" if r.passed is False else ""))
+            continue
+        print("  ".join(x.ljust(w) if j < 2 else x.rjust(w) for j, (x, w) in enumerate(zip(c, widths))).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+# -----------------------------------------------------------------------------
+# 1. Phi-2: ours against transformers
+
+
+def greedy_ours(model, ids, n):
+    return lambda: model.generate(ids, max_new_tokens=n, stop_sequences=[])[0]
+
+
+def greedy_transformers(model, ids, n):
+    # all-ones mask and no eos: exactly n new tokens, like ours with stop_sequences=[]
+    return lambda: model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                                  min_new_tokens=n, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+
+
+def section_phi2(args, bw):
+    try:
+        import transformers
+        from transformers import PhiForCausalLM
+    except ImportError:
+        return [Row(1, "skipped: transformers is not installed (the reference; pip install -r requirements-test.txt)")]
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    dev, L, n = args.device, args.layers, args.new_tokens
+    torch.manual_seed(0)
+    ours = Phi2(Phi2Config.phi2(num_hidden_layers=L)).eval()  # random N(0, 0.02) weights, plain Phi-2
+    with tempfile.TemporaryDirectory() as d:
+        ours.save_pretrained(d)
+        dtype_arg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+        ref = PhiForCausalLM.from_pretrained(d, **{dtype_arg: torch.float32}).to(dev).eval()
+    ours = ours.to(dev)
+    attn = ref.config._attn_implementation
+    ids = torch.randint(0, 51200, (1, args.prompt), generator=torch.Generator().manual_seed(1)).to(dev)
+    long_ids = torch.randint(0, 51200, (1, args.prefill), generator=torch.Generator().manual_seed(2)).to(dev)
+
+    runs = {"ours": (ours, ours.layers[0], greedy_ours), "ref": (ref, ref.model.layers[0], greedy_transformers)}
+    decode, prefill, tokens = {k: [] for k in runs}, {k: [] for k in runs}, {}
+    with torch.no_grad():
+        for model, _, greedy in runs.values():  # warm-up: first calls allocate and pick kernels
+            greedy(model, ids[:, :8], 4)()
+        for _ in range(args.repeats):  # interleaved, so a slow moment of the machine hits both
+            for k, (model, block, greedy) in runs.items():
+                _, tok_s, tokens[k] = timed_generate(greedy(model, ids, n), block, dev)
+                decode[k].append(tok_s)
+                prefill[k].append(args.prefill / median_time(greedy(model, long_ids, 1), dev, 1))
+    med = {k: statistics.median(v) for k, v in decode.items()}
+    per_token = sum(p.numel() * p.element_size() for name, p in ours.named_parameters() if "embed_tokens" not in name)
+    same = sum(a == b for a, b in zip(tokens["ours"], tokens["ref"]))
+    return [
+        Row(1, f"reference: transformers {transformers.__version__} PhiForCausalLM, attn '{attn}'; "
+               f"Phi-2 width, {L} layers, fp32, {torch.get_num_threads()} threads"),
+        Row(1, f"decode, batch 1, {args.prompt}-token prompt, {n} new tokens", med["ours"], med["ref"],
+            "tok/s", ">= 1.2x", med["ours"] >= 1.2 * med["ref"]),
+        Row(1, f"prefill {args.prefill} tokens (generate to the first token)", statistics.median(prefill["ours"]),
+            statistics.median(prefill["ref"]), "tok/s"),
+        Row(1, f"decode vs bandwidth bound ({per_token / GB:.2f} GB read per token)", med["ours"],
+            bw / per_token, "tok/s"),
+        Row(1, "greedy tokens identical to the reference's", f"{same}/{n}", passed=None),
+    ]
+
+
+# -----------------------------------------------------------------------------
+# 2. int8 decoding against fp32, bf16 and torch's own int8
+
+
+def swap_linears(model, make):
+    """Replace every nn.Linear in `model` by make(linear), as tinygptv.quantize_int8 does for Phi-2."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, make(child))
+    return model
+
+
+def torch_ao_int8(model):
+    """torch's built-in dynamic int8 (fbgemm/x86 kernels, per-channel weights like ours), or None."""
+    engines = torch.backends.quantized.supported_engines
+    if not any(e in engines for e in ("x86", "fbgemm")):
+        return None
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+        with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
+            warnings.simplefilter("ignore")
+            return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    except (ImportError, RuntimeError, AttributeError):
+        return None
+
+
+def section_int8(args, bw):
+    dev, L = args.device, args.layers
+    n = min(args.new_tokens, 32)  # bf16 decodes slowly on CPUs without bf16 units: keep the section short
+    torch.manual_seed(0)
+    fp32 = Phi2(Phi2Config.phi2(num_hidden_layers=L)).to(dev).eval()
+    variants = {"fp32": fp32, "bf16": copy.deepcopy(fp32).to(torch.bfloat16),
+                "int8": swap_linears(copy.deepcopy(fp32), tg.Int8Linear)}
+    if dev.type == "cpu":
+        ao = torch_ao_int8(copy.deepcopy(fp32))
+        if ao is not None:
+            variants["torch.ao int8"] = ao
+    ids = torch.randint(0, 51200, (1, args.prompt), generator=torch.Generator().manual_seed(1)).to(dev)
+    # logits are compared on a 12-token prompt: under Int8Linear's 16-row threshold, so every variant
+    # runs the kernels that decoding runs
+    short = ids[:, :12]
+    decode, first, logits = {k: [] for k in variants}, {k: [] for k in variants}, {}
+    with torch.no_grad():
+        for k, m in variants.items():
+            greedy_ours(m, ids[:, :8], 4)()  # warm-up
+            logits[k] = m(short)[0].float()  # (12, vocab)
+        for _ in range(args.repeats):
+            for k, m in variants.items():
+                t_first, tok_s, _ = timed_generate(greedy_ours(m, ids, n), m.layers[0], dev)
+                decode[k].append(tok_s)
+                first[k].append(t_first)
+    tok_s = {k: statistics.median(v) for k, v in decode.items()}
+    t_first = {k: statistics.median(v) for k, v in first.items()}
+    size = {k: state_bytes(m) / 1e6 for k, m in variants.items()}
+    ref = logits["fp32"]
+    err = {k: ((v - ref).norm() / ref.norm()).item() for k, v in logits.items()}
+    agree = {k: (v.argmax(-1) == ref.argmax(-1)).float().mean().item() for k, v in logits.items()}
+    has_ao = "torch.ao int8" in variants
+    rows = [
+        Row(2, f"Phi-2 width, {L} layers, {dev.type}, {torch.get_num_threads()} threads; decode of {n} tokens "
+               f"after a {args.prompt}-token prompt" + ("" if has_ao or dev.type != "cpu" else
+                                                         "; torch.ao int8 unavailable here")),
+        Row(2, "decode: int8 (Int8Linear) vs fp32", tok_s["int8"], tok_s["fp32"], "tok/s", ">= 1.5x",
+            tok_s["int8"] >= 1.5 * tok_s["fp32"]),
+        Row(2, "decode: bf16 vs fp32", tok_s["bf16"], tok_s["fp32"], "tok/s"),
+    ]
+    if has_ao:
+        rows += [Row(2, "decode: torch.ao dynamic int8 vs fp32", tok_s["torch.ao int8"], tok_s["fp32"], "tok/s"),
+                 Row(2, "decode: int8 (Int8Linear) vs torch.ao int8", tok_s["int8"], tok_s["torch.ao int8"], "tok/s")]
+    rows += [Row(2, f"time to first token ({args.prompt}-token prompt): int8 vs fp32", t_first["int8"],
+                 t_first["fp32"], "s")]
+    if has_ao:
+        rows += [Row(2, "time to first token: torch.ao int8 vs fp32", t_first["torch.ao int8"], t_first["fp32"], "s")]
+    rows += [Row(2, f"weights: {k} vs fp32", size[k], size["fp32"], "MB") for k in variants if k != "fp32"]
+    rows += [Row(2, f"logit error |l - l_fp32| / |l_fp32|: {k}", err[k], None) for k in variants if k != "fp32"]
+    rows += [Row(2, f"top-1 token agreement with fp32: {k}", agree[k], None) for k in variants if k != "fp32"]
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Random models at the paper's sizes, built in their final dtype
+
+
+def random_model(config, dtype, device, int8=False, lora=False, fp32_params=lambda name, p: False):
+    """TinyGPTV with random weights, made in `dtype` directly. The modules are first built on the
+    meta device (shapes only, no memory); then each module's tensors are allocated and filled in
+    turn, so no float32 copy of the whole model ever exists. With int8, Phi-2's Linear layers are
+    turned into Int8Linear while still on meta, so the int8 weights are the only copy allocated.
+    Parameters for which fp32_params(name, parameter) holds are made float32 instead."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # the meta tensors take this dtype, so to_empty allocates it
+    try:
+        with torch.device("meta"):
+            model = tg.TinyGPTV(config)
+            if lora:
+                model.add_lora()
+            if int8:
+                tg.quantize_int8(model)
+    finally:
+        torch.set_default_dtype(default)
+    gen = torch.Generator(device).manual_seed(0)
+    for prefix, module in model.named_modules():
+        module.to_empty(device=device, recurse=False)
+        for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            full = f"{prefix}.{name}" if prefix else name
+            if isinstance(t, nn.Parameter) and fp32_params(full, t):
+                t = nn.Parameter(torch.empty(t.shape, device=device), requires_grad=True)
+                setattr(module, name, t)
+            with torch.no_grad():
+                if t.dtype == torch.int8:  # Int8Linear weights, standing for N(0, 0.02) ones
+                    t.copy_(torch.randint(-127, 128, t.shape, generator=gen, device=device))
+                elif name == "weight_scale":
+                    t.fill_(0.02 * 3.5 / 127)  # the largest of 2560 N(0, 0.02) values is about 3.5 sigma
+                elif t.dim() >= 2:
+                    t.normal_(0.0, 0.02, generator=gen)  # matrices, embeddings, query tokens, positions
+                else:
+                    t.fill_(1.0 if name == "weight" else 0.0)  # norms start at 1; biases at 0
+    return model.eval()
+
+
+def prompt_example(llm, n_before=6, n_after=20, n_answer=0, seed=0):
+    """Random token ids shaped like a stage-4 prompt: BOS + "[INST] <Img>", then (the image goes
+    here) "</Img> [vqa] ... [/INST]", then the answer. llm: the Phi2Config (vocabulary, BOS id)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda k: torch.randint(0, llm.vocab_size, (k,), generator=g).tolist()
+    return tg.Example([llm.bos_token_id] + ids(n_before - 1), ids(n_after), ids(n_answer))
+
+
+def run_child(args, job, **spec):
+    """Run one measurement in a fresh python process and return its result dict."""
+    spec = dict(job=job, device=str(args.device), threads=args.threads, preset=args.preset, **spec)
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    return {"error": f"{job} {spec.get('dtype', '')}: exit {proc.returncode}: {tail[0]}"}
+
+
+def preset_config(name):
+    return tg.TinyGPTVConfig.full() if name == "full" else tg.TinyGPTVConfig.tiny()
+
+
+# -----------------------------------------------------------------------------
+# 3. Inference of the whole model at the paper's sizes
+
+
+def child_inference(spec, device):
+    """One image, `new_tokens` greedy tokens, the model in int8 (Phi-2) + bf16 (the rest), or all bf16."""
+    config = preset_config(spec["preset"])
+    model = random_model(config, torch.bfloat16, device, int8=spec["dtype"] == "int8")
+    size = config.vision.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
+    example = prompt_example(config.llm)
+
+    def answer(n):  # TinyGPTV.generate without the tokenizer: image -> queries -> splice -> Phi-2
+        inputs, mask, _, _ = model.assemble(model.project(model.encode_queries(pixels)), [example], pad_left=True)
+        return model.llama_model.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=n,
+                                          stop_sequences=[])
+
+    with torch.no_grad():  # no warm-up run: at this size one-time costs are small next to a prefill
+        t_first, tok_s, _ = timed_generate(lambda: answer(spec["new_tokens"]), model.llama_model.layers[0], device)
+    llm = model.llama_model
+    # a decode step reads every weight of Phi-2 once, except the embedding table (one row of it)
+    per_token = tg.weight_bytes(llm) - tg.weight_bytes(llm.embed_tokens)
+    return dict(peak=peak_memory(device), weights=tg.weight_bytes(model), per_token=per_token,
+                first_token_s=t_first, s_per_token=1 / tok_s)
+
+
+def section_inference(args, bw):
+    rows = [Row(3, f"{args.preset} preset, random weights, {args.device.type}, one {preset_config(args.preset).vision.image_size}"
+                   f" px image, {args.full_new_tokens} new tokens; bandwidth {bw / GB:.1f} GB/s")]
+    for dtype, label in (("int8", "int8 Phi-2 + bf16 vision"), ("bf16", "bf16")):
+        r = run_child(args, "infer", dtype=dtype, new_tokens=args.full_new_tokens)
+        if "error" in r:
+            rows.append(Row(3, f"{label}: failed: {r['error']}", passed=False))
+            continue
+        bound = r["per_token"] / bw
+        rows += [
+            Row(3, f"{label}: peak memory (weights {r['weights'] / GB:.2f} GB)", r["peak"] / GB, 8.0, "GB",
+                "< 8 GB" if dtype == "int8" else "", r["peak"] < 8 * GB if dtype == "int8" else None),
+            Row(3, f"{label}: time per token vs bandwidth bound ({r['per_token'] / GB:.2f} GB/token)",
+                r["s_per_token"], bound, "s", "<= 3x", r["s_per_token"] <= 3 * bound),
+            Row(3, f"{label}: time to first token (vision tower + prefill)", r["first_token_s"], None, "s"),
+        ]
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# 4. Training memory at the paper's sizes
+
+
+class Checkpointed(nn.Module):
+    """A block whose activations are recomputed in the backward pass instead of kept (Chen et al.
+    2016, "Training deep nets with sublinear memory cost"): memory for one block's activations
+    instead of all of them, for about one more forward pass of compute."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args):
+        return torch.utils.checkpoint.checkpoint(self.block, *args, use_reentrant=False)
+
+
+def child_train(spec, device):
+    """One optimizer step of a stage: frozen matrices bf16, trained weights fp32 (AdamW state too)."""
+    config = preset_config(spec["preset"])
+    # fp32: what trains, and every vector (norms, biases: 0.1% of the bytes). A LayerNorm's weight and
+    # bias must share a dtype on the CPU, and input_layernorm's weight trains while its bias does not.
+    fp32 = lambda name, p: tg.is_trainable(name) or p.dim() == 1
+    model = random_model(config, torch.bfloat16, device, lora=spec["stage"] >= 2, fp32_params=fp32)
+    for name, p in model.named_parameters():
+        p.requires_grad_(tg.is_trainable(name))
+    if spec["checkpointing"]:
+        layers = model.llama_model.layers
+        for i in range(len(layers)):
+            layers[i] = Checkpointed(layers[i])
+    model.train()
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.999))
+    size = model.image_size(spec["stage"])
+    B = spec["batch"]
+    pixels = torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    examples = [prompt_example(config.llm, n_answer=spec["answer_tokens"], seed=i) for i in range(B)]
+    t0 = now(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):  # as train.py on a GPU: bf16 matmuls
+        logits, labels = model(examples, pixel_values=pixels)
+        loss = tg.lm_loss(logits, labels)
+    loss.backward()
+    opt.step()
+    step_s = now(device) - t0
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return dict(peak=peak_memory(device), frozen=sum(p.numel() * p.element_size() for p in model.parameters()
+                                                     if not p.requires_grad),
+                trained=trained, step_s=step_s, tokens=logits.shape[1], loss=loss.item())
+
+
+def bf16_backward_rate(device):
+    """FLOP/s of grad_input = grad_output @ W in bf16: what a frozen bf16 Linear's backward runs."""
+    g = torch.randn(90, 10240, dtype=torch.bfloat16, device=device)
+    w = torch.randn(10240, 2560, dtype=torch.bfloat16, device=device)
+    return 2 * g.shape[0] * w.shape[0] * w.shape[1] / median_time(lambda: g @ w, device, 1)
+
+
+def section_training(args, bw):
+    if args.device.type == "cpu" and args.preset == "full" and not args.cpu_train:
+        # CPUs without bf16 instructions (AVX2) run this product on a slow fallback path
+        with torch.device("meta"):
+            n_llm = sum(p.numel() for p in Phi2(preset_config("full").llm).parameters())
+        rate = bf16_backward_rate(args.device)
+        minutes = 2 * n_llm * 90 / rate / 60  # Phi-2's input gradients alone, for a 90-token row
+        return [Row(4, f"skipped on the CPU: a frozen bf16 Linear's backward (grad @ W) runs at {rate / 1e9:.1f} "
+                       f"GFLOP/s here, so one stage-2 step would take about {minutes:.0f} min; measure it with "
+                       f"--device cuda (the paper's claim is about a 24 GB GPU), or add --cpu-train")]
+    jobs = [dict(stage=2, batch=1, answer_tokens=32, checkpointing=False)]
+    if args.device.type == "cuda" or args.stage4:
+        # the official stage 4: 448 px, up to 1024 text tokens, 1-3 samples a batch; where users ran out
+        # of 24 GB (TINYGPTV.md section 10). Long sequences are what activation checkpointing is for.
+        jobs += [dict(stage=4, batch=3, answer_tokens=args.stage4_tokens, checkpointing=c) for c in (False, True)]
+    rows = [Row(4, f"{args.preset} preset, random weights, {args.device.type}: frozen weights bf16, trained "
+                   f"weights and AdamW state fp32, bf16 autocast; one step from pixels")]
+    for job in jobs:
+        r = run_child(args, "train", **job)
+        label = (f"stage {job['stage']} step, batch {job['batch']}, {job['answer_tokens']} answer tokens"
+                 + (", activation checkpointing" if job["checkpointing"] else ""))
+        if "error" in r:
+            rows.append(Row(4, f"{label}: failed: {r['error']}", passed=False))
+            continue
+        rows.append(Row(4, f"{label} ({r['tokens']} tokens/row, frozen {r['frozen'] / GB:.2f} GB, "
+                           f"{r['trained'] / 1e6:.1f}M trained, {r['step_s']:.1f} s)",
+                        r["peak"] / GB, 24.0, "GB", "< 24 GB", r["peak"] < 24 * GB))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# 5. Demo training throughput per stage (tiny preset)
+
+# synthetic prompt and answer lengths per stage, in tokens: roughly the demo's
+STAGE_LENGTHS = {1: (3, 2, 12), 2: (3, 2, 12), 3: (6, 16, 40), 4: (5, 16, 12)}  # before, after, answer
+
+
+def section_demo_training(args, bw):
+    dev = args.device
+    rows = [Row(5, f"tiny preset, {dev.type}, demo batch sizes, {args.train_steps} steps each; ours: Q-Former outputs "
+                   "cached (train.py on the demo), baseline: the frozen vision tower run every step")]
+    for stage in (1, 2, 3, 4):
+        torch.manual_seed(stage)
+        model = tg.TinyGPTV(tg.TinyGPTVConfig.tiny()).to(dev)
+        if stage >= 2:
+            model.add_lora()
+        for name, p in model.named_parameters():
+            p.requires_grad_(tg.is_trainable(name))
+        model.train()
+        opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
+        B, size = DEMO_STAGES[stage].batch_size, model.image_size(stage)
+        before, after, answer = STAGE_LENGTHS[stage]
+        examples = [prompt_example(model.config.llm, before, after, answer, seed=i) for i in range(B)]
+        pixels = torch.randn(B, 3, size, size, device=dev)
+        with torch.no_grad():
+            queries = model.encode_queries(pixels)
+
+        def step(cached):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                logits, labels = model(examples, queries=queries) if cached else model(examples, pixel_values=pixels)
+                loss = tg.lm_loss(logits, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        speed = {}
+        for cached in (True, False):
+            step(cached)  # warm-up
+            speed[cached] = B / median_time(lambda: step(cached), dev, args.train_steps)
+        rows.append(Row(5, f"stage {stage}: batch {B}, {size} px, {before + after + answer} text tokens",
+                        speed[True], speed[False], "samples/s"))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+SECTIONS = {1: section_phi2, 2: section_int8, 3: section_inference, 4: section_training, 5: section_demo_training}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default="1,2,3,4,5", help="comma-separated, from 1-5 (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=2, help="torch threads on the CPU, the same for every run")
+    p.add_argument("--layers", type=int, help="Phi-2 layers in sections 1-2 (real width; default 4)")
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens before decoding (sections 1-2)")
+    p.add_argument("--new-tokens", type=int, help="tokens decoded in sections 1-2 (default 64)")
+    p.add_argument("--prefill", type=int, help="prompt tokens for the prefill measurement (default 256)")
+    p.add_argument("--repeats", type=int, help="timed repeats; the median is reported (default 3)")
+    p.add_argument("--preset", choices=("full", "tiny"), default="full", help="model size for sections 3-4")
+    p.add_argument("--full-new-tokens", type=int, default=32, help="tokens generated in section 3")
+    p.add_argument("--cpu-train", action="store_true", help="run section 4 at full size on the CPU, however slow")
+    p.add_argument("--stage4", action="store_true", help="also measure a stage-4 step on the CPU (slow)")
+    p.add_argument("--stage4-tokens", type=int, default=1024, help="answer tokens per row in the stage-4 step")
+    p.add_argument("--train-steps", type=int, help="timed steps per stage in section 5 (default 5)")
+    p.add_argument("--quick", action="store_true", help="2 layers, 16 new tokens, 64-token prefill, 1 repeat")
+    p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measurement in a fresh process
+    a = p.parse_args(argv)
+    quick = a.quick
+    a.layers = a.layers or (2 if quick else 4)
+    a.new_tokens = a.new_tokens or (16 if quick else 64)
+    a.prefill = a.prefill or (64 if quick else 256)
+    a.repeats = a.repeats or (1 if quick else 3)
+    a.train_steps = a.train_steps or (2 if quick else 5)
+    a.sections = sorted({int(s) for s in a.sections.split(",") if s.strip()})
+    if not set(a.sections) <= set(SECTIONS):
+        p.error(f"--sections takes numbers from 1 to 5, got {a.sections}")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: this torch sees no GPU")
+    a.device = torch.device(a.device)
+    return a
+
+
+def machine(device):
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}"
+
+
+def child_main(spec):
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    result = {"infer": child_inference, "train": child_train}[spec["job"]](spec, device)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        return child_main(json.loads(args.child))
+    torch.set_num_threads(args.threads)
+    header = f"bench.py on {machine(args.device)}; {args.threads} threads; sections {args.sections}"
+    print(header, flush=True)
+    bw = bandwidth(args.device, gib=0.25 if args.quick else 1.0)
+    rows = [Row(0, "memory bandwidth (sum of a float32 tensor)", bw / GB, None, "GB/s")]
+    for s in args.sections:
+        t0 = time.time()
+        try:
+            rows += SECTIONS[s](args, bw)
+        except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as e:  # report it, go on with the rest
+            rows.append(Row(s, f"section {s} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                            passed=False))
+        # timings are only as good as the machine is quiet: on a shared machine, check the load
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        rows.append(Row(s, f"section {s} took {time.time() - t0:.0f} s; load average at its end {load:.1f} "
+                           f"({os.cpu_count()} cores)"))
+        print(rows[-1].what, flush=True)
+    print_table(rows, header)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": header, "rows": [dict(vars(r), ratio=r.ratio) for r in rows]}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
