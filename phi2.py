@@ -25,8 +25,10 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
+
+from checkpoints import open_safetensors, write_atomically, write_json
 
 
 @dataclass
@@ -387,7 +389,7 @@ class Phi2(nn.Module):
         if unknown:
             raise ValueError(f"unknown Phi2Config fields in overrides: {', '.join(sorted(unknown))}")
         config = Phi2Config(**{**file_config, **overrides})
-        tensors = load_safetensors_dir(path)  # checkpoint key -> (open file, its path)
+        tensors = open_safetensors(path)  # checkpoint key -> (open file, its path)
         with torch.device("meta"):  # shapes only, no memory: the real tensors are assigned below
             model = cls(config)
         fresh = {"qk_layernorm": ("q_layernorm", "k_layernorm"), "post_layernorm": ("post_layernorm",)}
@@ -454,9 +456,9 @@ class Phi2(nn.Module):
             else:
                 tensors[key] = t.contiguous()
         os.makedirs(directory, exist_ok=True)
-        _write_atomically(os.path.join(directory, "model.safetensors"),
+        write_atomically(os.path.join(directory, "model.safetensors"),
                           lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        _write_atomically(os.path.join(directory, "config.json"), lambda tmp: _write_json(config, tmp))
+        write_atomically(os.path.join(directory, "config.json"), lambda tmp: write_json(config, tmp))
 
 
 def legacy_qkv_to_ours(t, num_heads):
@@ -489,57 +491,3 @@ def config_from_json(file):
         d["eos_token_id"] = d["eos_token_id"][0]
     names = {f.name for f in fields(Phi2Config)}
     return {k: v for k, v in d.items() if k in names and v is not None}
-
-
-def load_safetensors_dir(path):
-    """Open a checkpoint lazily: a directory holding model.safetensors, or shards listed in
-    model.safetensors.index.json, or a single .safetensors file. Returns {key: (open file, path)};
-    tensors are read only when asked for. Missing paths raise FileNotFoundError, a corrupt file or
-    index ValueError, each with a one-line message naming the file."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
-    if os.path.isdir(path):
-        single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(single):
-            files = [single]
-        elif os.path.isfile(index):
-            try:
-                with open(index) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
-            files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
-        else:
-            raise FileNotFoundError(f"{path}: holds neither model.safetensors nor model.safetensors.index.json")
-    else:
-        files = [path]
-    tensors = {}
-    for file in files:
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file}: checkpoint shard not found")
-        try:
-            handle = safe_open(file, framework="pt")
-            keys = list(handle.keys())
-        except (SafetensorError, OSError) as e:  # truncated or not safetensors at all
-            raise ValueError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-        for key in keys:
-            if key in tensors:
-                raise ValueError(f"{file}: tensor '{key}' is also in {tensors[key][1]}")
-            tensors[key] = (handle, file)
-    return tensors
-
-
-def _write_json(d, file):
-    with open(file, "w") as f:
-        json.dump(d, f, indent=2)
-
-
-def _write_atomically(final, write):
-    """write(tmp) into a temporary file beside `final`, then rename it over `final` in one step."""
-    tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

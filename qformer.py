@@ -40,8 +40,10 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
+
+from checkpoints import open_safetensors, write_atomically, write_json
 
 
 @dataclass
@@ -280,10 +282,10 @@ class QFormer(nn.Module):
         model.safetensors with our names, each atomically. QFormer.from_pretrained reads it back."""
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
         os.makedirs(directory, exist_ok=True)
-        _write_atomically(os.path.join(directory, "model.safetensors"),
+        write_atomically(os.path.join(directory, "model.safetensors"),
                           lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        _write_atomically(os.path.join(directory, "config.json"),
-                          lambda tmp: _write_json(asdict(self.config), tmp))
+        write_atomically(os.path.join(directory, "config.json"),
+                          lambda tmp: write_json(asdict(self.config), tmp))
 
 
 # Where each layout keeps the Q-Former's norm and layers, and the q/k/v projections' extra level
@@ -338,56 +340,3 @@ def config_from_json(file):
         raise ValueError(f"{file}: not a Q-Former config: neither BLIP-2's (no qformer_config) nor a "
                          f"QFormerConfig (unknown fields: {', '.join(sorted(unknown))})")
     return d
-
-
-def open_safetensors(path):
-    """Open a checkpoint lazily: a directory holding model.safetensors, or shards listed in
-    model.safetensors.index.json (real BLIP-2 downloads are sharded), or a single .safetensors file.
-    Returns {key: (open file, path)}. Missing paths raise FileNotFoundError, a corrupt file or index
-    ValueError, each with a one-line message naming the file. (phi2.py has the same helper; the
-    components import nothing of each other.)"""
-    if os.path.isdir(path):
-        single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(single):
-            files = [single]
-        elif os.path.isfile(index):
-            try:
-                with open(index) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
-            files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
-        else:
-            raise FileNotFoundError(f"{path}: holds neither model.safetensors nor model.safetensors.index.json")
-    else:
-        files = [path]
-    tensors = {}
-    for file in files:
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file}: checkpoint file not found")
-        try:
-            handle = safe_open(file, framework="pt")
-            keys = list(handle.keys())
-        except (SafetensorError, OSError) as e:  # truncated, or not safetensors at all
-            raise ValueError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-        for key in keys:
-            if key in tensors:
-                raise ValueError(f"{file}: tensor '{key}' is also in {tensors[key][1]}")
-            tensors[key] = (handle, file)
-    return tensors
-
-
-def _write_json(d, file):
-    with open(file, "w") as f:
-        json.dump(d, f, indent=2)
-
-
-def _write_atomically(final, write):
-    """write(tmp) into a temporary file beside `final`, then rename it over `final` in one step."""
-    tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

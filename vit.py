@@ -30,8 +30,10 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
+
+from checkpoints import open_safetensors, write_atomically, write_json
 
 
 @dataclass
@@ -309,10 +311,10 @@ class VisionTransformer(nn.Module):
         atomically. The safetensors file alone also loads as a LAVIS checkpoint."""
         tensors = {lavis_key(name): t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
         os.makedirs(directory, exist_ok=True)
-        _write_atomically(os.path.join(directory, "model.safetensors"),
+        write_atomically(os.path.join(directory, "model.safetensors"),
                           lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        _write_atomically(os.path.join(directory, "config.json"),
-                          lambda tmp: _write_json(asdict(self.config), tmp))
+        write_atomically(os.path.join(directory, "config.json"),
+                          lambda tmp: write_json(asdict(self.config), tmp))
 
 
 # -----------------------------------------------------------------------------
@@ -398,41 +400,6 @@ def config_from_lavis_shapes(shapes, source="checkpoint"):
 # Files
 
 
-def open_safetensors(path):
-    """Open a checkpoint lazily: a directory holding model.safetensors, or shards listed in
-    model.safetensors.index.json, or a single .safetensors file. Returns {key: (open file, path)};
-    tensors are read only when asked for. Missing paths raise FileNotFoundError, a corrupt file or
-    index ValueError, each with a one-line message naming the file."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
-    files = [path]
-    if os.path.isdir(path):
-        single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(single):
-            files = [single]
-        elif os.path.isfile(index):
-            weight_map = _read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{index}: not a safetensors index (no weight_map)")
-            files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
-        else:
-            raise FileNotFoundError(f"{path}: holds neither model.safetensors nor model.safetensors.index.json")
-    tensors = {}
-    for file in files:
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file}: checkpoint shard not found")
-        try:
-            handle = safe_open(file, framework="pt")
-            keys = list(handle.keys())
-        except (SafetensorError, OSError) as e:  # truncated, or not safetensors at all
-            raise ValueError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-        for key in keys:
-            if key in tensors:
-                raise ValueError(f"{file}: tensor '{key}' is also in {tensors[key][1]}")
-            tensors[key] = (handle, file)
-    return tensors
-
-
 def _read_json(file):
     try:
         with open(file) as f:
@@ -442,19 +409,3 @@ def _read_json(file):
     if not isinstance(d, dict):
         raise ValueError(f"{file}: expected a JSON object")
     return d
-
-
-def _write_json(d, file):
-    with open(file, "w") as f:
-        json.dump(d, f, indent=2)
-
-
-def _write_atomically(final, write):
-    """write(tmp) into a temporary file beside `final`, then rename it over `final` in one step."""
-    tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
