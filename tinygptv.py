@@ -29,7 +29,6 @@ official code kept MiniGPT-4's name when it swapped LLaMA for Phi-2.
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -44,7 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from lora import LoRALinear, add_lora, load_lora_state_dict, merge_lora
+from lora import LoRALinear, add_lora, merge_lora
 from phi2 import Phi2, Phi2Config
 from qformer import QFormer, QFormerConfig
 from vit import VisionConfig, VisionTransformer
