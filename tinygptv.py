@@ -43,6 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+from checkpoints import write_atomically
 from lora import LoRALinear, add_lora, merge_lora
 from phi2 import Phi2, Phi2Config
 from qformer import QFormer, QFormerConfig
@@ -342,9 +343,7 @@ def save_checkpoint(model, path, stage, extra=None):
     meta = {"config": json.dumps(model.config.to_dict()), "stage": str(stage), **(extra or {})}
     tensors = {k: v.contiguous().cpu() for k, v in trainable_state_dict(model).items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)  # a reader never sees a half-written checkpoint
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta))  # never half-written
 
 
 def read_checkpoint(path):
@@ -484,9 +483,8 @@ def convert(src, dst, num_heads=32):
         raise ValueError(f"{src}: no TinyGPT-V, EVA or BLIP-2 weights found")
     if unknown:  # reported, never dropped silently
         print(f"convert: {len(unknown)} keys not used: {', '.join(unknown[:8])}" + (" ..." if len(unknown) > 8 else ""))
-    tmp = dst + ".tmp"
-    save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata={"converted_from": os.path.basename(src)})
-    os.replace(tmp, dst)
+    write_atomically(dst, lambda tmp: save_file({k: v.contiguous() for k, v in out.items()}, tmp,
+                                                metadata={"converted_from": os.path.basename(src)}))
     print(f"convert: wrote {len(out)} tensors to {dst}")
     return out, unknown
 

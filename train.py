@@ -41,6 +41,7 @@ import torch.nn as nn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import data
+from checkpoints import write_atomically
 import tinygptv as tg
 from phi2 import Phi2
 from qformer import QFormer
@@ -102,9 +103,7 @@ def log(*a):
 
 
 def atomic_torch_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # an interruption leaves the previous file whole
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))  # an interruption leaves the previous file whole
 
 
 class TrainingError(ValueError):
@@ -143,9 +142,7 @@ def train_tokenizer(texts, path):
     trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=[tg.BOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    tmp = path + ".tmp"
-    tok.save(tmp)
-    os.replace(tmp, path)
+    write_atomically(path, tok.save)
     return tok
 
 
