@@ -13,7 +13,8 @@ The chapter, top to bottom:
 - the texts: `caption` (stages 1-2), `description` + `DESCRIBE_INSTRUCTIONS` (stage 3);
 - the stage-4 tasks `[vqa] [caption] [refer] [identify] [grounding]`, boxes as `{<x1><y1><x2><y2>}`
   in integers 0-100 of the image size (MiniGPT-v2's format), `stage_samples`, `text_corpus`;
-- `cell_labels`: per-cell classes for pretraining the stand-in vision tower (stage 0);
+- `cell_labels`, `cell_attributes`, `patch_labels`: targets for pretraining the stand-in vision
+  tower (stage 0);
 - loaders for caption pairs, LLaVA conversations, VQA and referring expressions.
 
 Shapes in and out: `render(scene, size)` -> RGB PIL image (size, size); boxes are 4-tuples of
@@ -299,13 +300,13 @@ def _scene_samples(scene, stage, image, rng):
 def stage_samples(scenes, stage, image_size, seed):
     """The training (or evaluation) samples of one stage. Stage 4 gives, per scene, one question of
     each VQA type, a caption, a [refer] and an [identify] per object and a [grounding]. One image is
-    rendered per scene and shared by its samples."""
+    rendered per scene and shared by its samples; image_size None renders none (texts only)."""
     if stage not in (1, 2, 3, 4):
         raise ValueError(f"unknown stage {stage}: expected 1, 2, 3 or 4")
     out = []
     for scene in scenes:
         rng = random.Random(seed * 2**32 + scene.seed)  # a scene's texts don't depend on its neighbors
-        out += _scene_samples(scene, stage, render(scene, image_size), rng)
+        out += _scene_samples(scene, stage, render(scene, image_size) if image_size else None, rng)
     return out
 
 
@@ -320,12 +321,43 @@ def text_corpus(scenes, seed=0):
     return texts
 
 
+def object_class(obj):
+    """1 + the index of (color, shape, size): 1..40 (0 is "nothing")."""
+    c, s, z = list(COLORS).index(obj.color), SHAPES.index(obj.shape), SIZES.index(obj.size)
+    return 1 + (c * len(SHAPES) + s) * len(SIZES) + z
+
+
 def cell_labels(scene):
-    """Per cell: 0 if empty, else 1 + the index of (color, shape, size) - the stage-0 target."""
+    """Per cell: 0 if empty, else the object's class - the stage-0 target of the Q-Former."""
     labels = [0] * NUM_CELLS
     for o in scene.objects:
-        c, s, z = list(COLORS).index(o.color), SHAPES.index(o.shape), SIZES.index(o.size)
-        labels[o.cell] = 1 + (c * len(SHAPES) + s) * len(SIZES) + z
+        labels[o.cell] = object_class(o)
+    return labels
+
+
+def cell_attributes(scene):
+    """Per cell: (1 + color, 1 + shape, 1 + size) indexes, (0, 0, 0) if empty. The same target as
+    cell_labels, factored: three small classifications learn faster than one of 41 classes."""
+    out = [(0, 0, 0)] * NUM_CELLS
+    for o in scene.objects:
+        out[o.cell] = (1 + list(COLORS).index(o.color), 1 + SHAPES.index(o.shape), 1 + SIZES.index(o.size))
+    return out
+
+
+def patch_labels(scene, grid):
+    """Per patch of a grid x grid patch grid, row-major: the class of the object that covers it
+    (its box overlaps the patch by more than a fifth of the smaller of the two), else 0. The
+    dense stage-0 target of the ViT: every patch token is told what it shows."""
+    w = 100 / grid  # patch side in 0-100 coordinates
+    labels = [0] * (grid * grid)
+    for o in scene.objects:
+        x1, y1, x2, y2 = o.box
+        for r in range(grid):
+            for c in range(grid):
+                ix = max(0, min(x2, (c + 1) * w) - max(x1, c * w))
+                iy = max(0, min(y2, (r + 1) * w) - max(y1, r * w))
+                if ix * iy > 0.2 * min(w * w, (x2 - x1) * (y2 - y1)):
+                    labels[r * grid + c] = object_class(o)
     return labels
 
 

@@ -73,10 +73,15 @@ class TinyGPTVConfig:
     def tiny(cls, vocab_size=1024):
         """The same architecture at a size two CPU cores train in minutes (the demo's)."""
         return cls(
-            vision=VisionConfig.tiny(image_size=64, patch_size=8, hidden_size=96, num_hidden_layers=4,
+            # 48 px in 16 px patches: a 3x3 patch grid, one patch per cell of the demo's 3x3 world
+            # (stage 4's 96 px is 6x6). Cross-attention in both Q-Former layers, not every other
+            # one: with only two layers, one cross-attention left the stand-in tower binding
+            # colours to cells slowly (stage-0 measurements in train.py).
+            vision=VisionConfig.tiny(image_size=48, patch_size=16, hidden_size=96, num_hidden_layers=4,
                                      num_attention_heads=4, intermediate_size=384),
             qformer=QFormerConfig.tiny(hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                       intermediate_size=384, encoder_hidden_size=96, num_query_tokens=16),
+                                       intermediate_size=384, encoder_hidden_size=96, num_query_tokens=16,
+                                       cross_attention_frequency=1),
             llm=Phi2Config.tiny(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4,
                                 num_attention_heads=4, intermediate_size=512, max_position_embeddings=512,
                                 qk_layernorm=True, post_layernorm=True),

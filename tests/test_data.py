@@ -264,6 +264,37 @@ def test_cell_labels_encode_each_cell(splits):
         assert labels == expected
 
 
+def test_cell_attributes_factor_the_cell_labels(splits):
+    colors, shapes, sizes = list(COLOR_RGB), ["circle", "square", "triangle", "cross"], ["small", "large"]
+    for scene in splits["val"][:50]:
+        attrs = data.cell_attributes(scene)
+        assert sum(a != (0, 0, 0) for a in attrs) == len(scene.objects)
+        for o in scene.objects:
+            assert attrs[o.cell] == (1 + colors.index(o.color), 1 + shapes.index(o.shape), 1 + sizes.index(o.size))
+
+
+def test_patch_labels_name_the_object_under_each_patch(splits):
+    # On a 3x3 patch grid each patch is one cell, so the patch labels are the cell labels.
+    for scene in splits["val"][:50]:
+        assert data.patch_labels(scene, 3) == data.cell_labels(scene)
+    # On a 6x6 grid (stage 4's doubled image), a labelled patch shows its object's colour when
+    # drawn, every object labels at least one patch, and empty cells label none.
+    for scene in splits["val"][:20]:
+        labels, pix = data.patch_labels(scene, 6), np.asarray(data.render(scene, 96))
+        cells = data.cell_labels(scene)
+        for o in scene.objects:
+            assert cells[o.cell] in labels
+        for k, label in enumerate(labels):
+            patch = pix[16 * (k // 6):16 * (k // 6 + 1), 16 * (k % 6):16 * (k % 6 + 1)].reshape(-1, 3)
+            if label:
+                obj = next(o for o in scene.objects if cells[o.cell] == label)
+                assert (patch == COLOR_RGB[obj.color]).all(-1).sum() > 5
+            else:
+                cell = (k // 6 // 2) * 3 + (k % 6) // 2
+                if cells[cell] == 0:
+                    assert (patch == data.BACKGROUND).all()
+
+
 def test_text_corpus_holds_every_text_of_the_stages(splits):
     scenes = splits["val"][:10]
     corpus = set(data.text_corpus(scenes, seed=3))

@@ -158,3 +158,16 @@ def test_schedule_warms_up_then_follows_the_cosine():
     assert train.lr_at(10, sc) == pytest.approx(1e-4)
     assert train.lr_at(60, sc) == pytest.approx(9e-5)  # half way down the cosine
     assert train.lr_at(110, sc) == pytest.approx(8e-5)
+
+
+def test_sentence_f1_gives_partial_credit_for_descriptions():
+    ref = "There are two shapes on a light background. A small red circle is in the top left. A large blue cross is in the center."
+    assert train.sentence_f1(ref, ref) == 1.0
+    assert train.sentence_f1("", ref) == 0.0
+    # two of three sentences right, nothing extra: precision 1, recall 2/3
+    half = "There are two shapes on a light background. A small red circle is in the top left."
+    assert abs(train.sentence_f1(half, ref) - 0.8) < 1e-9
+    # order and case do not matter; a wrong sentence costs precision
+    assert train.sentence_f1(ref.upper(), ref) == 1.0
+    wrong = half + " A large green cross is in the center."
+    assert abs(train.sentence_f1(wrong, ref) - 2 / 3) < 1e-9
