@@ -321,9 +321,14 @@ def text_corpus(scenes, seed=0):
     return texts
 
 
+def attribute_indexes(obj):
+    """(color, shape, size) of an object as indexes into COLORS, SHAPES and SIZES."""
+    return list(COLORS).index(obj.color), SHAPES.index(obj.shape), SIZES.index(obj.size)
+
+
 def object_class(obj):
     """1 + the index of (color, shape, size): 1..40 (0 is "nothing")."""
-    c, s, z = list(COLORS).index(obj.color), SHAPES.index(obj.shape), SIZES.index(obj.size)
+    c, s, z = attribute_indexes(obj)
     return 1 + (c * len(SHAPES) + s) * len(SIZES) + z
 
 
@@ -340,7 +345,7 @@ def cell_attributes(scene):
     cell_labels, factored: three small classifications learn faster than one of 41 classes."""
     out = [(0, 0, 0)] * NUM_CELLS
     for o in scene.objects:
-        out[o.cell] = (1 + list(COLORS).index(o.color), 1 + SHAPES.index(o.shape), 1 + SIZES.index(o.size))
+        out[o.cell] = tuple(1 + i for i in attribute_indexes(o))
     return out
 
 

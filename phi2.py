@@ -457,7 +457,7 @@ class Phi2(nn.Module):
                 tensors[key] = t.contiguous()
         os.makedirs(directory, exist_ok=True)
         write_atomically(os.path.join(directory, "model.safetensors"),
-                          lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+                         lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         write_atomically(os.path.join(directory, "config.json"), lambda tmp: write_json(config, tmp))
 
 

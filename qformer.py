@@ -283,9 +283,9 @@ class QFormer(nn.Module):
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
         os.makedirs(directory, exist_ok=True)
         write_atomically(os.path.join(directory, "model.safetensors"),
-                          lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+                         lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         write_atomically(os.path.join(directory, "config.json"),
-                          lambda tmp: write_json(asdict(self.config), tmp))
+                         lambda tmp: write_json(asdict(self.config), tmp))
 
 
 # Where each layout keeps the Q-Former's norm and layers, and the q/k/v projections' extra level

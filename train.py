@@ -134,10 +134,11 @@ def lm_texts(scenes, seed):
     scene from the 16 image embeddings (and the stage templates' tokens exist and read as language)."""
     texts = list(data.text_corpus(scenes))
     for stage, n in ((1, 1000), (3, 1000), (4, len(scenes))):
-        for s, scene in ((s, sc) for sc in scenes[:n] for s in data.stage_samples([sc], stage, None, seed)):
-            ins = tg.instruction_for(s.task, s.query) if stage >= 3 else ""
-            prompt = tg.TEMPLATES[stage].format(ins).replace("<ImageHere>", data.description(scene))
-            texts.append(prompt + s.answer + tg.END_MARKERS[stage])
+        for scene in scenes[:n]:
+            for s in data.stage_samples([scene], stage, None, seed):  # texts only, no image drawn
+                ins = tg.instruction_for(s.task, s.query) if stage >= 3 else ""
+                prompt = tg.TEMPLATES[stage].format(ins).replace("<ImageHere>", data.description(scene))
+                texts.append(prompt + s.answer + tg.END_MARKERS[stage])
     return texts
 
 

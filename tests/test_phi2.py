@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PhiConfig, PhiForCausalLM
 
-from phi2 import KVCache, Phi2, Phi2Config, RMSNorm
+from phi2 import KVCache, Phi2, RMSNorm
 
 VOCAB = 256
 
