@@ -32,6 +32,7 @@ process's peak resident set (VmHWM), on a GPU torch.cuda.max_memory_allocated.
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -72,24 +73,34 @@ def median_time(fn, device, repeats):
     return statistics.median(times)
 
 
-def timed_generate(run, first_block, device):
-    """Call run() (one generation) and time it. Returns (seconds to the first token, tokens/s after
-    it, run's result). Every forward pass, prefill or decode step, begins in `first_block`; a
-    pre-hook notes when, so one call yields both numbers for any model, ours or transformers'.
-    Tokens/s comes from the median step, so a moment when another process takes the CPU does
-    not count."""
+def timed_generate(run, first_block, device, n):
+    """Call run() (one generation of n new tokens) and time it. Returns (seconds to the first token,
+    tokens/s after it, run's result). Every forward pass, prefill or decode step, begins in
+    `first_block`; a pre-hook notes when, so one call yields both numbers for any model, ours or
+    transformers'. Tokens/s comes from the median step, so a moment when another process takes the
+    CPU does not count. Decode steps replayed as a CUDA graph enter no Python module, so the hook
+    sees only the prefill and the graph's warm-up: then tokens/s is the mean over the steps after
+    the first token, warm-up and capture included, as a user pays them."""
     starts = []
-    hook = first_block.register_forward_pre_hook(lambda module, args: starts.append(now(device)))
+
+    def note(module, args):
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):  # no sync while recording
+            starts.append(now(device))
+
+    hook = first_block.register_forward_pre_hook(note)
     try:
         t0 = now(device)
         out = run()
         t1 = now(device)
     finally:
         hook.remove()
-    if len(starts) < 2:
+    if n < 2 or len(starts) < 2:
         raise ValueError("timed_generate needs at least 2 new tokens")
-    ends = starts[2:] + [t1]
-    step = statistics.median(e - s for s, e in zip(starts[1:], ends))  # one decode step, one new token
+    if len(starts) == n:  # one forward per token: prefill, then n - 1 decode steps
+        ends = starts[2:] + [t1]
+        step = statistics.median(e - s for s, e in zip(starts[1:], ends))  # one decode step, one new token
+    else:
+        step = (t1 - starts[1]) / (n - 1)
     return starts[1] - t0, 1 / step, out
 
 
@@ -187,8 +198,8 @@ def print_table(rows, header):
 # 1. Phi-2: ours against transformers
 
 
-def greedy_ours(model, ids, n):
-    return lambda: model.generate(ids, max_new_tokens=n, stop_sequences=[])[0]
+def greedy_ours(model, ids, n, **kw):
+    return lambda: model.generate(ids, max_new_tokens=n, stop_sequences=[], **kw)[0]
 
 
 def greedy_transformers(model, ids, n):
@@ -218,13 +229,15 @@ def section_phi2(args, bw):
     long_ids = torch.randint(0, 51200, (1, args.prefill), generator=torch.Generator().manual_seed(2)).to(dev)
 
     runs = {"ours": (ours, ours.layers[0], greedy_ours), "ref": (ref, ref.model.layers[0], greedy_transformers)}
+    if dev.type == "cuda":  # ours decodes through a CUDA graph by default there; also time it without
+        runs["ours, eager"] = (ours, ours.layers[0], functools.partial(greedy_ours, static_cache=False))
     decode, prefill, tokens = {k: [] for k in runs}, {k: [] for k in runs}, {}
     with torch.no_grad():
         for model, _, greedy in runs.values():  # warm-up: first calls allocate and pick kernels
             greedy(model, ids[:, :8], 4)()
         for _ in range(args.repeats):  # interleaved, so a slow moment of the machine hits both
             for k, (model, block, greedy) in runs.items():
-                _, tok_s, tokens[k] = timed_generate(greedy(model, ids, n), block, dev)
+                _, tok_s, tokens[k] = timed_generate(greedy(model, ids, n), block, dev, n)
                 decode[k].append(tok_s)
                 prefill[k].append(args.prefill / median_time(greedy(model, long_ids, 1), dev, 1))
     med = {k: statistics.median(v) for k, v in decode.items()}
@@ -237,6 +250,11 @@ def section_phi2(args, bw):
             "tok/s", ">= 1.2x", med["ours"] >= 1.2 * med["ref"]),
         Row(1, f"prefill {args.prefill} tokens (generate to the first token)", statistics.median(prefill["ours"]),
             statistics.median(prefill["ref"]), "tok/s"),
+    ] + ([
+        Row(1, "decode: ours with vs without the CUDA graph (GraphedDecodeStep)", med["ours"], med["ours, eager"],
+            "tok/s"),
+        Row(1, "decode: ours without the CUDA graph vs transformers", med["ours, eager"], med["ref"], "tok/s"),
+    ] if "ours, eager" in med else []) + [
         Row(1, f"decode vs bandwidth bound ({per_token / GB:.2f} GB read per token)", med["ours"],
             bw / per_token, "tok/s"),
         Row(1, "greedy tokens identical to the reference's", f"{same}/{n}", passed=None),
@@ -292,7 +310,7 @@ def section_int8(args, bw):
             logits[k] = m(short)[0].float()  # (12, vocab)
         for _ in range(args.repeats):
             for k, m in variants.items():
-                t_first, tok_s, _ = timed_generate(greedy_ours(m, ids, n), m.layers[0], dev)
+                t_first, tok_s, _ = timed_generate(greedy_ours(m, ids, n), m.layers[0], dev, n)
                 decode[k].append(tok_s)
                 first[k].append(t_first)
     tok_s = {k: statistics.median(v) for k, v in decode.items()}
@@ -406,7 +424,8 @@ def child_inference(spec, device):
                                           stop_sequences=[])
 
     with torch.no_grad():  # no warm-up run: at this size one-time costs are small next to a prefill
-        t_first, tok_s, _ = timed_generate(lambda: answer(spec["new_tokens"]), model.llama_model.layers[0], device)
+        t_first, tok_s, _ = timed_generate(lambda: answer(spec["new_tokens"]), model.llama_model.layers[0], device,
+                                            spec["new_tokens"])
     llm = model.llama_model
     # a decode step reads every weight of Phi-2 once, except the embedding table (one row of it)
     per_token = tg.weight_bytes(llm) - tg.weight_bytes(llm.embed_tokens)

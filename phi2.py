@@ -13,6 +13,7 @@ Notable parts, top to bottom:
   `post_layernorm` on the attention branch, each behind a config flag (off = plain Phi-2);
 - `KVCache` and `generate`: greedy or seeded sampling (temperature, top-k, top-p, repetition
   penalty), stop sequences, left-padded batches that decode exactly like single prompts;
+- `StaticKVCache` and `GraphedDecodeStep`: on a GPU each decode step is replayed as a CUDA graph;
 - `from_pretrained` / `save_pretrained`: strict loading of transformers-layout and legacy-fused
   checkpoints (every missing, unexpected or mis-shaped tensor is an error), tensor by tensor.
 """
@@ -155,6 +156,91 @@ class KVCache:
         return self.keys[layer][:, :, :n + T], self.values[layer][:, :, :n + T]  # views, no copy
 
 
+class StaticKVCache:
+    """A cache of fixed size, for decode steps replayed as a CUDA graph (`GraphedDecodeStep`).
+
+    A graph replays the same kernels on the same addresses and shapes, so nothing here may grow or
+    move: storage for the whole generation is allocated once, the new key and value go to the slot
+    held in the tensor `slot` (a replay writes wherever it points), and attention always reads all
+    `capacity` slots while the attention mask hides the ones not written yet. Zeros rather than
+    empty memory there: a hidden slot's value is still multiplied by probability 0, and 0 * NaN is NaN."""
+
+    def __init__(self, cache: KVCache, capacity):
+        n = cache.length  # the prompt, from the prefill's ordinary cache
+        self.keys, self.values = [], []
+        for k, v in zip(cache.keys, cache.values):
+            for src, store in ((k, self.keys), (v, self.values)):
+                buf = src.new_zeros(*src.shape[:2], capacity, src.shape[3])  # (B, nh, capacity, hd)
+                buf[:, :, :n] = src[:, :, :n]
+                store.append(buf)
+        self.slot = torch.tensor([n], device=self.keys[0].device)  # where the next token's key goes
+        self.capacity = capacity
+
+    @property
+    def length(self):
+        return self.capacity - 1  # what Phi2._hidden sees: one new token, every other slot is "past"
+
+    def update(self, layer, k, v):
+        """Write k, v (B, nh, 1, hd) at `slot`; return all slots (B, nh, capacity, hd)."""
+        if k.shape[2] != 1:
+            raise ValueError("a StaticKVCache takes one token per step; prefill with a KVCache")
+        self.keys[layer].index_copy_(2, self.slot, k)
+        self.values[layer].index_copy_(2, self.slot, v)
+        return self.keys[layer], self.values[layer]
+
+
+class GraphedDecodeStep:
+    """One decode step, token (B,) -> next-token logits (B, vocab), recorded as a CUDA graph.
+
+    Why: a batch-1 decode step of Phi-2 is a few hundred small kernels, and on a GPU launching them
+    one by one from Python takes longer than running them (bench.py section 1). A CUDA graph records
+    the launches once; each replay() issues them all in one call. Every input of the step lives in a
+    buffer that is overwritten in place before a replay: the token, its position, the attention mask
+    over all the cache's slots, and the cache's write slot. Without a GPU the same step runs eagerly,
+    which is how the CPU tests check the fixed-size cache and the mask bookkeeping."""
+
+    def __init__(self, model, cache: KVCache, attention_mask, capacity):
+        B, S = attention_mask.shape
+        self.model, self.cache = model, StaticKVCache(cache, capacity)
+        self.token = attention_mask.new_zeros(B, 1)  # (B, 1)
+        self.mask = attention_mask.new_zeros(B, capacity)  # (B, capacity): 1 = a real, written slot
+        self.mask[:, :S] = attention_mask
+        self.position = attention_mask.sum(-1, keepdim=True) - 1  # (B, 1): real tokens so far, minus 1
+        self.filled = S
+        self.graph = None
+        if attention_mask.is_cuda:
+            # Warm up on a side stream before capturing, as torch.cuda.graphs asks: first calls do
+            # one-time work (cuBLAS handles, workspaces) that must not be recorded. The warm-up writes
+            # slot S, which the first real step overwrites; the mask hides it meanwhile.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step()  # (B, vocab), rewritten by every replay
+
+    def _step(self):
+        h = self.model._hidden(self.token, attention_mask=self.mask, position_ids=self.position,
+                               kv_cache=self.cache)  # (B, 1, C)
+        return self.model.lm_head(h[:, -1])  # (B, vocab)
+
+    def __call__(self, token):
+        if self.filled == self.cache.capacity:
+            raise ValueError(f"the decode cache is full ({self.cache.capacity} slots)")
+        self.token.copy_(token[:, None])
+        self.cache.slot.fill_(self.filled)
+        self.mask[:, self.filled] = 1
+        self.position += 1
+        self.filled += 1
+        if self.graph is None:
+            return self._step()
+        self.graph.replay()
+        return self.logits.clone()  # the next replay overwrites the buffer
+
+
 class Phi2Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -284,7 +370,8 @@ class Phi2(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens=20,
-                 temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0, stop_sequences=None, seed=None):
+                 temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0, stop_sequences=None, seed=None,
+                 static_cache=None):
         """Continue each prompt; returns per row only the new token ids, stop sequence removed.
 
         Prompts in a batch are left-padded (attention_mask 0 on the left), so every row's next token
@@ -295,6 +382,9 @@ class Phi2(nn.Module):
         only, not padding) or generated, positive logits are divided by it, negative multiplied.
         seed: each row samples from its own torch.Generator seeded with it (one prompt gives the same
         tokens alone or in any batch); None uses torch's global generator.
+        static_cache: decode with a fixed-size cache, each step replayed as a CUDA graph on a GPU
+        (`GraphedDecodeStep`). None means yes on a GPU outside autocast (graphs and autocast's cast
+        cache do not mix), no elsewhere: on the CPU it gains nothing.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -315,6 +405,9 @@ class Phi2(nn.Module):
             cache = KVCache()
             last = self._hidden(input_ids, inputs_embeds, attention_mask, kv_cache=cache)[:, -1]  # (B, C)
             logits = self.lm_head(last)  # (B, vocab): the prompt's last position only
+            if static_cache is None:
+                static_cache = x.is_cuda and not torch.is_autocast_enabled("cuda")
+            graphed = None  # made at the first decode step, so a one-token answer skips it
             for step in range(max_new_tokens):
                 token = self._next_token(logits.float(), seen, temperature, top_k, top_p, repetition_penalty,
                                          generators)  # (B,)
@@ -330,6 +423,12 @@ class Phi2(nn.Module):
                             break
                 if all(done) or step == max_new_tokens - 1:
                     break
+                if static_cache:
+                    if graphed is None:
+                        graphed = GraphedDecodeStep(self, cache, attention_mask, T + max_new_tokens)
+                        del cache  # its contents now live in graphed's fixed-size cache
+                    logits = graphed(token)  # (B, vocab)
+                    continue
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)  # (B, S + 1)
                 last = self._hidden(token[:, None], attention_mask=attention_mask, kv_cache=cache)[:, -1]  # (B, C)
                 logits = self.lm_head(last)  # (B, vocab)

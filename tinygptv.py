@@ -523,9 +523,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         shape, dtype = x.shape, x.dtype
-        x2 = x.reshape(-1, shape[-1]).float()  # (N, in)
+        x2 = x.reshape(-1, shape[-1])  # (N, in)
         N = x2.shape[0]
         if _int_mm_ok(N, self.in_features, self.out_features, x.device):
+            x2 = x2.float()
             sx = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0  # (N, 1)
             xq = torch.round(x2 / sx).clamp(-127, 127).to(torch.int8)
             y = torch._int_mm(xq, self.weight_int8.t()).float() * sx * self.weight_scale  # (N, out)
@@ -533,7 +534,10 @@ class Int8Linear(nn.Module):
             # weight-only int8 kernel: bf16 activations, int8 weights, per-channel scales
             y = torch._weight_int8pack_mm(x2.bfloat16(), self.weight_int8, self.weight_scale.bfloat16()).float()
         else:
-            y = x2 @ (self.weight_int8.float() * self.weight_scale[:, None]).t()
+            # GPU decode: the weight is turned into the activations' dtype (exact: bf16 and fp16 hold
+            # every integer up to 256) and its per-row scale applied to the output instead, so a bf16
+            # step moves 1 + 2 + 2 bytes per weight rather than fp32's 1 + 4 + 4 + 4 + 4
+            y = (F.linear(x2, self.weight_int8.to(dtype)) * self.weight_scale.to(dtype)).float()  # (N, out)
         if self.bias is not None:
             y = y + self.bias
         return y.to(dtype).reshape(*shape[:-1], self.out_features)

@@ -1,4 +1,5 @@
-"""The CUDA paths: int8 with torch._int_mm on the GPU, bf16 and fp16 mixed-precision training steps.
+"""The CUDA paths: int8 with torch._int_mm on the GPU, decoding through a CUDA graph, bf16 and fp16
+mixed-precision training steps.
 
 These need a GPU and are skipped (not passed) on machines without one; CI has none. They ran on an
 H100 as `python -m pytest tests/test_cuda.py` (see the README's Results)."""
@@ -9,6 +10,8 @@ import torch.nn as nn
 
 import tinygptv as tg
 import train
+from lora import add_lora
+from phi2 import Phi2, Phi2Config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -25,7 +28,42 @@ def test_int8_linear_on_cuda_matches_fp32(n):
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel < 0.02, rel
     x16 = x.to(torch.bfloat16)  # bf16 activations in, bf16 out
-    assert q(x16).dtype == torch.bfloat16
+    got16 = q(x16)
+    assert got16.dtype == torch.bfloat16
+    rel16 = ((got16.float() - ref).norm() / ref.norm()).item()
+    assert rel16 < 0.03, rel16
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.9, top_k=20, top_p=0.9, seed=3)],
+                         ids=["greedy", "sampled"])
+def test_cuda_graph_decode_equals_eager(sampling):
+    # GraphedDecodeStep replays one recorded step; it must give the tokens of the eager loop, for a
+    # left-padded batch, in fp32 and bf16, with int8 weights and with LoRA
+    torch.manual_seed(0)
+    model = Phi2(Phi2Config.tiny(vocab_size=300)).cuda().eval()
+    ids = torch.randint(1, 300, (3, 12), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :9] = 0
+    bf16 = Phi2(model.config).cuda().eval()
+    bf16.load_state_dict(model.state_dict())
+    bf16.to(torch.bfloat16)
+    int8 = Phi2(model.config).cuda().eval()
+    int8.load_state_dict(model.state_dict())
+    for layer in int8.layers:
+        layer.self_attn.query_key_value = tg.Int8Linear(layer.self_attn.query_key_value)
+        layer.mlp.fc1 = tg.Int8Linear(layer.mlp.fc1)
+    lora = Phi2(model.config).cuda().eval()
+    lora.load_state_dict(model.state_dict())
+    add_lora(lora, targets=("query_key_value", "dense"), r=8, alpha=16.0, dropout=0.1)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)  # a trained adapter, not the fresh zero one
+    for name, m in (("fp32", model), ("bf16", bf16), ("int8", int8), ("lora", lora)):
+        run = lambda graph: m.generate(ids, attention_mask=mask, max_new_tokens=20, stop_sequences=[],
+                                       static_cache=graph, **sampling)
+        assert run(True) == run(False), name
 
 
 def test_quantized_tiny_model_generates_on_cuda():

@@ -241,6 +241,21 @@ def test_batched_left_padded_generate_equals_one_at_a_time(plain, sampling):
     assert all(len(row) == 12 for row in batched)
 
 
+@pytest.mark.parametrize("sampling", [dict(), SAMPLED], ids=["greedy", "sampled"])
+def test_static_cache_decodes_like_the_growing_cache(plain, sampling):
+    # The fixed-size cache that CUDA graphs need (StaticKVCache, GraphedDecodeStep), run eagerly on
+    # the CPU: unwritten slots hidden by the mask, positions and write slots advanced by hand.
+    ref, _, model = plain
+    ids = ids_for(3, 10, seed=4)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[1, :3], mask[2, :7] = 0, 0  # left padding of different lengths
+    grown = model.generate(ids, attention_mask=mask, max_new_tokens=16, stop_sequences=[], static_cache=False, **sampling)
+    fixed = model.generate(ids, attention_mask=mask, max_new_tokens=16, stop_sequences=[], static_cache=True, **sampling)
+    assert fixed == grown
+    if not sampling:  # and greedy decoding equals the reference's, row 0 being unpadded
+        assert fixed[:1] == ref_greedy(ref, ids[:1], 16)
+
+
 def test_sampling_is_seeded_and_filters_reduce_to_greedy(plain):
     _, _, model = plain
     ids = ids_for(2, 6)
