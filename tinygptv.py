@@ -508,8 +508,9 @@ class Int8Linear(nn.Module):
     about 1/254 of the row's (token's) largest magnitude per value; over a K-long dot product the
     errors are independent and grow like sqrt(K), not K. Outlier features (a few huge activations)
     inflate s_x for their whole token and are the classic failure (LLM.int8(), Dettmers 2022).
-    Where the int8 kernel cannot run (CPU decode of one token is faster weight-only, odd shapes),
-    the activations stay in float and the weight is used dequantized.
+    Where the int8 kernel cannot run or is slow (the CPU, one decoded token, odd shapes), the
+    activations stay in float and the weight is used dequantized: on the CPU by a weight-only
+    kernel (bf16 activations times int8 weights, scaled per row), on a GPU in the activation dtype.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -544,11 +545,11 @@ class Int8Linear(nn.Module):
 
 
 def _int_mm_ok(n, k, m, device):
-    """torch._int_mm's shape rules (CUDA: n > 16, k and m multiples of 8). On the CPU it is used for
-    prefill-sized inputs; one decoded token goes through the faster weight-only kernel."""
-    if device.type == "cuda":
-        return n > 16 and k % 8 == 0 and m % 8 == 0
-    return n >= 16 and k % 8 == 0 and m % 8 == 0
+    """Whether to run int8 x int8 -> int32: on a GPU, within torch._int_mm's shape rules (n > 16
+    rows, k and m multiples of 8). Never on the CPU: there torch._int_mm measured about 15x slower
+    than the weight-only kernel at Phi-2's shapes with 16 to 256 rows (torch 2.13, 2 cores; bench.py
+    section 2's time to first token shows the difference)."""
+    return device.type == "cuda" and n > 16 and k % 8 == 0 and m % 8 == 0
 
 
 def quantize_int8(model: TinyGPTV, vision=False):
