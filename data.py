@@ -13,8 +13,9 @@ The chapter, top to bottom:
 - the texts: `caption` (stages 1-2), `description` + `DESCRIBE_INSTRUCTIONS` (stage 3);
 - the stage-4 tasks `[vqa] [caption] [refer] [identify] [grounding]`, boxes as `{<x1><y1><x2><y2>}`
   in integers 0-100 of the image size (MiniGPT-v2's format), `stage_samples`, `text_corpus`;
-- `cell_labels`, `cell_attributes`, `patch_labels`: targets for pretraining the stand-in vision
-  tower (stage 0);
+- `patch_labels` and `scene_words`: what the stand-in vision tower learns to say in stage 0 (the
+  object under each patch; one word per Q-Former query), and `scene_words` is also what the stand-in
+  language model reads where the image goes;
 - loaders for caption pairs, LLaVA conversations, VQA and referring expressions.
 
 Shapes in and out: `render(scene, size)` -> RGB PIL image (size, size); boxes are 4-tuples of
@@ -333,20 +334,32 @@ def object_class(obj):
 
 
 def cell_labels(scene):
-    """Per cell: 0 if empty, else the object's class - the stage-0 target of the Q-Former."""
+    """Per cell: 0 if empty, else the object's class (1..40)."""
     labels = [0] * NUM_CELLS
     for o in scene.objects:
         labels[o.cell] = object_class(o)
     return labels
 
 
-def cell_attributes(scene):
-    """Per cell: (1 + color, 1 + shape, 1 + size) indexes, (0, 0, 0) if empty. The same target as
-    cell_labels, factored: three small classifications learn faster than one of 41 classes."""
-    out = [(0, 0, 0)] * NUM_CELLS
-    for o in scene.objects:
-        out[o.cell] = tuple(1 + i for i in attribute_indexes(o))
-    return out
+NUM_QUERIES = 32  # the Q-Former's queries (BLIP-2 and TinyGPT-V use 32)
+SLOT_WORDS = ("none",) + tuple(COLORS) + SHAPES + SIZES + NUMBERS[1:]  # what a query can say
+
+
+def scene_words(scene):
+    """The scene as 32 words, one per Q-Former query: each cell in reading order as its color,
+    shape and size (three times "none" if empty), then the number of objects, then "none" for the
+    4 spare queries. The demo's stand-in for what pretraining gives a real Q-Former and Phi-2 in
+    common (BLIP-2's queries are trained to carry the text that describes the image): its Q-Former
+    learns to say query j's word (stage 0), its language model learns every stage's prompt with
+    these words where the image goes, and stages 1-4 teach the projections to turn each query into
+    its word's embedding, then the model to use them."""
+    words = []
+    by_cell = {o.cell: o for o in scene.objects}
+    for cell in range(NUM_CELLS):
+        o = by_cell.get(cell)
+        words += [o.color, o.shape, o.size] if o else ["none"] * 3
+    words.append(NUMBERS[len(scene.objects)])
+    return words + ["none"] * (NUM_QUERIES - len(words))
 
 
 def patch_labels(scene, grid):

@@ -80,7 +80,7 @@ class TinyGPTVConfig:
             vision=VisionConfig.tiny(image_size=48, patch_size=16, hidden_size=96, num_hidden_layers=4,
                                      num_attention_heads=4, intermediate_size=384),
             qformer=QFormerConfig.tiny(hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                       intermediate_size=384, encoder_hidden_size=96, num_query_tokens=16,
+                                       intermediate_size=384, encoder_hidden_size=96, num_query_tokens=32,
                                        cross_attention_frequency=1),
             llm=Phi2Config.tiny(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4,
                                 num_attention_heads=4, intermediate_size=512, max_position_embeddings=512,

@@ -16,10 +16,11 @@ this file follows the paper.
 
 The demo: no pretrained EVA, BLIP-2 or Phi-2 can be downloaded here, so "stage 0" stands in for
 pretraining done elsewhere. It trains a byte-level BPE tokenizer on the demo's text, a tiny Phi-2
-as a plain language model on that text (including every stage's prompt with the scene described in
-words where the image goes), and a tiny ViT + Q-Former on the demo's images (each patch says which
-object covers it, each of the first 9 queries what is in its grid cell). Stages 1-4 then run
-exactly as the paper's, on frozen backbones.
+as a plain language model on every stage's prompts and answers with the scene written as 32 words
+where the image goes (`data.scene_words`: colour, shape and size per grid cell, then the count), and
+a tiny ViT + Q-Former on the demo's images (each patch says which object covers it, query j says the
+scene's word j). Stages 1-4 then run exactly as the paper's, on frozen backbones: they teach the
+projections to turn each query into its word's embedding, and the model to use them.
 
 Notable features: AdamW with decay only on >= 2-D tensors, linear warm-up then cosine per step,
 gradient accumulation and clipping, bf16 autocast on CUDA (fp16 + GradScaler where bf16 is
@@ -126,20 +127,25 @@ def _demo_scenes(n_train, n_eval, seed):
     return data.demo_splits(n_train=n_train, n_val=n_eval, n_test=n_eval, seed=seed)
 
 
+def slot_text(scene):
+    """The scene's 32 words (`data.scene_words`) as text: one token each, the leading space included."""
+    return " " + " ".join(data.scene_words(scene))
+
+
 def lm_texts(scenes, seed):
-    """The text the demo's language model learns: every caption, description, question and answer,
-    and every stage's prompt with the scene's description written where the image goes. A real
-    Phi-2 arrives able to read and reason; the tiny one learns here to answer the demo's questions
-    about a scene described in words, so that stages 1-4 have to teach it only to read the same
-    scene from the 16 image embeddings (and the stage templates' tokens exist and read as language)."""
-    texts = list(data.text_corpus(scenes))
+    """What the demo's language model learns: every stage's prompt with the scene's 32 words where
+    the image goes, as (prompt, answer) pairs, the loss on the answer only. A real Phi-2 arrives
+    able to read and reason; the tiny one learns here to answer the demo's questions about a scene
+    given as words, so that stages 1-4 have to teach only the bridge from the 32 queries to those
+    words' embeddings, and the model to use them."""
+    pairs = []
     for stage, n in ((1, 1000), (3, 1000), (4, len(scenes))):
         for scene in scenes[:n]:
             for s in data.stage_samples([scene], stage, None, seed):  # texts only, no image drawn
                 ins = tg.instruction_for(s.task, s.query) if stage >= 3 else ""
-                prompt = tg.TEMPLATES[stage].format(ins).replace("<ImageHere>", data.description(scene))
-                texts.append(prompt + s.answer + tg.END_MARKERS[stage])
-    return texts
+                prompt = tg.TEMPLATES[stage].format(ins).replace("<ImageHere>", slot_text(scene))
+                pairs.append((prompt, s.answer + tg.END_MARKERS[stage]))
+    return pairs
 
 
 def train_tokenizer(texts, path):
@@ -160,7 +166,7 @@ def pretrain_language_model(cfg, tok, texts, args):
     llm_cfg = replace(cfg.llm, vocab_size=tok.get_vocab_size(), qk_layernorm=False, post_layernorm=False)
     model = Phi2(llm_cfg)
     bos = tok.token_to_id(tg.BOS)
-    seqs = [[bos] + tg.encode(tok, t) + [bos] for t in texts]
+    seqs = [([bos] + tg.encode(tok, q), tg.encode(tok, a)) for q, a in texts]  # (prompt ids, answer ids)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     g = torch.Generator().manual_seed(args.seed)
     steps, bs, T = args.lm_steps, 16, 128
@@ -173,10 +179,12 @@ def pretrain_language_model(cfg, tok, texts, args):
         for r in range(bs):
             n = 0
             while True:
-                seq = seqs[torch.randint(len(seqs), (1,), generator=g).item()][:T]
+                prompt, answer = seqs[torch.randint(len(seqs), (1,), generator=g).item()]
+                seq = (prompt + answer)[:T]
                 if n + len(seq) > T:
                     break
-                ids[r, n:n + len(seq)] = labels[r, n:n + len(seq)] = torch.tensor(seq)
+                ids[r, n:n + len(seq)] = torch.tensor(seq)
+                labels[r, n + len(prompt):n + len(seq)] = torch.tensor(seq[len(prompt):])  # the answer only
                 n += len(seq)
         for group in opt.param_groups:
             group["lr"] = 3e-3 * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -201,8 +209,8 @@ def pretrain_vision(cfg, scenes, args):
     """The demo's EVA ViT + Q-Former, trained on two supervised targets at once:
     - every patch token of the ViT says which object covers it (`data.patch_labels`), a dense
       signal that trains the ViT's features quickly;
-    - the Q-Former's query outputs say the colour, shape and size in each of the 9 cells
-      (`data.cell_attributes`): what stages 1-4 will need the queries to carry.
+    - query j of the Q-Former says word j of the scene (`data.scene_words`: the colour, shape and
+      size in each of the 9 cells, then the count), which is what stages 1-4 read from the queries.
     Steps alternate the stages' 48 px and stage 4's 96 px, so the tower works at both (the real EVA
     was trained at 224 px and still works at 448 with interpolated positions; a tower trained at one
     size only did not: 0.70 -> 0.07 object accuracy when the size doubled)."""
@@ -217,22 +225,20 @@ def pretrain_vision(cfg, scenes, args):
             nn.init.normal_(m.weight, std=m.in_features ** -0.5)
     with torch.no_grad():
         vit.pos_embed[0, 1:] = sincos_positions(cfg.vision.grid_size, cfg.vision.hidden_size)
-    d = cfg.qformer.hidden_size
-    n_attr = (1 + len(data.COLORS), 1 + len(data.SHAPES), 1 + len(data.SIZES))  # 0 = empty cell
-    # Query k (k < 9) says what is in cell k, through one head shared by all queries: each query
-    # then carries its cell's content on its own, in one common code, which is how the language
-    # model reads them (attention with shared weights). A head reading all queries at once trained
-    # as fast but left the content spread across queries, and stage 4 learned to read it slowly.
-    cell_head = nn.Linear(d, sum(n_attr))  # both heads are thrown away afterwards
+    # One word head shared by all queries: each query then carries its own word in one common code,
+    # which is how the language model reads them (the projections are shared too). A head reading
+    # all queries at once trained as fast but left the content spread across queries, and stage 4
+    # learned to read it slowly.
+    word_head = nn.Linear(cfg.qformer.hidden_size, len(data.SLOT_WORDS))  # both heads are thrown away afterwards
     patch_head = nn.Linear(cfg.vision.hidden_size, data.NUM_CELL_CLASSES)
-    params = [p for m in (vit, qformer, cell_head, patch_head) for p in m.parameters()]
+    params = [p for m in (vit, qformer, word_head, patch_head) for p in m.parameters()]
     peak = 1e-3  # 2e-3 learned slower; with std 0.02 init even this sat at the label prior
     opt = torch.optim.AdamW(params, lr=peak, weight_decay=0.01)
     sizes = (cfg.vision.image_size, 2 * cfg.vision.image_size)
     p = cfg.vision.patch_size
     pixels = {s: torch.stack([tg.preprocess(data.render(sc, s), s) for sc in scenes]) for s in sizes}
     patch_y = {s: torch.tensor([data.patch_labels(sc, s // p) for sc in scenes]) for s in sizes}  # (N, patches)
-    cell_y = torch.tensor([data.cell_attributes(sc) for sc in scenes])  # (N, cells, 3)
+    word_y = torch.tensor([[data.SLOT_WORDS.index(w) for w in data.scene_words(sc)] for sc in scenes])  # (N, 32)
     g = torch.Generator().manual_seed(args.seed)
     steps, bs = args.vision_steps, 32
     t0 = time.time()
@@ -243,17 +249,19 @@ def pretrain_vision(cfg, scenes, args):
             group["lr"] = peak * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
         feats = vit(pixels[s][idx])  # (B, 1 + patches, D)
         patch_logits = patch_head(feats[:, 1:])  # (B, patches, classes)
-        cell_logits = cell_head(qformer(feats)[:, :data.NUM_CELLS]).split(n_attr, dim=-1)  # 3 x (B, cells, n)
-        y = cell_y[idx]  # (B, cells, 3)
+        word_logits = word_head(qformer(feats))  # (B, 32, words)
+        y = word_y[idx]  # (B, 32)
         loss = F.cross_entropy(patch_logits.flatten(0, 1), patch_y[s][idx].flatten())
-        loss = loss + sum(F.cross_entropy(lg.flatten(0, 1), y[..., k].flatten()) for k, lg in enumerate(cell_logits))
+        loss = loss + F.cross_entropy(word_logits.flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 100 == 0 or step == steps - 1:
-            right = torch.stack([lg.argmax(-1) == y[..., k] for k, lg in enumerate(cell_logits)], -1).all(-1)
+            cells = 3 * data.NUM_CELLS
+            right = (word_logits.argmax(-1) == y)[:, :cells].view(bs, data.NUM_CELLS, 3).all(-1)  # (B, cells)
+            occupied = y[:, :cells:3] > 0  # a cell's colour word is not "none"
             log(f"stage 0 | vision  step {step:4d}/{steps} | {s} px | loss {loss.item():.3f} | objects named "
-                f"right {right[y[..., 0] > 0].float().mean().item():.2f} | {time.time() - t0:.0f}s")
+                f"right {right[occupied].float().mean().item():.2f} | {time.time() - t0:.0f}s")
     return vit, qformer
 
 
@@ -267,7 +275,10 @@ def build_backbones(args):
     os.makedirs(root, exist_ok=True)
     scenes = demo_scenes(args)["train"]
     texts = lm_texts(scenes, args.seed)
-    tok = train_tokenizer(texts, os.path.join(root, "tokenizer.json"))
+    tok = train_tokenizer(data.text_corpus(scenes) + [q + a for q, a in texts], os.path.join(root, "tokenizer.json"))
+    split = [w for w in data.SLOT_WORDS if len(tg.encode(tok, " " + w)) != 1]
+    if split:  # query j must line up with word j of the text the language model learned
+        raise TrainingError(f"stage 0: the demo tokenizer splits the scene words {split}; each must be one token")
     cfg = tg.TinyGPTVConfig.tiny(vocab_size=tok.get_vocab_size())
     pretrain_language_model(cfg, tok, texts, args).save_pretrained(os.path.join(root, "phi2"))
     vit, qformer = pretrain_vision(cfg, scenes, args)
@@ -337,19 +348,21 @@ def batch_indices(step, n, batch_size, seed):
 
 
 @torch.no_grad()
-def encode_all(model, samples, stage, device, batch_size=64):
-    """Q-Former outputs of every sample's image, once: the whole vision tower is frozen."""
+def encode_all(model, samples, stage, device, batch_size=256):
+    """Q-Former outputs of every distinct image, once, since the whole vision tower is frozen:
+    (images, n_query, d), and each sample's row in it (N,). Stage 4 asks ~14 questions per scene:
+    one row per sample instead would hold 14 copies (0.85 GB at the demo's size)."""
     size = model.image_size(stage)
-    out, cache = [], {}
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        todo = [s.image for s in chunk if id(s.image) not in cache]
-        if todo:
-            px = torch.stack([tg.preprocess(im, size) for im in todo]).to(device)
-            for im, q in zip(todo, model.encode_queries(px)):
-                cache[id(im)] = q
-        out.extend(cache[id(s.image)] for s in chunk)
-    return torch.stack(out)  # (N, n_query, d)
+    row, images = {}, []
+    for s in samples:
+        if id(s.image) not in row:
+            row[id(s.image)] = len(images)
+            images.append(s.image)
+    out = []
+    for i in range(0, len(images), batch_size):
+        px = torch.stack([tg.preprocess(im, size) for im in images[i:i + batch_size]]).to(device)
+        out.append(model.encode_queries(px))  # (b, n_query, d)
+    return torch.cat(out), torch.tensor([row[id(s.image)] for s in samples], device=device)
 
 
 # -----------------------------------------------------------------------------
@@ -447,7 +460,7 @@ def train_stage(args, stage):
     if not samples:
         raise TrainingError(f"stage {stage}: no training samples")
     examples = [tg.make_example(tok, stage, instruction(stage, s), s.answer) for s in samples]
-    queries = encode_all(model, samples, stage, args.device) if args.cache_features else None
+    queries, image_row = encode_all(model, samples, stage, args.device) if args.cache_features else (None, None)
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"stage {stage} | {len(samples)} samples | training {n_trained:,} parameters in {len(trained)} tensors "
@@ -501,7 +514,7 @@ def train_stage(args, stage):
         for m in micro:
             with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
                 if queries is not None:
-                    logits, labels = net([examples[i] for i in m], queries=queries[m])
+                    logits, labels = net([examples[i] for i in m], queries=queries[image_row[m]])
                 else:
                     px = torch.stack([tg.preprocess(samples[i].image, model.image_size(stage)) for i in m]).to(args.device)
                     logits, labels = net([examples[i] for i in m], pixel_values=px)

@@ -264,13 +264,19 @@ def test_cell_labels_encode_each_cell(splits):
         assert labels == expected
 
 
-def test_cell_attributes_factor_the_cell_labels(splits):
-    colors, shapes, sizes = list(COLOR_RGB), ["circle", "square", "triangle", "cross"], ["small", "large"]
+def test_scene_words_give_each_query_one_word(splits):
+    # 32 words: cell k (reading order) is words 3k..3k+2 = colour, shape, size, or "none" x 3
+    # when empty; word 27 is the count; the 4 spare queries say "none"
+    counts = ["one", "two", "three", "four"]
     for scene in splits["val"][:50]:
-        attrs = data.cell_attributes(scene)
-        assert sum(a != (0, 0, 0) for a in attrs) == len(scene.objects)
-        for o in scene.objects:
-            assert attrs[o.cell] == (1 + colors.index(o.color), 1 + shapes.index(o.shape), 1 + sizes.index(o.size))
+        words = data.scene_words(scene)
+        assert len(words) == 32 == data.NUM_QUERIES and set(words) <= set(data.SLOT_WORDS)
+        by_cell = {o.cell: o for o in scene.objects}
+        for k in range(9):
+            o = by_cell.get(k)
+            assert words[3 * k:3 * k + 3] == ([o.color, o.shape, o.size] if o else ["none"] * 3)
+        assert words[27] == counts[len(scene.objects) - 1]
+        assert words[28:] == ["none"] * 4
 
 
 def test_patch_labels_name_the_object_under_each_patch(splits):

@@ -47,6 +47,19 @@ def test_stage0_writes_loadable_backbones(backbones):
     assert model.config.llm.qk_layernorm and model.config.llm.post_layernorm  # added for TinyGPT-V
 
 
+def test_stage0_language_model_reads_one_token_per_query(backbones):
+    # The text the stand-in language model learns has the scene's 32 words where the image goes, one
+    # token each, so that word j sits where query j's embedding will.
+    tok = tg.load_tokenizer(str(backbones))
+    scenes = train.demo_scenes(args_for(backbones.parent))["train"]
+    for scene in scenes:
+        assert len(tg.encode(tok, train.slot_text(scene))) == 32
+    for scene in scenes[:3]:
+        pairs = train.lm_texts([scene], seed=0)
+        assert all(f"<Img>{train.slot_text(scene)}</Img>" in prompt for prompt, _ in pairs)
+        assert all(answer.endswith(tuple(tg.END_MARKERS.values())) for _, answer in pairs)
+
+
 def test_each_stage_trains_its_exact_set_and_its_loss_falls(tmp_path, backbones):
     out = new_run(tmp_path, backbones)
     for stage in (1, 2, 3, 4):
