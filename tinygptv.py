@@ -76,7 +76,8 @@ class TinyGPTVConfig:
             # 48 px in 16 px patches: a 3x3 patch grid, one patch per cell of the demo's 3x3 world
             # (stage 4's 96 px is 6x6). Cross-attention in both Q-Former layers, not every other
             # one: with only two layers, one cross-attention left the stand-in tower binding
-            # colours to cells slowly (stage-0 measurements in train.py).
+            # colours to cells slowly (stage-0 measurements in train.py). 32 queries as in BLIP-2: the
+            # demo's tower says one word of `data.scene_words` per query.
             vision=VisionConfig.tiny(image_size=48, patch_size=16, hidden_size=96, num_hidden_layers=4,
                                      num_attention_heads=4, intermediate_size=384),
             qformer=QFormerConfig.tiny(hidden_size=96, num_hidden_layers=2, num_attention_heads=4,

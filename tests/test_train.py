@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import data
 import tinygptv as tg
 import train
 
@@ -60,6 +61,22 @@ def test_stage0_language_model_reads_one_token_per_query(backbones):
         assert all(answer.endswith(tuple(tg.END_MARKERS.values())) for _, answer in pairs)
 
 
+def test_language_model_alone_scores_its_answers_in_order(backbones):
+    # stage 0's check of the language model on the scene as words: a model that answers every
+    # question right scores 100, one that answers them shifted by one scores far less
+    from phi2 import Phi2
+    args = args_for(backbones.parent)
+    tok, llm = tg.load_tokenizer(str(backbones)), Phi2.from_pretrained(str(backbones / "phi2"))
+    scenes = train.demo_scenes(args)["test"]
+    want = [s.answer for s in data.stage_samples(scenes, 4, None, args.seed + 1) if s.task == "vqa"][:100]
+    for shift, expected in ((0, 100.0), (1, None)):
+        answers = [tg.encode(tok, a) for a in want[shift:] + want[:shift]]
+        llm.generate = lambda ids, **kw: answers[:ids.shape[0]]
+        score, n = train.language_model_alone(llm, tok, args)
+        assert n == len(want)
+        assert score == expected if expected is not None else score < 60.0
+
+
 def test_each_stage_trains_its_exact_set_and_its_loss_falls(tmp_path, backbones):
     out = new_run(tmp_path, backbones)
     for stage in (1, 2, 3, 4):
@@ -83,14 +100,22 @@ def test_each_stage_trains_its_exact_set_and_its_loss_falls(tmp_path, backbones)
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, backbones):
     a = new_run(tmp_path, backbones, "a")
     b = new_run(tmp_path, backbones, "b")
-    train.run(args_for(a, "--stage", "1"))
-    train.run(args_for(b, "--stage", "1", "--stop-after", "3"))
+    # dropout on (the demo's stages run without it), so the resumed run must also restore the RNG
+    train.run(args_for(a, "--stage", "1", "--dropout", "0.1"))
+    train.run(args_for(b, "--stage", "1", "--stop-after", "3", "--dropout", "0.1"))
     assert not (b / "stage1.safetensors").exists() and (b / "stage1.state.pt").exists()
-    train.run(args_for(b, "--stage", "1", "--resume"))
+    train.run(args_for(b, "--stage", "1", "--resume", "--dropout", "0.1"))
     wa, wb = load_file(str(a / "stage1.safetensors")), load_file(str(b / "stage1.safetensors"))
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def test_demo_stages_train_without_dropout_and_the_papers_keep_it(tmp_path, backbones):
+    out = new_run(tmp_path, backbones)
+    rates = lambda args: {m.p for m in train.build_model(args, 1)[0].modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates(args_for(out)) == {0.0}
+    assert rates(args_for(out, "--paper")) == {0.1}  # Phi-2's residual dropout (stage 1 has no LoRA)
 
 
 def test_missing_previous_stage_is_built_first(tmp_path, backbones, capsys):
