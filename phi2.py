@@ -424,14 +424,14 @@ class Phi2(nn.Module):
                 if all(done) or step == max_new_tokens - 1:
                     break
                 if static_cache:
-                    if graphed is None:
+                    if graphed is None:  # the prompt's keys and values move into a fixed-size cache
                         graphed = GraphedDecodeStep(self, cache, attention_mask, T + max_new_tokens)
-                        del cache  # its contents now live in graphed's fixed-size cache
+                        del cache
                     logits = graphed(token)  # (B, vocab)
-                    continue
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)  # (B, S + 1)
-                last = self._hidden(token[:, None], attention_mask=attention_mask, kv_cache=cache)[:, -1]  # (B, C)
-                logits = self.lm_head(last)  # (B, vocab)
+                else:
+                    attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)  # (B, S + 1)
+                    last = self._hidden(token[:, None], attention_mask=attention_mask, kv_cache=cache)[:, -1]  # (B, C)
+                    logits = self.lm_head(last)  # (B, vocab)
         finally:
             self.train(was_training)
         return out

@@ -537,8 +537,9 @@ class Int8Linear(nn.Module):
             y = torch._weight_int8pack_mm(x2.bfloat16(), self.weight_int8, self.weight_scale.bfloat16()).float()
         else:
             # GPU decode: the weight is turned into the activations' dtype (exact: bf16 and fp16 hold
-            # every integer up to 256) and its per-row scale applied to the output instead, so a bf16
-            # step moves 1 + 2 + 2 bytes per weight rather than fp32's 1 + 4 + 4 + 4 + 4
+            # every integer up to 256) and its per-row scale applied to the output, not the weight. In
+            # bf16 that moves 1 + 2 + 2 bytes per weight; dequantizing to fp32 and scaling the weight
+            # moved 1 + 4 + 4 + 4 + 4
             y = (F.linear(x2, self.weight_int8.to(dtype)) * self.weight_scale.to(dtype)).float()  # (N, out)
         if self.bias is not None:
             y = y + self.bias
