@@ -118,17 +118,6 @@ def test_demo_stages_train_without_dropout_and_the_papers_keep_it(tmp_path, back
     assert rates(args_for(out, "--paper")) == {0.1}  # Phi-2's residual dropout (stage 1 has no LoRA)
 
 
-def test_stage0_language_model_learns_without_dropout_and_keeps_phi2s_rate(backbones):
-    # the demo's stand-in LM trains with dropout off, but the config it saves keeps Phi-2's 0.1,
-    # so the paper's settings still find it there
-    args = args_for(backbones.parent, "--lm-steps", "1")
-    tok = tg.load_tokenizer(str(backbones))
-    cfg = tg.TinyGPTVConfig.tiny(vocab_size=tok.get_vocab_size())
-    llm = train.pretrain_language_model(cfg, tok, train.lm_texts(train.demo_scenes(args)["train"][:4], 0), args)
-    assert {m.p for m in llm.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}
-    assert llm.config.resid_pdrop == cfg.llm.resid_pdrop == 0.1
-
-
 def test_missing_previous_stage_is_built_first(tmp_path, backbones, capsys):
     out = new_run(tmp_path, backbones)
     train.run(args_for(out, "--stage", "2", "--steps", "2"))
