@@ -136,6 +136,12 @@ def slot_text(scene):
     return " " + " ".join(data.scene_words(scene))
 
 
+def word_prompt(stage, sample, scene):
+    """The stage's prompt for a sample with the scene's 32 words where the image goes: the text
+    the demo's language model learns, and reads again when it is checked alone."""
+    return tg.TEMPLATES[stage].format(instruction(stage, sample)).replace("<ImageHere>", slot_text(scene))
+
+
 def lm_texts(scenes, seed):
     """What the demo's language model learns: every stage's prompt with the scene's 32 words where
     the image goes, as (prompt, answer) pairs, the loss on the answer only. A real Phi-2 arrives
@@ -146,9 +152,7 @@ def lm_texts(scenes, seed):
     for stage, n in ((1, 1000), (3, 1000), (4, len(scenes))):
         for scene in scenes[:n]:
             for s in data.stage_samples([scene], stage, None, seed):  # texts only, no image drawn
-                ins = tg.instruction_for(s.task, s.query) if stage >= 3 else ""
-                prompt = tg.TEMPLATES[stage].format(ins).replace("<ImageHere>", slot_text(scene))
-                pairs.append((prompt, s.answer + tg.END_MARKERS[stage]))
+                pairs.append((word_prompt(stage, s, scene), s.answer + tg.END_MARKERS[stage]))
     return pairs
 
 
@@ -208,8 +212,7 @@ def language_model_alone(llm, tok, args, n=100):
     scenes = {sc.seed: sc for sc in demo_scenes(args)["test"]}
     samples = [s for s in data.stage_samples(list(scenes.values()), 4, None, args.seed + 1) if s.task == "vqa"][:n]
     bos = tok.token_to_id(tg.BOS)
-    prompts = [[bos] + tg.encode(tok, tg.TEMPLATES[4].format(instruction(4, s)).replace(
-        "<ImageHere>", slot_text(scenes[s.meta["scene"]]))) for s in samples]
+    prompts = [[bos] + tg.encode(tok, word_prompt(4, s, scenes[s.meta["scene"]])) for s in samples]
     T = max(map(len, prompts))
     ids = torch.tensor([[bos] * (T - len(p)) + p for p in prompts])  # left-padded
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
