@@ -322,23 +322,10 @@ def text_corpus(scenes, seed=0):
     return texts
 
 
-def attribute_indexes(obj):
-    """(color, shape, size) of an object as indexes into COLORS, SHAPES and SIZES."""
-    return list(COLORS).index(obj.color), SHAPES.index(obj.shape), SIZES.index(obj.size)
-
-
 def object_class(obj):
     """1 + the index of (color, shape, size): 1..40 (0 is "nothing")."""
-    c, s, z = attribute_indexes(obj)
+    c, s, z = list(COLORS).index(obj.color), SHAPES.index(obj.shape), SIZES.index(obj.size)
     return 1 + (c * len(SHAPES) + s) * len(SIZES) + z
-
-
-def cell_labels(scene):
-    """Per cell: 0 if empty, else the object's class (1..40)."""
-    labels = [0] * NUM_CELLS
-    for o in scene.objects:
-        labels[o.cell] = object_class(o)
-    return labels
 
 
 NUM_QUERIES = 32  # the Q-Former's queries (BLIP-2 and TinyGPT-V use 32)
