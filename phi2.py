@@ -19,7 +19,6 @@ Notable parts, top to bottom:
 """
 
 import json
-import math
 import os
 from dataclasses import dataclass, fields
 
@@ -83,8 +82,10 @@ class Phi2Config:
 
 def gelu_new(x):
     """GELU's tanh approximation, GPT-2's "gelu_new" and Phi-2's activation:
-    0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))). Close to F.gelu(approximate="tanh"), not bitwise."""
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))). PyTorch's fused kernel computes this same formula
+    (within 3e-7 of it written out in ops) and, forward and backward, took a third of the time of
+    the written-out version on this CPU (at the demo's stage-4 size, (32, 100, 512))."""
+    return F.gelu(x, approximate="tanh")
 
 
 class RMSNorm(nn.Module):

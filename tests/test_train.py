@@ -209,3 +209,36 @@ def test_sentence_f1_gives_partial_credit_for_descriptions():
     assert train.sentence_f1(ref.upper(), ref) == 1.0
     wrong = half + " A large green cross is in the center."
     assert abs(train.sentence_f1(wrong, ref) - 2 / 3) < 1e-9
+
+
+def test_length_split_takes_the_batch_step_with_less_padding(tmp_path, backbones):
+    # a stage-4 batch of mixed lengths: the two micro-batches are the batch, pad fewer tokens than
+    # any other cut of the sorted batch and than the batch itself, and give the batch's own gradient
+    args = args_for(new_run(tmp_path, backbones), "--dropout", "0")
+    model, tok = train.build_model(args, 1)  # stage 1's trainable set: no stage-3 checkpoint needed
+    samples = train.stage_data(args, 4)
+    examples = [tg.make_example(tok, 4, train.instruction(4, s), s.answer) for s in samples]
+    lengths = [len(e.before) + len(e.after) + len(e.answer) for e in examples]
+    idx = [i for i, s in enumerate(samples) if s.task in ("vqa", "identify")][:10]
+    idx += sorted(range(len(samples)), key=lambda i: -lengths[i])[:2]  # the two longest
+    parts = train.split_by_length(idx, lengths)
+    assert len(parts) == 2 and sorted(parts[0] + parts[1]) == sorted(idx)
+    padded = lambda groups: sum(len(g) * max(lengths[i] for i in g) for g in groups)
+    by_len = sorted(idx, key=lambda i: lengths[i])
+    assert padded(parts) == min(padded([by_len[:c], by_len[c:]]) for c in range(1, len(idx)))
+    assert padded(parts) < padded([idx])
+
+    pixels = torch.stack([tg.preprocess(samples[i].image, model.image_size(4)) for i in idx])
+    row = {i: r for r, i in enumerate(idx)}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(groups):
+        model.zero_grad()
+        for g in groups:
+            logits, labels = model([examples[i] for i in g], pixel_values=pixels[[row[i] for i in g]])
+            tg.lm_loss(logits, labels, reduction="sum").backward()
+        return [p.grad.clone() for p in params]
+
+    for whole, split in zip(grads([idx]), grads(parts)):
+        torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in grads(parts))
