@@ -329,33 +329,22 @@ def object_class(obj):
 
 
 NUM_QUERIES = 32  # the Q-Former's queries (BLIP-2 and TinyGPT-V use 32)
-
-
-def size_and_place(obj):
-    """One word for an object's size and its cell, e.g. "smalltopleft": the third word of its cell."""
-    return obj.size + POSITIONS[obj.cell].replace(" ", "")
-
-
-SLOT_WORDS = (("none",) + tuple(COLORS) + SHAPES + NUMBERS[1:]  # what a query can say
-              + tuple(size + place.replace(" ", "") for size in SIZES for place in POSITIONS))
+SLOT_WORDS = ("none",) + tuple(COLORS) + SHAPES + SIZES + NUMBERS[1:]  # what a query can say
 
 
 def scene_words(scene):
     """The scene as 32 words, one per Q-Former query: each cell in reading order as its color,
-    shape, and size fused with the cell's place ("large" + "top left" = "largetopleft"; three
-    times "none" if empty), then the number of objects, then "none" for the 4 spare queries.
-    The demo's stand-in for what pretraining gives a real Q-Former and Phi-2 in common (BLIP-2's
-    queries are trained to carry the text that describes the image): its Q-Former learns to say
-    query j's word (stage 0), its language model learns every stage's prompt with these words
-    where the image goes, and stages 1-4 teach the projections to turn each query into its word's
-    embedding, then the model to use them. The place is in a word because RoPE tells the language
-    model only how far apart two tokens are: a word found by its content ("the red circle") cannot
-    otherwise say which cell it sits in, which [refer] and "where is" questions ask."""
+    shape and size (three times "none" if empty), then the number of objects, then "none" for the
+    4 spare queries. The demo's stand-in for what pretraining gives a real Q-Former and Phi-2 in
+    common (BLIP-2's queries are trained to carry the text that describes the image): its Q-Former
+    learns to say query j's word (stage 0), its language model learns every stage's prompt with
+    these words where the image goes, and stages 1-4 teach the projections to turn each query into
+    its word's embedding, then the model to use them."""
     words = []
     by_cell = {o.cell: o for o in scene.objects}
     for cell in range(NUM_CELLS):
         o = by_cell.get(cell)
-        words += [o.color, o.shape, size_and_place(o)] if o else ["none"] * 3
+        words += [o.color, o.shape, o.size] if o else ["none"] * 3
     words.append(NUMBERS[len(scene.objects)])
     return words + ["none"] * (NUM_QUERIES - len(words))
 

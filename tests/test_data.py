@@ -271,8 +271,8 @@ def test_object_class_numbers_each_kind(splits):
 
 
 def test_scene_words_give_each_query_one_word(splits):
-    # 32 words: cell k (reading order) is words 3k..3k+2 = colour, shape, and size + place as one
-    # word, or "none" x 3 when empty; word 27 is the count; the 4 spare queries say "none"
+    # 32 words: cell k (reading order) is words 3k..3k+2 = colour, shape, size, or "none" x 3
+    # when empty; word 27 is the count; the 4 spare queries say "none"
     counts = ["one", "two", "three", "four"]
     for scene in splits["val"][:50]:
         words = data.scene_words(scene)
@@ -280,9 +280,7 @@ def test_scene_words_give_each_query_one_word(splits):
         by_cell = {o.cell: o for o in scene.objects}
         for k in range(9):
             o = by_cell.get(k)
-            place = ["topleft", "topmiddle", "topright", "middleleft", "center", "middleright",
-                     "bottomleft", "bottommiddle", "bottomright"][k]
-            assert words[3 * k:3 * k + 3] == ([o.color, o.shape, o.size + place] if o else ["none"] * 3)
+            assert words[3 * k:3 * k + 3] == ([o.color, o.shape, o.size] if o else ["none"] * 3)
         assert words[27] == counts[len(scene.objects) - 1]
         assert words[28:] == ["none"] * 4
 
