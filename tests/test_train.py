@@ -138,13 +138,17 @@ def test_missing_previous_stage_is_built_first(tmp_path, backbones, capsys):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, backbones, monkeypatch):
     out = new_run(tmp_path, backbones)
     args = args_for(out, "--stage", "1", "--steps", "8")
-    real, calls = tg.lm_loss, {"n": 0}
+    real_loss, real_lr, now = tg.lm_loss, train.lr_at, {"step": 0}
 
-    def poisoned(logits, labels, reduction="mean"):
-        calls["n"] += 1
-        loss = real(logits, labels, reduction)
-        return loss * float("nan") if calls["n"] > 5 else loss
+    def lr_at(step, sc):  # called once per step: tells the loss which step it is in
+        now["step"] = step
+        return real_lr(step, sc)
 
+    def poisoned(logits, labels, reduction="mean"):  # (a step may compute it per micro-batch)
+        loss = real_loss(logits, labels, reduction)
+        return loss * float("nan") if now["step"] >= 5 else loss
+
+    monkeypatch.setattr(train, "lr_at", lr_at)
     monkeypatch.setattr(tg, "lm_loss", poisoned)
     with pytest.raises(train.TrainingError, match="loss is nan at step 5"):
         train.run(args)
@@ -242,3 +246,22 @@ def test_length_split_takes_the_batch_step_with_less_padding(tmp_path, backbones
     for whole, split in zip(grads([idx]), grads(parts)):
         torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-6)
     assert any(g.abs().sum() > 0 for g in grads(parts))
+
+
+def test_evaluate_reloads_a_finished_stage_and_scores_it_as_training_did(tmp_path, backbones, capsys):
+    out = new_run(tmp_path, backbones)
+    args = args_for(out, "--stage", "1", "--steps", "3")
+    args.eval = True  # SMALL turns the tables off; this test wants stage 1's
+    train.run(args)
+    with open(out / "stage1.eval.json") as f:
+        after = json.load(f)["after"]
+    capsys.readouterr()
+    train.run(args_for(out, "--evaluate", "1"))  # from the checkpoint on disk, nothing trained
+    table = capsys.readouterr().out
+    for task, r in after.items():
+        row = next(line for line in table.splitlines() if line.strip().startswith(train.METRIC_NAMES[task]))
+        assert row.split()[-2:] == [f"{r['image']:.1f}", f"{r['blank']:.1f}"], (task, row)
+    assert not (out / "stage2.safetensors").exists()
+    r = subprocess.run([sys.executable, "train.py", "--out", str(out), "--evaluate", "2"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "python train.py --stage 2" in r.stderr, r.stderr
