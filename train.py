@@ -83,7 +83,8 @@ PAPER_STAGES = {
 # and a few hundred steps over 5,000 scenes leave little to regularize (stage 4 from the same
 # checkpoint: VQA 49% vs 47%, [refer] 15% vs 21%, [identify] 58% vs 56%, 30% faster).
 # Stage 4 gets the most steps: its scores still rise with more (from one stage-3 checkpoint, VQA
-# 52% after 540 steps, 56% after 700), and split_by_length made its steps 1.3x faster. Its LoRA
+# 48.3% after 540 steps, 54.7% after 700, on 300 held-out samples), and split_by_length made its
+# steps 1.3x faster. Its LoRA
 # takes a higher peak learning rate than 2e-3 (760 steps from one stage-3 checkpoint, 300 held-out
 # samples per task: VQA 48.0% at 2e-3, 54.0% at 3e-3, 54.7% at 4e-3, 55.7% at 6e-3; [refer] 21.7%,
 # 24.7%, 25.0%, 23.3%).
@@ -388,7 +389,7 @@ def split_by_length(idx, lengths):
     the padding is least. Every row is padded to its micro-batch's longest, and the loss is a sum
     over answer tokens, so the update is the batch's own, only cheaper: stage 4's few long
     [grounding] samples (~100 tokens) otherwise pad almost every batch of ~71-token samples
-    (1.4x the real tokens; 1.08x split)."""
+    (1.39x the real tokens; 1.06x split)."""
     if len(idx) < 2:
         return [idx]
     idx = sorted(idx, key=lambda i: lengths[i])
@@ -493,10 +494,10 @@ def evaluate_stage(args, stage):
     """`--evaluate N`: the held-out table of stage N's finished checkpoint, nothing trained. With
     `--eval-samples 300` each score's standard error is about 3 points instead of 5."""
     path = stage_path(args, stage)
-    if args.data or not os.path.isfile(path):
-        raise TrainingError(f"--evaluate {stage}: needs the demo's stage-{stage} checkpoint {path}" +
-                            (" (the held-out scenes are the demo's, not --data's)" if args.data else
-                             f"; train it first: python train.py --stage {stage}"))
+    if args.data:
+        raise TrainingError(f"--evaluate {stage}: the held-out scenes are the demo's; it does not take --data")
+    if not os.path.isfile(path):
+        raise TrainingError(f"--evaluate {stage}: no checkpoint {path}; train it first: python train.py --stage {stage}")
     model, tok = build_model(args, stage)
     tg.load_checkpoint(model, path)
     print_table(stage, {}, evaluate(model, tok, args))
