@@ -175,45 +175,13 @@ def train_tokenizer(texts, path):
     return tok
 
 
-def slot_places(llm, tok):
-    """(32, C): what the demo's language model adds to each slot word of the scene: the embedding
-    of its cell's place ("top left": the sum of " top" and " left"), zero for the count and the
-    spare slots. Where an object is then sits in the same vector as what it is, as it does in a
-    real Q-Former's output (each query knows where its content came from). With words alone, the
-    place was only a word's index among the 32, and stage 4 answered "where is" at about the
-    prior (20% of 300 questions in run16)."""
-    rows = []
-    for j in range(data.NUM_QUERIES):
-        ids = tg.encode(tok, " " + data.POSITIONS[j // 3]) if j < 3 * data.NUM_CELLS else []
-        rows.append(llm.embed_tokens.weight[ids].sum(0) if ids else llm.embed_tokens.weight.new_zeros(llm.config.hidden_size))
-    return torch.stack(rows)
-
-
-def slot_ids(tok, prompt):
-    """A word prompt as ids the way stages 1-4 cut it (`tg.make_example`: before the image, the
-    32 slot words, after), and where its slot words start."""
-    head, rest = prompt.split("<Img>", 1)
-    words, tail = rest.split("</Img>", 1)
-    before = [tok.token_to_id(tg.BOS)] + tg.encode(tok, head + "<Img>")
-    return before + tg.encode(tok, words) + tg.encode(tok, "</Img>" + tail), len(before)
-
-
-def embed_words(llm, tok, ids, starts):
-    """Token embeddings of ids (B, T) with each slot's place added (`slot_places`) at the 32
-    positions from each (row, start) in starts."""
-    places, add = slot_places(llm, tok), torch.zeros(*ids.shape, llm.config.hidden_size)
-    for r, s in starts:
-        add[r, s:s + data.NUM_QUERIES] = places
-    return llm.embed_tokens(ids) + add
-
-
 def pretrain_language_model(cfg, tok, texts, args):
     """The demo's Phi-2: a plain Phi-2 (no stabilizers, like microsoft/phi-2) trained on the text."""
     torch.manual_seed(args.seed)
     llm_cfg = replace(cfg.llm, vocab_size=tok.get_vocab_size(), qk_layernorm=False, post_layernorm=False)
     model = Phi2(llm_cfg)
     bos = tok.token_to_id(tg.BOS)
-    seqs = [(*slot_ids(tok, q), tg.encode(tok, a)) for q, a in texts]  # (prompt ids, slot start, answer ids)
+    seqs = [([bos] + tg.encode(tok, q), tg.encode(tok, a)) for q, a in texts]  # (prompt ids, answer ids)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     g = torch.Generator().manual_seed(args.seed)
     steps, bs, T = args.lm_steps, 16, 128
@@ -223,21 +191,19 @@ def pretrain_language_model(cfg, tok, texts, args):
         # cut (an answer always sees its question), and few positions are padding.
         ids = torch.full((bs, T), bos, dtype=torch.long)
         labels = torch.full((bs, T), -100, dtype=torch.long)
-        starts = []
         for r in range(bs):
             n = 0
             while True:
-                prompt, start, answer = seqs[torch.randint(len(seqs), (1,), generator=g).item()]
+                prompt, answer = seqs[torch.randint(len(seqs), (1,), generator=g).item()]
                 seq = (prompt + answer)[:T]
                 if n + len(seq) > T:
                     break
                 ids[r, n:n + len(seq)] = torch.tensor(seq)
                 labels[r, n + len(prompt):n + len(seq)] = torch.tensor(seq[len(prompt):])  # the answer only
-                starts.append((r, n + start))
                 n += len(seq)
         for group in opt.param_groups:
             group["lr"] = 3e-3 * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        loss = tg.lm_loss(model(inputs_embeds=embed_words(model, tok, ids, starts)), labels)
+        loss = tg.lm_loss(model(ids), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -246,21 +212,19 @@ def pretrain_language_model(cfg, tok, texts, args):
     return model
 
 
-@torch.no_grad()
 def language_model_alone(llm, tok, args, n=100):
     """Held-out stage-4 VQA answered by the stand-in language model on its own, each image replaced
-    by its scene's 32 words (with their places): how well the model that stages 1-4 start from can
-    read a scene it is handed perfectly, before any image is involved. Returns (% exact, questions asked)."""
+    by its scene's 32 words: how well the model that stages 1-4 start from can read a scene it is
+    handed perfectly, before any image is involved. Returns (% exact, questions asked)."""
     scenes = {sc.seed: sc for sc in demo_scenes(args)["test"]}
     samples = [s for s in data.stage_samples(list(scenes.values()), 4, None, args.seed + 1) if s.task == "vqa"][:n]
     bos = tok.token_to_id(tg.BOS)
-    prompts = [slot_ids(tok, word_prompt(4, s, scenes[s.meta["scene"]])) for s in samples]
-    T = max(len(p) for p, _ in prompts)
-    ids = torch.tensor([[bos] * (T - len(p)) + p for p, _ in prompts])  # left-padded
-    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p, _ in prompts])
-    x = embed_words(llm, tok, ids, [(r, T - len(p) + s) for r, (p, s) in enumerate(prompts)])
+    prompts = [[bos] + tg.encode(tok, word_prompt(4, s, scenes[s.meta["scene"]])) for s in samples]
+    T = max(map(len, prompts))
+    ids = torch.tensor([[bos] * (T - len(p)) + p for p in prompts])  # left-padded
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
     llm.eval()
-    answers = llm.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=8, stop_sequences=[[bos]])
+    answers = llm.generate(ids, attention_mask=mask, max_new_tokens=8, stop_sequences=[[bos]])
     right = sum(exact(tok.decode(a), s.answer) for a, s in zip(answers, samples))
     return 100.0 * right / len(samples), len(samples)
 

@@ -71,7 +71,7 @@ def test_language_model_alone_scores_its_answers_in_order(backbones):
     want = [s.answer for s in data.stage_samples(scenes, 4, None, args.seed + 1) if s.task == "vqa"][:100]
     for shift, expected in ((0, 100.0), (1, None)):
         answers = [tg.encode(tok, a) for a in want[shift:] + want[:shift]]
-        llm.generate = lambda inputs_embeds, **kw: answers[:inputs_embeds.shape[0]]
+        llm.generate = lambda ids, **kw: answers[:ids.shape[0]]
         score, n = train.language_model_alone(llm, tok, args)
         assert n == len(want)
         assert score == expected if expected is not None else score < 60.0
