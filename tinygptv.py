@@ -86,7 +86,10 @@ class TinyGPTVConfig:
             llm=Phi2Config.tiny(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4,
                                 num_attention_heads=4, intermediate_size=512, max_position_embeddings=512,
                                 qk_layernorm=True, post_layernorm=True),
-            proj_dim=256, lora_r=16, lora_alpha=16.0, lora_dropout=0.05,
+            # llama_proj 96 -> 256 -> 128: the pair is one linear map of rank <= 96 at any width, and
+            # 4096 made it cost as much as the whole language model per stage-4 step. LoRA keeps the
+            # paper's r 64, alpha 16, which the demo's learning rates were tuned with.
+            proj_dim=256,
         )
 
     def to_dict(self):
@@ -394,14 +397,17 @@ def config_from_checkpoint(path):
     return TinyGPTVConfig.from_dict(json.loads(meta["config"])), int(meta.get("stage", 4))
 
 
-def from_pretrained(phi2_path, vit_path, qformer_path=None, checkpoint=None, dtype=None, device="cpu"):
+def from_pretrained(phi2_path, vit_path, qformer_path=None, checkpoint=None, dtype=None, device="cpu",
+                    proj_dim=TinyGPTVConfig.proj_dim):
     """Assemble TinyGPT-V from what a user can download: a Phi-2 directory, a BLIP-2 directory
     (ViT, ln_vision, Q-Former, query tokens; pass it as `vit_path`, the Q-Former is read from the
-    same place unless `qformer_path` says otherwise) and optionally a stage checkpoint of ours."""
+    same place unless `qformer_path` says otherwise) and optionally a stage checkpoint of ours.
+    proj_dim is llama_proj's width for new projections (the paper's 4096; the demo's tiny
+    backbones take `TinyGPTVConfig.tiny().proj_dim`); a checkpoint's own config overrides it."""
     llm = Phi2.from_pretrained(phi2_path, dtype=dtype, device=device, qk_layernorm=True, post_layernorm=True)
     visual_encoder = VisionTransformer.from_pretrained(vit_path, dtype=dtype, device=device)
     qformer = QFormer.from_pretrained(qformer_path or vit_path, dtype=dtype, device=device)
-    config = TinyGPTVConfig(vision=visual_encoder.config, qformer=qformer.config, llm=llm.config)
+    config = TinyGPTVConfig(vision=visual_encoder.config, qformer=qformer.config, llm=llm.config, proj_dim=proj_dim)
     stage = 0
     if checkpoint is not None:
         ck_config, stage = config_from_checkpoint(checkpoint)

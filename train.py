@@ -339,7 +339,8 @@ def build_model(args, stage):
         tok = tg.load_tokenizer(args.phi2)
     else:
         root = os.path.join(args.out, "backbones")
-        model, _ = tg.from_pretrained(os.path.join(root, "phi2"), os.path.join(root, "vit"), os.path.join(root, "qformer"))
+        model, _ = tg.from_pretrained(os.path.join(root, "phi2"), os.path.join(root, "vit"), os.path.join(root, "qformer"),
+                                      proj_dim=tg.TinyGPTVConfig.tiny().proj_dim)
         tok = tg.load_tokenizer(root)
     if args.stages[stage].lora:
         model.add_lora()
