@@ -88,6 +88,8 @@ def test_each_stage_trains_its_exact_set_and_its_loss_falls(tmp_path, backbones)
         proj = {"llama_proj.weight", "llama_proj.bias", "llama_proj2.weight", "llama_proj2.bias"}
         L = model.config.llm.num_hidden_layers
         assert got == proj | norms | lora
+        # the demo's projections have the tiny config's width, not the paper's 4096
+        assert model.llama_proj.out_features == model.config.proj_dim == tg.TinyGPTVConfig.tiny().proj_dim
         assert len(norms) == 4 * L + 1  # q, k, post, input layernorm per layer + final
         assert len(lora) == (0 if stage == 1 else 4 * L)  # the paper: no LoRA in stage 1
         assert all(".self_attn.query_key_value." in n or ".self_attn.dense." in n for n in lora)
