@@ -490,8 +490,7 @@ def child_train(spec, device):
     examples = [prompt_example(config.llm, n_answer=spec["answer_tokens"], seed=i) for i in range(B)]
     t0 = now(device)
     with torch.autocast(device.type, dtype=torch.bfloat16):  # as train.py on a GPU: bf16 matmuls
-        logits, labels = model(examples, pixel_values=pixels)
-        loss = tg.lm_loss(logits, labels)
+        loss = tg.lm_loss(*model(examples, pixel_values=pixels))
     loss.backward()
     opt.step()
     step_s = now(device) - t0
@@ -567,8 +566,8 @@ def section_demo_training(args, bw):
 
         def step(cached):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                logits, labels = model(examples, queries=queries) if cached else model(examples, pixel_values=pixels)
-                loss = tg.lm_loss(logits, labels)
+                out = model(examples, queries=queries) if cached else model(examples, pixel_values=pixels)
+                loss = tg.lm_loss(*out)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -179,7 +179,7 @@ class StaticKVCache:
 
     @property
     def length(self):
-        return self.capacity - 1  # what Phi2._hidden sees: one new token, every other slot is "past"
+        return self.capacity - 1  # what Phi2.hidden_states sees: one new token, every other slot is "past"
 
     def update(self, layer, k, v):
         """Write k, v (B, nh, 1, hd) at `slot`; return all slots (B, nh, capacity, hd)."""
@@ -224,7 +224,7 @@ class GraphedDecodeStep:
                 self.logits = self._step()  # (B, vocab), rewritten by every replay
 
     def _step(self):
-        h = self.model._hidden(self.token, attention_mask=self.mask, position_ids=self.position,
+        h = self.model.hidden_states(self.token, attention_mask=self.mask, position_ids=self.position,
                                kv_cache=self.cache)  # (B, 1, C)
         return self.model.lm_head(h[:, -1])  # (B, vocab)
 
@@ -342,12 +342,13 @@ class Phi2(nn.Module):
         too. Positions default to the count of real tokens before each one, so left-padded rows
         start at position 0 like unpadded ones. kv_cache, if given, gets this call's keys/values.
         """
-        return self.lm_head(self._hidden(input_ids, inputs_embeds, attention_mask, position_ids, kv_cache))
+        return self.lm_head(self.hidden_states(input_ids, inputs_embeds, attention_mask, position_ids, kv_cache))
 
-    def _hidden(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, kv_cache=None):
-        """forward without lm_head: the final hidden states (B, T, C). generate applies lm_head to the
-        last position only: for a 256-token prompt the other 255 rows of logits are 67 GFLOP of work
-        (255 x 2560 x 51200 x 2) that nothing uses."""
+    def hidden_states(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, kv_cache=None):
+        """forward without lm_head: the final hidden states (B, T, C), for callers that need logits
+        at a few positions only. generate applies lm_head to the last position: for a 256-token
+        prompt the other 255 rows of logits are 67 GFLOP of work (255 x 2560 x 51200 x 2) that
+        nothing uses. Training needs them at the answer positions only (tinygptv.answer_logits)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
@@ -404,7 +405,7 @@ class Phi2(nn.Module):
         self.eval()  # dropout would make batched and single runs differ
         try:
             cache = KVCache()
-            last = self._hidden(input_ids, inputs_embeds, attention_mask, kv_cache=cache)[:, -1]  # (B, C)
+            last = self.hidden_states(input_ids, inputs_embeds, attention_mask, kv_cache=cache)[:, -1]  # (B, C)
             logits = self.lm_head(last)  # (B, vocab): the prompt's last position only
             if static_cache is None:
                 static_cache = x.is_cuda and not torch.is_autocast_enabled("cuda")
@@ -431,7 +432,7 @@ class Phi2(nn.Module):
                     logits = graphed(token)  # (B, vocab)
                 else:
                     attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)  # (B, S + 1)
-                    last = self._hidden(token[:, None], attention_mask=attention_mask, kv_cache=cache)[:, -1]  # (B, C)
+                    last = self.hidden_states(token[:, None], attention_mask=attention_mask, kv_cache=cache)[:, -1]  # (B, C)
                     logits = self.lm_head(last)  # (B, vocab)
         finally:
             self.train(was_training)

@@ -294,13 +294,15 @@ class TinyGPTV(nn.Module):
         return inputs, mask, lab_out, image_start
 
     def forward(self, examples, pixel_values=None, queries=None):
-        """Training forward: returns (logits (B, T, V), labels (B, T)). Pass pixels, or the Q-Former
-        outputs cached by the caller (the vision tower is frozen in every stage, so its output for
-        an image never changes)."""
+        """Training forward: returns (logits (N, V), targets (N,)) for the N positions whose next
+        token is an answer token (answer_logits). Pass pixels, or the Q-Former outputs cached by
+        the caller (the vision tower is frozen in every stage, so its output for an image never
+        changes)."""
         if queries is None:
             queries = self.encode_queries(pixel_values)
         inputs, mask, labels, _ = self.assemble(self.project(queries), examples)
-        return self.llama_model(inputs_embeds=inputs, attention_mask=mask), labels
+        hidden = self.llama_model.hidden_states(inputs_embeds=inputs, attention_mask=mask)  # (B, T, C)
+        return answer_logits(self.llama_model.lm_head, hidden, labels)
 
     @torch.no_grad()
     def generate(self, tok, images, instructions, stage=4, max_new_tokens=20, **sampling):
@@ -323,10 +325,19 @@ class TinyGPTV(nn.Module):
         return [tok.decode(ids).split(end)[0].strip() for ids in out]
 
 
-def lm_loss(logits, labels, reduction="mean"):
-    """Next-token cross-entropy over the answer tokens: position t predicts token t + 1."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=-100, reduction=reduction)
+def answer_logits(lm_head, hidden, labels):
+    """Position t predicts token t + 1, and the loss counts answer tokens only (labels -100
+    elsewhere), so lm_head runs on the positions just before an answer token: (N, V) logits and
+    their (N,) targets. The other rows, the prompt and the image, are most of a sample and their
+    logits would only be ignored."""
+    targets = labels[:, 1:]  # (B, T-1)
+    keep = targets != -100
+    return lm_head(hidden[:, :-1][keep]), targets[keep]  # (N, V), (N,)
+
+
+def lm_loss(logits, targets, reduction="mean"):
+    """Cross-entropy of answer logits (N, V) against their tokens (N,), as answer_logits gives."""
+    return F.cross_entropy(logits.float(), targets, reduction=reduction)
 
 
 # -----------------------------------------------------------------------------

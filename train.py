@@ -205,7 +205,7 @@ def pretrain_language_model(cfg, tok, texts, args):
                 n += len(seq)
         for group in opt.param_groups:
             group["lr"] = 3e-3 * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        loss = tg.lm_loss(model(ids), labels)
+        loss = tg.lm_loss(*tg.answer_logits(model.lm_head, model.hidden_states(ids), labels))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -584,12 +584,12 @@ def train_stage(args, stage):
         for m in micro:
             with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
                 if queries is not None:
-                    logits, labels = net([examples[i] for i in m], queries=queries[image_row[m]])
+                    logits, targets = net([examples[i] for i in m], queries=queries[image_row[m]])
                 else:
                     px = torch.stack([tg.preprocess(samples[i].image, model.image_size(stage)) for i in m]).to(args.device)
-                    logits, labels = net([examples[i] for i in m], pixel_values=px)
+                    logits, targets = net([examples[i] for i in m], pixel_values=px)
                 # sum over tokens / global count: DDP averages over ranks, so scale by nproc
-                loss = tg.lm_loss(logits, labels, reduction="sum") / n_answer * nproc
+                loss = tg.lm_loss(logits, targets, reduction="sum") / n_answer * nproc
             scaler.scale(loss).backward()
             total += loss.item() / nproc
         if not math.isfinite(total):

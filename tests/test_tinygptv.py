@@ -78,9 +78,10 @@ def test_forward_backward_and_only_trainables_get_gradients(tok):
     ex = [tg.make_example(tok, 4, tg.instruction_for("vqa", "what color is the circle"), "red"),
           tg.make_example(tok, 3, "describe this image", "a red circle and a blue square")]
     px = torch.stack([tg.preprocess(im, 64) for im in images(2)])
-    logits, labels = model(ex, pixel_values=px)
-    assert logits.shape[:2] == labels.shape and logits.shape[-1] == tok.get_vocab_size()
-    loss = tg.lm_loss(logits, labels)
+    logits, targets = model(ex, pixel_values=px)
+    n_answer = sum(len(e.answer) for e in ex)  # one row per answer token, nothing else
+    assert logits.shape == (n_answer, tok.get_vocab_size()) and targets.tolist() == ex[0].answer + ex[1].answer
+    loss = tg.lm_loss(logits, targets)
     loss.backward()
     got = {n for n, p in model.named_parameters() if p.grad is not None}
     assert got == {n for n, p in model.named_parameters() if tg.is_trainable(n)}
@@ -116,13 +117,34 @@ def test_image_lands_at_the_slot_and_labels_cover_only_the_answer(tok):
     assert torch.equal(inputs2[1, start2[1]:start2[1] + n_img], img[0])
 
 
+def full_logits(model, ex, px):
+    inputs, mask, _, _ = model.assemble(model.project(model.encode_queries(px)), ex)
+    return model.llama_model(inputs_embeds=inputs, attention_mask=mask)  # (B, T, V)
+
+
+def test_answer_logits_give_the_loss_of_all_positions(tok):
+    """forward computes logits at the answer positions only; the loss must be the one over the
+    full (B, T, V) logits with every non-answer position ignored."""
+    model = tiny_model(tok)
+    ex = [tg.make_example(tok, 4, tg.instruction_for("vqa", "what color is the circle"), "red"),
+          tg.make_example(tok, 3, "describe this image", "a red circle and a blue square")]
+    px = torch.stack([tg.preprocess(im, 64) for im in images(2)])
+    with torch.no_grad():
+        labels = model.assemble(model.project(model.encode_queries(px)), ex)[2]  # (B, T), -100 off the answers
+        full = full_logits(model, ex, px)
+        expected = torch.nn.functional.cross_entropy(full[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        got = tg.lm_loss(*model(ex, pixel_values=px))
+    assert (labels != -100).sum() < labels.numel() / 2  # most positions are prompt and image
+    torch.testing.assert_close(got, expected)
+
+
 def test_changing_the_image_changes_logits_only_from_the_slot_on(tok):
     model = tiny_model(tok)
     ex = [tg.make_example(tok, 3, "describe this image", "a red circle")]
     px1, px2 = (torch.stack([tg.preprocess(im, 64)]) for im in (images(1, seed=1)[0], images(1, seed=2)[0]))
     with torch.no_grad():
-        l1, _ = model(ex, pixel_values=px1)
-        l2, _ = model(ex, pixel_values=px2)
+        l1 = full_logits(model, ex, px1)
+        l2 = full_logits(model, ex, px2)
     nb = len(ex[0].before)
     torch.testing.assert_close(l1[:, :nb], l2[:, :nb])  # causal: the text before the image cannot see it
     assert (l1[:, nb:] - l2[:, nb:]).abs().amax(-1).min() > 1e-4  # every later position does
