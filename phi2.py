@@ -225,7 +225,7 @@ class GraphedDecodeStep:
 
     def _step(self):
         h = self.model.hidden_states(self.token, attention_mask=self.mask, position_ids=self.position,
-                               kv_cache=self.cache)  # (B, 1, C)
+                                     kv_cache=self.cache)  # (B, 1, C)
         return self.model.lm_head(h[:, -1])  # (B, vocab)
 
     def __call__(self, token):

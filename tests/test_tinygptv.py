@@ -118,8 +118,10 @@ def test_image_lands_at_the_slot_and_labels_cover_only_the_answer(tok):
 
 
 def full_logits(model, ex, px):
-    inputs, mask, _, _ = model.assemble(model.project(model.encode_queries(px)), ex)
-    return model.llama_model(inputs_embeds=inputs, attention_mask=mask)  # (B, T, V)
+    """Logits at every position (B, T, V), as forward computed them before answer_logits, and the
+    labels (B, T), -100 off the answers."""
+    inputs, mask, labels, _ = model.assemble(model.project(model.encode_queries(px)), ex)
+    return model.llama_model(inputs_embeds=inputs, attention_mask=mask), labels
 
 
 def test_answer_logits_give_the_loss_of_all_positions(tok):
@@ -130,8 +132,7 @@ def test_answer_logits_give_the_loss_of_all_positions(tok):
           tg.make_example(tok, 3, "describe this image", "a red circle and a blue square")]
     px = torch.stack([tg.preprocess(im, 64) for im in images(2)])
     with torch.no_grad():
-        labels = model.assemble(model.project(model.encode_queries(px)), ex)[2]  # (B, T), -100 off the answers
-        full = full_logits(model, ex, px)
+        full, labels = full_logits(model, ex, px)
         expected = torch.nn.functional.cross_entropy(full[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         got = tg.lm_loss(*model(ex, pixel_values=px))
     assert (labels != -100).sum() < labels.numel() / 2  # most positions are prompt and image
@@ -143,8 +144,8 @@ def test_changing_the_image_changes_logits_only_from_the_slot_on(tok):
     ex = [tg.make_example(tok, 3, "describe this image", "a red circle")]
     px1, px2 = (torch.stack([tg.preprocess(im, 64)]) for im in (images(1, seed=1)[0], images(1, seed=2)[0]))
     with torch.no_grad():
-        l1 = full_logits(model, ex, px1)
-        l2 = full_logits(model, ex, px2)
+        l1, _ = full_logits(model, ex, px1)
+        l2, _ = full_logits(model, ex, px2)
     nb = len(ex[0].before)
     torch.testing.assert_close(l1[:, :nb], l2[:, :nb])  # causal: the text before the image cannot see it
     assert (l1[:, nb:] - l2[:, nb:]).abs().amax(-1).min() > 1e-4  # every later position does
