@@ -520,7 +520,7 @@ def section_training(args, bw):
     jobs = [dict(stage=2, batch=1, answer_tokens=32, checkpointing=False)]
     if args.device.type == "cuda" or args.stage4:
         # the official stage 4: 448 px, up to 1024 text tokens, 1-3 samples a batch; where users ran out
-        # of 24 GB (TINYGPTV.md section 10). Long sequences are what activation checkpointing is for.
+        # of 24 GB (docs/PAPER.md section 10). Long sequences are what activation checkpointing is for.
         jobs += [dict(stage=4, batch=3, answer_tokens=args.stage4_tokens, checkpointing=c) for c in (False, True)]
     rows = [Row(4, f"{args.preset} preset, random weights, {args.device.type}: frozen weights bf16, trained "
                    f"weights and AdamW state fp32, bf16 autocast; one step from pixels")]

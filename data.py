@@ -1,7 +1,7 @@
 """The data of the four stages: a built-in "shapes world" for the demo, and loaders for real files.
 
 TinyGPT-V trains on LAION/CC/SBU captions (stages 1-2), MiniGPT-4's cc_sbu_align descriptions
-(stage 3) and a multi-task mix of LLaVA, RefCOCO, VQAv2, GQA... (stage 4; TINYGPTV.md section 7).
+(stage 3) and a multi-task mix of LLaVA, RefCOCO, VQAv2, GQA... (stage 4; docs/PAPER.md section 7).
 None of that can be downloaded here, so this file brings a procedural world small enough for a
 tiny model to learn on two CPU cores, and writes every stage's texts from it. Real files of the
 same kinds load behind the same `Sample` interface.
@@ -169,7 +169,7 @@ DESCRIBE_INSTRUCTIONS = [
 
 
 def clean_caption(text):
-    """Lower-case, strip punctuation, keep at most 50 words (TINYGPTV.md section 6)."""
+    """Lower-case, strip punctuation, keep at most 50 words (docs/PAPER.md section 6)."""
     words = re.sub(r"[^\w\s]|_", "", text.lower()).split()
     return " ".join(words[:50])
 

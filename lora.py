@@ -1,7 +1,7 @@
 """LoRA: low-rank adapters on frozen Linear layers (Hu et al. 2021, arXiv:2106.09685).
 
 TinyGPT-V keeps Phi-2's 2.7B weights frozen and trains, in stages 2-4, a low-rank update on the
-attention's fused `query_key_value` and its output `dense` in every layer (TINYGPTV.md section 5:
+attention's fused `query_key_value` and its output `dense` in every layer (docs/PAPER.md section 5:
 r=64, alpha=16, dropout 0.05; the official code used peft 0.2.0, this file replaces it).
 
     x (.., in) ──────────── W (frozen, out x in) ─────────────┐

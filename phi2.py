@@ -1,7 +1,7 @@
 """Phi-2, hand-written, with TinyGPT-V's two training stabilizers.
 
 Phi-2 (Microsoft, 2.7B parameters, the `microsoft/phi-2` checkpoint) is TinyGPT-V's language model
-(Yuan et al., arXiv:2312.16862, section 3). Facts in ../shared/TINYGPTV.md section 4.
+(Yuan et al., arXiv:2312.16862, section 3). Facts in docs/PAPER.md section 4.
 Input: token ids (B, T) or embeddings (B, T, 2560) (image tokens arrive as embeddings).
 Output: next-token logits (B, T, 51200).
 
@@ -18,17 +18,15 @@ Notable parts, top to bottom:
   checkpoints (every missing, unexpected or mis-shaped tensor is an error), tensor by tensor.
 """
 
-import json
 import os
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from checkpoints import open_safetensors, write_atomically, write_json
+from checkpoints import StrictReader, check_overrides, open_safetensors, read_json, write_atomically, write_json
 
 
 @dataclass
@@ -155,91 +153,6 @@ class KVCache:
         self.values[layer][:, :, n:n + T] = v
         self.filled[layer] = n + T
         return self.keys[layer][:, :, :n + T], self.values[layer][:, :, :n + T]  # views, no copy
-
-
-class StaticKVCache:
-    """A cache of fixed size, for decode steps replayed as a CUDA graph (`GraphedDecodeStep`).
-
-    A graph replays the same kernels on the same addresses and shapes, so nothing here may grow or
-    move: storage for the whole generation is allocated once, the new key and value go to the slot
-    held in the tensor `slot` (a replay writes wherever it points), and attention always reads all
-    `capacity` slots while the attention mask hides the ones not written yet. Zeros rather than
-    empty memory there: a hidden slot's value is still multiplied by probability 0, and 0 * NaN is NaN."""
-
-    def __init__(self, cache: KVCache, capacity):
-        n = cache.length  # the prompt, from the prefill's ordinary cache
-        self.keys, self.values = [], []
-        for k, v in zip(cache.keys, cache.values):
-            for src, store in ((k, self.keys), (v, self.values)):
-                buf = src.new_zeros(*src.shape[:2], capacity, src.shape[3])  # (B, nh, capacity, hd)
-                buf[:, :, :n] = src[:, :, :n]
-                store.append(buf)
-        self.slot = torch.tensor([n], device=self.keys[0].device)  # where the next token's key goes
-        self.capacity = capacity
-
-    @property
-    def length(self):
-        return self.capacity - 1  # what Phi2.hidden_states sees: one new token, every other slot is "past"
-
-    def update(self, layer, k, v):
-        """Write k, v (B, nh, 1, hd) at `slot`; return all slots (B, nh, capacity, hd)."""
-        if k.shape[2] != 1:
-            raise ValueError("a StaticKVCache takes one token per step; prefill with a KVCache")
-        self.keys[layer].index_copy_(2, self.slot, k)
-        self.values[layer].index_copy_(2, self.slot, v)
-        return self.keys[layer], self.values[layer]
-
-
-class GraphedDecodeStep:
-    """One decode step, token (B,) -> next-token logits (B, vocab), recorded as a CUDA graph.
-
-    Why: a batch-1 decode step of Phi-2 is a few hundred small kernels, and on a GPU launching them
-    one by one from Python takes longer than running them (bench.py section 1). A CUDA graph records
-    the launches once; each replay() issues them all in one call. Every input of the step lives in a
-    buffer that is overwritten in place before a replay: the token, its position, the attention mask
-    over all the cache's slots, and the cache's write slot. Without a GPU the same step runs eagerly,
-    which is how the CPU tests check the fixed-size cache and the mask bookkeeping."""
-
-    def __init__(self, model, cache: KVCache, attention_mask, capacity):
-        B, S = attention_mask.shape
-        self.model, self.cache = model, StaticKVCache(cache, capacity)
-        self.token = attention_mask.new_zeros(B, 1)  # (B, 1)
-        self.mask = attention_mask.new_zeros(B, capacity)  # (B, capacity): 1 = a real, written slot
-        self.mask[:, :S] = attention_mask
-        self.position = attention_mask.sum(-1, keepdim=True) - 1  # (B, 1): real tokens so far, minus 1
-        self.filled = S
-        self.graph = None
-        if attention_mask.is_cuda:
-            # Warm up on a side stream before capturing, as torch.cuda.graphs asks: first calls do
-            # one-time work (cuBLAS handles, workspaces) that must not be recorded. The warm-up writes
-            # slot S, which the first real step overwrites; the mask hides it meanwhile.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._step()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._step()  # (B, vocab), rewritten by every replay
-
-    def _step(self):
-        h = self.model.hidden_states(self.token, attention_mask=self.mask, position_ids=self.position,
-                                     kv_cache=self.cache)  # (B, 1, C)
-        return self.model.lm_head(h[:, -1])  # (B, vocab)
-
-    def __call__(self, token):
-        if self.filled == self.cache.capacity:
-            raise ValueError(f"the decode cache is full ({self.cache.capacity} slots)")
-        self.token.copy_(token[:, None])
-        self.cache.slot.fill_(self.filled)
-        self.mask[:, self.filled] = 1
-        self.position += 1
-        self.filled += 1
-        if self.graph is None:
-            return self._step()
-        self.graph.replay()
-        return self.logits.clone()  # the next replay overwrites the buffer
 
 
 class Phi2Attention(nn.Module):
@@ -460,7 +373,7 @@ class Phi2(nn.Module):
         return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
 
     # -------------------------------------------------------------------------
-    # Checkpoints: transformers names <-> ours (see TINYGPTV.md section 4 for the key list)
+    # Checkpoints: transformers names <-> ours (docs/PAPER.md section 8 lists the keys)
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu", **overrides):
@@ -486,46 +399,29 @@ class Phi2(nn.Module):
             file_config = config_from_json(config_file)
         elif os.path.isdir(path):
             raise FileNotFoundError(f"{config_file} not found: a checkpoint directory needs its config.json")
-        unknown = set(overrides) - {f.name for f in fields(Phi2Config)}
-        if unknown:
-            raise ValueError(f"unknown Phi2Config fields in overrides: {', '.join(sorted(unknown))}")
+        check_overrides(overrides, Phi2Config)
         config = Phi2Config(**{**file_config, **overrides})
-        tensors = open_safetensors(path)  # checkpoint key -> (open file, its path)
+        reader = StrictReader(open_safetensors(path), path, dtype, device)
         with torch.device("meta"):  # shapes only, no memory: the real tensors are assigned below
             model = cls(config)
         fresh = {"qk_layernorm": ("q_layernorm", "k_layernorm"), "post_layernorm": ("post_layernorm",)}
         fresh = {m for flag, mods in fresh.items() if overrides.get(flag) and not file_config.get(flag) for m in mods}
 
-        def take(key, shape):
-            if key not in tensors:
-                raise ValueError(f"{path}: missing tensor '{key}'")
-            handle, file = tensors.pop(key)
-            try:
-                found = tuple(handle.get_slice(key).get_shape())
-                if found != tuple(shape):
-                    raise ValueError(f"{file}: tensor '{key}' has shape {found}, expected {tuple(shape)}")
-                return handle.get_tensor(key).to(device=device, dtype=dtype)
-            except SafetensorError as e:
-                raise ValueError(f"{file}: cannot read tensor '{key}' ({str(e).splitlines()[0]})") from None
-
         state, initialized = {}, []
         for name, p in model.state_dict().items():
             key = name if name.startswith("lm_head.") else "model." + name  # transformers' PhiModel is .model
-            if "query_key_value" in name and key not in tensors:  # transformers >= 4.37: q, k, v apart
+            if "query_key_value" in name and key not in reader:  # transformers >= 4.37: q, k, v apart
                 parts = [key.replace("query_key_value", proj) for proj in ("q_proj", "k_proj", "v_proj")]
-                state[name] = torch.cat([take(k, (p.shape[0] // 3, *p.shape[1:])) for k in parts])  # (3C, ...)
+                state[name] = torch.cat([reader.take(k, (p.shape[0] // 3, *p.shape[1:])) for k in parts])  # (3C, ...)
             elif "query_key_value" in name:  # legacy fused layout, rows head by head
-                state[name] = legacy_qkv_to_ours(take(key, p.shape), config.num_attention_heads)
-            elif key not in tensors and name.split(".")[-2] in fresh:  # a stabilizer new to this checkpoint
+                state[name] = legacy_qkv_to_ours(reader.take(key, p.shape), config.num_attention_heads)
+            elif key not in reader and name.split(".")[-2] in fresh:  # a stabilizer new to this checkpoint
                 state[name] = (torch.ones if name.endswith("weight") else torch.zeros)(p.shape, dtype=dtype,
                                                                                           device=device)
                 initialized.append(name)
             else:
-                state[name] = take(key, p.shape)
-        if tensors:
-            key, (_, file) = sorted(tensors.items())[0]
-            raise ValueError(f"{file}: unexpected tensor '{key}' ({len(tensors)} unexpected in all: "
-                             f"{', '.join(sorted(tensors)[:4])}{', ...' if len(tensors) > 4 else ''})")
+                state[name] = reader.take(key, p.shape)
+        reader.finish()
         model.load_state_dict(state, strict=True, assign=True)
         if initialized:
             print(f"phi2: {len(initialized)} stabilizer norm tensors ({', '.join(sorted(fresh))}) are not in "
@@ -562,6 +458,99 @@ class Phi2(nn.Module):
         write_atomically(os.path.join(directory, "config.json"), lambda tmp: write_json(config, tmp))
 
 
+# -----------------------------------------------------------------------------
+# The GPU decode path: one CUDA graph per decode step
+
+
+class StaticKVCache:
+    """A cache of fixed size, for decode steps replayed as a CUDA graph (`GraphedDecodeStep`).
+
+    A graph replays the same kernels on the same addresses and shapes, so nothing here may grow or
+    move: storage for the whole generation is allocated once, the new key and value go to the slot
+    held in the tensor `slot` (a replay writes wherever it points), and attention always reads all
+    `capacity` slots while the attention mask hides the ones not written yet. Zeros rather than
+    empty memory there: a hidden slot's value is still multiplied by probability 0, and 0 * NaN is NaN."""
+
+    def __init__(self, cache: KVCache, capacity):
+        n = cache.length  # the prompt, from the prefill's ordinary cache
+        self.keys, self.values = [], []
+        for k, v in zip(cache.keys, cache.values):
+            for src, store in ((k, self.keys), (v, self.values)):
+                buf = src.new_zeros(*src.shape[:2], capacity, src.shape[3])  # (B, nh, capacity, hd)
+                buf[:, :, :n] = src[:, :, :n]
+                store.append(buf)
+        self.slot = torch.tensor([n], device=self.keys[0].device)  # where the next token's key goes
+        self.capacity = capacity
+
+    @property
+    def length(self):
+        return self.capacity - 1  # what Phi2.hidden_states sees: one new token, every other slot is "past"
+
+    def update(self, layer, k, v):
+        """Write k, v (B, nh, 1, hd) at `slot`; return all slots (B, nh, capacity, hd)."""
+        if k.shape[2] != 1:
+            raise ValueError("a StaticKVCache takes one token per step; prefill with a KVCache")
+        self.keys[layer].index_copy_(2, self.slot, k)
+        self.values[layer].index_copy_(2, self.slot, v)
+        return self.keys[layer], self.values[layer]
+
+
+class GraphedDecodeStep:
+    """One decode step, token (B,) -> next-token logits (B, vocab), recorded as a CUDA graph.
+
+    Why: a batch-1 decode step of Phi-2 is a few hundred small kernels, and on a GPU launching them
+    one by one from Python takes longer than running them (bench.py section 1). A CUDA graph records
+    the launches once; each replay() issues them all in one call. Every input of the step lives in a
+    buffer that is overwritten in place before a replay: the token, its position, the attention mask
+    over all the cache's slots, and the cache's write slot. Without a GPU the same step runs eagerly,
+    which is how the CPU tests check the fixed-size cache and the mask bookkeeping."""
+
+    def __init__(self, model, cache: KVCache, attention_mask, capacity):
+        B, S = attention_mask.shape
+        self.model, self.cache = model, StaticKVCache(cache, capacity)
+        self.token = attention_mask.new_zeros(B, 1)  # (B, 1)
+        self.mask = attention_mask.new_zeros(B, capacity)  # (B, capacity): 1 = a real, written slot
+        self.mask[:, :S] = attention_mask
+        self.position = attention_mask.sum(-1, keepdim=True) - 1  # (B, 1): real tokens so far, minus 1
+        self.filled = S
+        self.graph = None
+        if attention_mask.is_cuda:
+            # Warm up on a side stream before capturing, as torch.cuda.graphs asks: first calls do
+            # one-time work (cuBLAS handles, workspaces) that must not be recorded. The warm-up writes
+            # slot S, which the first real step overwrites; the mask hides it meanwhile.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step()  # (B, vocab), rewritten by every replay
+
+    def _step(self):
+        h = self.model.hidden_states(self.token, attention_mask=self.mask, position_ids=self.position,
+                                     kv_cache=self.cache)  # (B, 1, C)
+        return self.model.lm_head(h[:, -1])  # (B, vocab)
+
+    def __call__(self, token):
+        if self.filled == self.cache.capacity:
+            raise ValueError(f"the decode cache is full ({self.cache.capacity} slots)")
+        self.token.copy_(token[:, None])
+        self.cache.slot.fill_(self.filled)
+        self.mask[:, self.filled] = 1
+        self.position += 1
+        self.filled += 1
+        if self.graph is None:
+            return self._step()
+        self.graph.replay()
+        return self.logits.clone()  # the next replay overwrites the buffer
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint names and configs
+
+
 def legacy_qkv_to_ours(t, num_heads):
     """Legacy fused query_key_value rows [h0: q,k,v][h1: q,k,v]... (3C, C) or (3C,) -> ours [q; k; v]."""
     rest = t.shape[1:]
@@ -571,11 +560,7 @@ def legacy_qkv_to_ours(t, num_heads):
 
 def config_from_json(file):
     """Phi2Config fields from a transformers PhiConfig config.json (4.x or 5.x) plus "post_layernorm"."""
-    try:
-        with open(file) as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    d = read_json(file)
     # transformers 5 keeps RoPE settings in rope_parameters; some 4.x configs in rope_scaling
     for nested in ("rope_parameters", "rope_scaling"):
         rope = d.get(nested) or {}

@@ -2,7 +2,7 @@
 
 Li et al., "BLIP-2: Bootstrapping Language-Image Pre-training with Frozen Image Encoders and Large
 Language Models", ICML 2023, section 3.1. TinyGPT-V (Yuan et al., arXiv:2312.16862, section 3)
-takes BLIP-2's Q-Former as it is, frozen, as MiniGPT-4 did. Facts in ../shared/TINYGPTV.md section 3.
+takes BLIP-2's Q-Former as it is, frozen, as MiniGPT-4 did. Facts in docs/PAPER.md section 3.
 Input: image embeddings (B, 257, 1408) from the EVA ViT after ln_vision (vit.py).
 Output: one vector per query (B, 32, 768), which tinygptv.py projects into Phi-2.
 
@@ -32,7 +32,6 @@ That is: the prefixes differ, and the q/k/v projections sit one module deeper, i
 (transformers) or `self` (LAVIS). `checkpoint_name` below is this table as code.
 """
 
-import json
 import os
 import re
 from dataclasses import asdict, dataclass, fields
@@ -40,10 +39,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from checkpoints import open_safetensors, write_atomically, write_json
+from checkpoints import StrictReader, check_overrides, open_safetensors, read_json, write_atomically, write_json
 
 
 @dataclass
@@ -237,9 +235,7 @@ class QFormer(nn.Module):
             file_config = config_from_json(config_file)
         elif os.path.isdir(path):
             raise FileNotFoundError(f"{config_file} not found: a checkpoint directory needs its config.json")
-        unknown = set(overrides) - {f.name for f in fields(QFormerConfig)}
-        if unknown:
-            raise ValueError(f"unknown QFormerConfig fields in overrides: {', '.join(sorted(unknown))}")
+        check_overrides(overrides, QFormerConfig)
         config = QFormerConfig(**{**file_config, **overrides})
 
         tensors = open_safetensors(path)  # checkpoint key -> (open file, its path)
@@ -249,28 +245,12 @@ class QFormer(nn.Module):
             prefix = "Qformer." if layout == "lavis" else ("qformer.", "embeddings.")
             tensors = {k: v for k, v in tensors.items() if k.startswith(prefix) or k == "query_tokens"}
         text = sorted(k for k in tensors if layout in TEXT_BRANCH and TEXT_BRANCH[layout].match(k))
-        for k in text:
-            del tensors[k]
-
-        def take(key, shape):
-            if key not in tensors:
-                raise ValueError(f"{path}: missing tensor '{key}'")
-            handle, file = tensors.pop(key)
-            try:
-                found = tuple(handle.get_slice(key).get_shape())
-                if found != tuple(shape):
-                    raise ValueError(f"{file}: tensor '{key}' has shape {found}, expected {tuple(shape)}")
-                return handle.get_tensor(key).to(device=device, dtype=dtype)
-            except SafetensorError as e:
-                raise ValueError(f"{file}: cannot read tensor '{key}' ({str(e).splitlines()[0]})") from None
+        reader = StrictReader({k: v for k, v in tensors.items() if k not in text}, path, dtype, device)
 
         with torch.device("meta"):  # shapes only, no memory: the real tensors are assigned below
             model = cls(config)
-        state = {name: take(checkpoint_name(name, layout), p.shape) for name, p in model.state_dict().items()}
-        if tensors:
-            key, (_, file) = sorted(tensors.items())[0]
-            raise ValueError(f"{file}: unexpected tensor '{key}' ({len(tensors)} unexpected in all: "
-                             f"{', '.join(sorted(tensors)[:4])}{', ...' if len(tensors) > 4 else ''})")
+        state = {name: reader.take(checkpoint_name(name, layout), p.shape) for name, p in model.state_dict().items()}
+        reader.finish()
         model.load_state_dict(state, strict=True, assign=True)
         if text:
             print(f"qformer: skipped {len(text)} text-branch tensors of {path} (text embeddings, text FFN "
@@ -319,11 +299,7 @@ def checkpoint_name(name, layout):
 def config_from_json(file):
     """QFormerConfig fields from a transformers Blip2Config config.json (its qformer_config plus
     num_query_tokens) or from one save_pretrained wrote (our fields, flat)."""
-    try:
-        with open(file) as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    d = read_json(file)
     names = {f.name for f in fields(QFormerConfig)}
     if "qformer_config" in d or d.get("model_type") == "blip-2":
         q = d.get("qformer_config") or {}

@@ -59,7 +59,7 @@ class TinyGPTVConfig:
     qformer: QFormerConfig = field(default_factory=QFormerConfig.blip2)
     llm: Phi2Config = field(default_factory=lambda: Phi2Config.phi2(qk_layernorm=True, post_layernorm=True))
     proj_dim: int = 4096  # llama_proj's output: MiniGPT-4's LLaMA width, kept by TinyGPT-V
-    lora_r: int = 64  # section 5 of TINYGPTV.md: peft r=64, alpha=16, dropout 0.05
+    lora_r: int = 64  # docs/PAPER.md section 5: peft r=64, alpha=16, dropout 0.05
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     lora_targets: tuple = ("query_key_value", "dense")  # attention only, not the MLP
@@ -103,7 +103,7 @@ class TinyGPTVConfig:
 
 
 # -----------------------------------------------------------------------------
-# Prompts (TINYGPTV.md section 6). `<ImageHere>` marks where the 32 image embeddings go.
+# Prompts (docs/PAPER.md section 6). `<ImageHere>` marks where the 32 image embeddings go.
 
 IMAGE_SLOT = "<Img><ImageHere></Img>"
 TEMPLATES = {
@@ -245,7 +245,7 @@ class TinyGPTV(nn.Module):
         return self.llama_proj2(self.llama_proj(queries))
 
     def add_lora(self):
-        """Stages 2-4: LoRA on Phi-2's fused qkv and dense (TINYGPTV.md section 5)."""
+        """Stages 2-4: LoRA on Phi-2's fused qkv and dense (docs/PAPER.md section 5)."""
         c = self.config
         names = add_lora(self.llama_model, targets=c.lora_targets, r=c.lora_r, alpha=c.lora_alpha,
                          dropout=c.lora_dropout)
@@ -341,7 +341,7 @@ def lm_loss(logits, targets, reduction="mean"):
 
 
 # -----------------------------------------------------------------------------
-# What trains, and checkpoints that hold only that (TINYGPTV.md section 7)
+# What trains, and checkpoints that hold only that (docs/PAPER.md section 7)
 
 # The stabilizer and pre-norm weights train in every stage; their biases stay frozen.
 NORM_WEIGHTS = ("q_layernorm.weight", "k_layernorm.weight", "post_layernorm.weight",

@@ -1,4 +1,4 @@
-"""Training TinyGPT-V in its four stages (paper section 4.2, table 1; TINYGPTV.md section 7).
+"""Training TinyGPT-V in its four stages (paper section 4.2, table 1; docs/PAPER.md section 7).
 
     python train.py                 # every stage of the built-in demo, skipping finished ones
     python train.py --stage 2       # one stage, from stage 1's checkpoint (built first if missing)
@@ -70,7 +70,7 @@ class StageConfig:
     dropout: float = None  # every dropout (Phi-2 residual, LoRA); None keeps the model's (0.1, 0.05)
 
 
-# The official configs (TINYGPTV.md section 7). Stage 4 "1e-5 -> 8e-5" is the official file's
+# The official configs (docs/PAPER.md section 7). Stage 4 "1e-5 -> 8e-5" is the official file's
 # own (sic): its min_lr is above its peak. Kept as written, for the record.
 PAPER_STAGES = {
     1: StageConfig(lr=1e-4, min_lr=8e-5, warmup=1000, steps=5000, batch_size=64, lora=False),

@@ -2,7 +2,7 @@
 
 TinyGPT-V (Yuan et al., arXiv:2312.16862, section 3) keeps MiniGPT-4's vision half: the EVA ViT-g/14
 of EVA (Fang et al., arXiv:2211.07636) as BLIP-2 (Li et al., arXiv:2301.12597) cut it, followed by
-BLIP-2's LayerNorm `ln_vision`. Facts in ../shared/TINYGPTV.md section 2.
+BLIP-2's LayerNorm `ln_vision`. Facts in docs/PAPER.md section 2.
 Input: pixels (B, 3, H, W), CLIP-normalized, H and W multiples of the patch size (224 px -> 16x16).
 Output: (B, 1 + N, 1408) after ln_vision, N = (H/14)(W/14): the CLS token and every patch token.
 
@@ -22,7 +22,6 @@ so a LAVIS checkpoint's keys read straight against this code; `TRANSFORMERS_NAME
 transformers' `Blip2VisionModel`, where ln_vision is called `post_layernorm`.
 """
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
@@ -30,10 +29,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from checkpoints import open_safetensors, write_atomically, write_json
+from checkpoints import StrictReader, check_overrides, open_safetensors, read_json, write_atomically, write_json
 
 
 @dataclass
@@ -233,15 +231,13 @@ class VisionTransformer(nn.Module):
         each tensor is read, converted and placed on `device` in turn: no second copy is held.
         """
         dtype = dtype or torch.float32
-        unknown = set(overrides) - {f.name for f in fields(VisionConfig)}
-        if unknown:
-            raise ValueError(f"unknown VisionConfig fields in overrides: {', '.join(sorted(unknown))}")
+        check_overrides(overrides, VisionConfig)
         tensors = open_safetensors(path)  # checkpoint key -> (open file, its path)
         if os.path.isdir(path):
             config_file = os.path.join(path, "config.json")
             if not os.path.isfile(config_file):
                 raise FileNotFoundError(f"{config_file} not found: a checkpoint directory needs its config.json")
-            d = _read_json(config_file)
+            d = read_json(config_file)
             if "vision_config" in d or d.get("model_type") == "blip_2_vision_model":
                 layout, prefix = "transformers", "vision_model." if "vision_config" in d else ""
                 file_config = config_from_blip2(d.get("vision_config", d), config_file)
@@ -274,35 +270,21 @@ class VisionTransformer(nn.Module):
 
         with torch.device("meta"):  # shapes only, no memory: the real tensors are assigned below
             model = cls(config)
-
-        def take(key, shape):
-            if key not in tensors:
-                hint = " (a raw EVA checkpoint has no ln_vision: it is BLIP-2's)" if key.startswith("ln_vision") else ""
-                raise ValueError(f"{path}: missing tensor '{key}'{hint}")
-            handle, file = tensors.pop(key)
-            try:
-                found = tuple(handle.get_slice(key).get_shape())
-                if found != tuple(shape):
-                    raise ValueError(f"{file}: tensor '{key}' has shape {found}, expected {tuple(shape)}")
-                return handle.get_tensor(key).to(device=device, dtype=dtype)
-            except SafetensorError as e:
-                raise ValueError(f"{file}: cannot read tensor '{key}' ({str(e).splitlines()[0]})") from None
+        reader = StrictReader(tensors, path, dtype, device)
+        no_ln = " (a raw EVA checkpoint has no ln_vision: it is BLIP-2's)"
 
         state = {}
         for name, p in model.state_dict().items():
             if layout == "lavis":
-                state[name] = take(lavis_key(name), p.shape)
+                state[name] = reader.take(lavis_key(name), p.shape, no_ln if name.startswith("ln_vision") else "")
             elif name.endswith(".attn.q_bias"):  # transformers: one qkv.bias (3D,) = [q_bias; k; v_bias]
                 attn = name.removesuffix(".q_bias")
-                qkv_bias = take(prefix + transformers_key(attn + ".qkv.bias"), (3 * p.shape[0],))
+                qkv_bias = reader.take(prefix + transformers_key(attn + ".qkv.bias"), (3 * p.shape[0],))
                 q_bias, _, v_bias = qkv_bias.chunk(3)  # the k third is dropped: it cannot change the output
                 state[name], state[attn + ".v_bias"] = q_bias.clone(), v_bias.clone()
             elif not name.endswith(".attn.v_bias"):  # v_bias came with q_bias
-                state[name] = take(prefix + transformers_key(name), p.shape)
-        if tensors:
-            key, (_, file) = sorted(tensors.items())[0]
-            raise ValueError(f"{file}: unexpected tensor '{key}' ({len(tensors)} unexpected in all: "
-                             f"{', '.join(sorted(tensors)[:4])}{', ...' if len(tensors) > 4 else ''})")
+                state[name] = reader.take(prefix + transformers_key(name), p.shape)
+        reader.finish()
         model.load_state_dict(state, strict=True, assign=True)
         return model
 
@@ -394,18 +376,3 @@ def config_from_lavis_shapes(shapes, source="checkpoint"):
                 num_attention_heads=16 if D == 1408 else None,
                 intermediate_size=shape("visual_encoder.blocks.0.mlp.fc1.weight")[0],  # (mlp, D)
                 layer_norm_eps=1e-6, ln_vision_eps=1e-5)
-
-
-# -----------------------------------------------------------------------------
-# Files
-
-
-def _read_json(file):
-    try:
-        with open(file) as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{file}: expected a JSON object")
-    return d
