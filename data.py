@@ -12,10 +12,7 @@ The chapter, top to bottom:
 - rendering with Pillow in relative coordinates, so a scene looks the same at 224 and 448 px;
 - the texts: `caption` (stages 1-2), `description` + `DESCRIBE_INSTRUCTIONS` (stage 3);
 - the stage-4 tasks `[vqa] [caption] [refer] [identify] [grounding]`, boxes as `{<x1><y1><x2><y2>}`
-  in integers 0-100 of the image size (MiniGPT-v2's format), `stage_samples`, `text_corpus`;
-- `patch_labels` and `scene_words`: what the stand-in vision tower learns to say in stage 0 (the
-  object under each patch; one word per Q-Former query), and `scene_words` is also what the stand-in
-  language model reads where the image goes;
+  in integers 0-100 of the image size (MiniGPT-v2's format), `stage_samples`;
 - loaders for caption pairs, LLaVA conversations, VQA and referring expressions.
 
 Shapes in and out: `render(scene, size)` -> RGB PIL image (size, size); boxes are 4-tuples of
@@ -43,7 +40,6 @@ BACKGROUND = (245, 245, 240)  # light and plain; also the whole of the blank-ima
 POSITIONS = ("top left", "top middle", "top right", "middle left", "center", "middle right",
              "bottom left", "bottom middle", "bottom right")  # cell 0..8 in reading order
 NUM_CELLS = 9
-NUM_CELL_CLASSES = 1 + len(COLORS) * len(SHAPES) * len(SIZES)  # 0 = empty cell
 CELL_CENTERS = (17, 50, 83)  # centers of the three columns (rows) in 0-100 coordinates
 HALF_SIDE = {"small": 7, "large": 13}  # half the box side, 0-100 coordinates
 JITTER = 1  # objects move up to this far from the cell center. Small enough that the cell's
@@ -309,61 +305,6 @@ def stage_samples(scenes, stage, image_size, seed):
         rng = random.Random(seed * 2**32 + scene.seed)  # a scene's texts don't depend on its neighbors
         out += _scene_samples(scene, stage, render(scene, image_size) if image_size else None, rng)
     return out
-
-
-def text_corpus(scenes, seed=0):
-    """All texts the stages write for these scenes (instructions included), for training the demo
-    tokenizer and the stand-in language model of stage 0."""
-    texts = list(DESCRIBE_INSTRUCTIONS)
-    for scene in scenes:
-        for stage in (1, 3, 4):  # drawn as stage_samples draws them, so the same seed gives its texts
-            for s in _scene_samples(scene, stage, None, random.Random(seed * 2**32 + scene.seed)):
-                texts += [t for t in (s.query, s.answer) if t]
-    return texts
-
-
-def object_class(obj):
-    """1 + the index of (color, shape, size): 1..40 (0 is "nothing")."""
-    c, s, z = list(COLORS).index(obj.color), SHAPES.index(obj.shape), SIZES.index(obj.size)
-    return 1 + (c * len(SHAPES) + s) * len(SIZES) + z
-
-
-NUM_QUERIES = 32  # the Q-Former's queries (BLIP-2 and TinyGPT-V use 32)
-SLOT_WORDS = ("none",) + tuple(COLORS) + SHAPES + SIZES + NUMBERS[1:]  # what a query can say
-
-
-def scene_words(scene):
-    """The scene as 32 words, one per Q-Former query: each cell in reading order as its color,
-    shape and size (three times "none" if empty), then the number of objects, then "none" for the
-    4 spare queries. The demo's stand-in for what pretraining gives a real Q-Former and Phi-2 in
-    common (BLIP-2's queries are trained to carry the text that describes the image): its Q-Former
-    learns to say query j's word (stage 0), its language model learns every stage's prompt with
-    these words where the image goes, and stages 1-4 teach the projections to turn each query into
-    its word's embedding, then the model to use them."""
-    words = []
-    by_cell = {o.cell: o for o in scene.objects}
-    for cell in range(NUM_CELLS):
-        o = by_cell.get(cell)
-        words += [o.color, o.shape, o.size] if o else ["none"] * 3
-    words.append(NUMBERS[len(scene.objects)])
-    return words + ["none"] * (NUM_QUERIES - len(words))
-
-
-def patch_labels(scene, grid):
-    """Per patch of a grid x grid patch grid, row-major: the class of the object that covers it
-    (its box overlaps the patch by more than a fifth of the smaller of the two), else 0. The
-    dense stage-0 target of the ViT: every patch token is told what it shows."""
-    w = 100 / grid  # patch side in 0-100 coordinates
-    labels = [0] * (grid * grid)
-    for o in scene.objects:
-        x1, y1, x2, y2 = o.box
-        for r in range(grid):
-            for c in range(grid):
-                ix = max(0, min(x2, (c + 1) * w) - max(x1, c * w))
-                iy = max(0, min(y2, (r + 1) * w) - max(y1, r * w))
-                if ix * iy > 0.2 * min(w * w, (x2 - x1) * (y2 - y1)):
-                    labels[r * grid + c] = object_class(o)
-    return labels
 
 
 # -----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ official code kept MiniGPT-4's name when it swapped LLaMA for Phi-2.
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -137,6 +138,12 @@ def instruction_for(task, query):
     if task not in TASK_INSTRUCTIONS:
         raise ValueError(f"unknown task '{task}': expected one of {', '.join(TASK_INSTRUCTIONS)}")
     return TASK_INSTRUCTIONS[task].format(query)
+
+
+def stage_instruction(stage, sample):
+    """A sample's instruction under stage `stage`'s template: none in stages 1-2 (the caption
+    follows the image), its task's instruction from stage 3 on."""
+    return "" if stage <= 2 else instruction_for(sample.task, sample.query)
 
 
 def parse_user_prompt(prompt):
@@ -352,6 +359,15 @@ def is_trainable(name):
     """The parameters TinyGPT-V trains: the projections, LoRA (when present) and the norm weights."""
     return (name.startswith(("llama_proj.", "llama_proj2.")) or ".lora_" in name
             or (name.startswith("llama_model.") and name.endswith(NORM_WEIGHTS)))
+
+
+def warmup_cosine(step, steps, peak, warmup, end=0.0, start=0.0):
+    """The learning rate at `step`: linear warm-up from `start` to `peak`, then a cosine from `peak`
+    to `end` at `steps`, stepped per iteration as the official configs do (docs/PAPER.md section 7)."""
+    if step < warmup:
+        return start + (peak - start) * step / warmup
+    t = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def trainable_state_dict(model):
@@ -593,23 +609,6 @@ def weight_bytes(module):
 # -----------------------------------------------------------------------------
 # Command line
 
-DEMO_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "demo")
-
-
-def load_demo(run_dir=DEMO_RUN, stage=None):
-    """The demo's trained model (train.py writes it): tokenizer, stand-in backbones, stage checkpoint."""
-    if stage is None:
-        done = [s for s in (4, 3, 2, 1) if os.path.isfile(os.path.join(run_dir, f"stage{s}.safetensors"))]
-        if not done:
-            raise FileNotFoundError(f"no trained demo checkpoint in {run_dir}: run `python train.py` first")
-        stage = done[0]
-    ckpt = os.path.join(run_dir, f"stage{stage}.safetensors")
-    backbones = os.path.join(run_dir, "backbones")
-    model, stage = from_pretrained(os.path.join(backbones, "phi2"), os.path.join(backbones, "vit"),
-                                   os.path.join(backbones, "qformer"), ckpt)
-    return model, load_tokenizer(backbones), stage
-
-
 def count_parameters(config):
     with torch.device("meta"):
         model = TinyGPTV(config)  # meta tensors: shapes only, no memory
@@ -645,7 +644,7 @@ def main(argv=None):
     p.add_argument("--image", required=True)
     p.add_argument("--prompt", required=True, help='e.g. "[vqa] what color is the circle" or "[refer] the red square"')
     p.add_argument("--checkpoint", help="a stage checkpoint (.safetensors) of this project")
-    p.add_argument("--run", default=DEMO_RUN, help="the demo run directory train.py wrote (default: runs/demo)")
+    p.add_argument("--run", help="the demo run directory train.py wrote (default: runs/demo)")
     p.add_argument("--phi2", help="a Phi-2 directory (transformers layout, with tokenizer.json)")
     p.add_argument("--blip2", help="a BLIP-2 directory or LAVIS safetensors (ViT + Q-Former)")
     p.add_argument("--qformer", help="the Q-Former, if not in the --blip2 path")
@@ -663,8 +662,9 @@ def main(argv=None):
         tok = load_tokenizer(a.phi2)
     elif a.checkpoint:
         raise ValueError("--checkpoint needs --phi2 and --blip2 (the frozen weights it builds on)")
-    else:
-        model, tok, stage = load_demo(a.run)
+    else:  # the demo is the default; demo.py builds on this file, so it is imported only here
+        import demo
+        model, tok, stage = demo.load_demo(a.run or demo.DEMO_RUN)
     stage = a.stage or max(stage, 1)
     instruction = parse_user_prompt(a.prompt) if stage >= 3 else ""
     image = load_image(a.image)

@@ -1,4 +1,4 @@
-"""Training TinyGPT-V in its four stages (paper section 4.2, table 1; docs/PAPER.md section 7).
+"""Training TinyGPT-V in its four stages (paper section 4.2 and table 1; docs/PAPER.md section 7).
 
     python train.py                 # every stage of the built-in demo, skipping finished ones
     python train.py --stage 2       # one stage, from stage 1's checkpoint (built first if missing)
@@ -15,24 +15,18 @@ What each stage trains (everything else is frozen: ViT, ln_vision, Q-Former, Phi
 The official code also trained LoRA in stage 1 (a config default); the paper says it does not, and
 this file follows the paper.
 
-The demo: no pretrained EVA, BLIP-2 or Phi-2 can be downloaded here, so "stage 0" stands in for
-pretraining done elsewhere. It trains a byte-level BPE tokenizer on the demo's text, a tiny Phi-2
-as a plain language model on every stage's prompts and answers with the scene written as 32 words
-where the image goes (`data.scene_words`: colour, shape and size per grid cell, then the count), and
-a tiny ViT + Q-Former on the demo's images (each patch says which object covers it, query j says the
-scene's word j). Stages 1-4 then run exactly as the paper's, on frozen backbones: they teach the
-projections to turn each query into its word's embedding, and the model to use them.
+Without --phi2/--blip2 the stages run on the built-in demo: demo.py's "stage 0" first trains
+stand-in backbones (no pretrained EVA, BLIP-2 or Phi-2 can be downloaded here), and the four
+stages then run on them exactly as on the real ones.
 
 Notable features: AdamW with decay only on >= 2-D tensors, linear warm-up then cosine per step,
 gradient accumulation and clipping, bf16 autocast on CUDA (fp16 + GradScaler where bf16 is
 missing), atomic checkpoints with exact resume (weights, optimizer, step, data order, RNG), a
-NaN guard, a progress line, and a held-out evaluation table after each stage, with blank images
-as the baseline that shows how much the model uses the picture.
+NaN guard, a progress line, and a held-out evaluation table after each demo stage, with blank
+images as the baseline that shows how much the model uses the picture.
 """
 
 import argparse
-import functools
-import json
 import math
 import os
 import sys
@@ -42,15 +36,12 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import data
-from checkpoints import write_atomically
+import demo
 import tinygptv as tg
-from phi2 import Phi2
-from qformer import QFormer
-from vit import VisionTransformer
+from checkpoints import write_atomically, write_json
+from lora import mark_trainable
 
 # -----------------------------------------------------------------------------
 # The stage table
@@ -78,20 +69,9 @@ PAPER_STAGES = {
     3: StageConfig(lr=3e-5, min_lr=1e-5, warmup=200, steps=1000, batch_size=6, lora=True),
     4: StageConfig(lr=1e-5, min_lr=8e-5, warmup=1000, steps=50000, batch_size=3, lora=True),
 }
-# The demo trains tiny models from scratch in minutes: fewer steps, so higher learning rates.
-# The demo trains without dropout: on this CPU dropout's random masks took 13% of a stage-4 step,
-# and a few hundred steps over 5,000 scenes leave little to regularize (stage 4 from the same
-# checkpoint: VQA 49% vs 47%, [refer] 15% vs 21%, [identify] 58% vs 56%, 30% faster).
-# Stage 4 gets the most steps, because its scores keep rising with them, past what 15 minutes
-# allow (300 held-out samples per task, from one stage-3 checkpoint: VQA 56.0% after 900 steps and
-# 70.0% after 3,000; [refer] 25.7% and 44.0%). It runs as many as fit: split_by_length, the
-# 256-wide projections and logits at the answer positions only took it from 63 to 107 samples/s,
-# and 800 steps leave a margin for this machine's slower hours: in fresh clones, install
-# included, the demo took 13:49 with 1,000 steps in one hour and 14:50 with 900 in another
-# (stage 4 at 107 and 91 samples/s).
-# Its LoRA takes a higher peak learning rate than 2e-3 (760 steps from one stage-3 checkpoint:
-# VQA 48.0% at 2e-3, 54.0% at 3e-3, 54.7% at 4e-3, 55.7% at 6e-3; [refer] 21.7%, 24.7%, 25.0%,
-# 23.3%).
+# The demo's stand-ins train in minutes, so its stages take fewer steps at higher learning rates,
+# and no dropout: a few hundred steps over 5,000 scenes leave little to regularize. Stage 4, whose
+# scores rise the longest, gets most of the steps (docs/LOG.md has the measurements behind them).
 DEMO_STAGES = {
     1: StageConfig(lr=2e-3, min_lr=2e-4, warmup=20, steps=200, batch_size=32, lora=False, dropout=0.0),
     2: StageConfig(lr=2e-3, min_lr=2e-4, warmup=20, steps=170, batch_size=32, lora=True, dropout=0.0),
@@ -102,10 +82,7 @@ DEMO_STAGES = {
 
 def lr_at(step, sc: StageConfig):
     """Linear warm-up from warmup_start_lr to lr, then cosine from lr to min_lr (stepped per iteration)."""
-    if step < sc.warmup:
-        return sc.warmup_start_lr + (sc.lr - sc.warmup_start_lr) * step / sc.warmup
-    t = (step - sc.warmup) / max(1, sc.steps - sc.warmup)
-    return sc.min_lr + (sc.lr - sc.min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return tg.warmup_cosine(step, sc.steps, sc.lr, sc.warmup, end=sc.min_lr, start=sc.warmup_start_lr)
 
 
 # -----------------------------------------------------------------------------
@@ -127,205 +104,6 @@ def atomic_torch_save(obj, path):
 
 class TrainingError(ValueError):
     """An expected failure (NaN loss, missing stage): reported in one line by main()."""
-
-
-# -----------------------------------------------------------------------------
-# Stage 0: stand-in backbones for the demo
-
-
-def demo_scenes(args):
-    return _demo_scenes(args.demo_train, args.demo_eval, args.seed)
-
-
-@functools.lru_cache(maxsize=2)
-def _demo_scenes(n_train, n_eval, seed):
-    return data.demo_splits(n_train=n_train, n_val=n_eval, n_test=n_eval, seed=seed)
-
-
-def slot_text(scene):
-    """The scene's 32 words (`data.scene_words`) as text: one token each, the leading space included."""
-    return " " + " ".join(data.scene_words(scene))
-
-
-def word_prompt(stage, sample, scene):
-    """The stage's prompt for a sample with the scene's 32 words where the image goes: the text
-    the demo's language model learns, and reads again when it is checked alone."""
-    return tg.TEMPLATES[stage].format(instruction(stage, sample)).replace("<ImageHere>", slot_text(scene))
-
-
-def lm_texts(scenes, seed):
-    """What the demo's language model learns: every stage's prompt with the scene's 32 words where
-    the image goes, as (prompt, answer) pairs, the loss on the answer only. A real Phi-2 arrives
-    able to read and reason; the tiny one learns here to answer the demo's questions about a scene
-    given as words, so that stages 1-4 have to teach only the bridge from the 32 queries to those
-    words' embeddings, and the model to use them."""
-    pairs = []
-    for stage, n in ((1, 1000), (3, 1000), (4, len(scenes))):
-        for scene in scenes[:n]:
-            for s in data.stage_samples([scene], stage, None, seed):  # texts only, no image drawn
-                pairs.append((word_prompt(stage, s, scene), s.answer + tg.END_MARKERS[stage]))
-    return pairs
-
-
-def train_tokenizer(texts, path):
-    """Byte-level BPE, Phi-2's (GPT-2's) kind of tokenizer, with <|endoftext|> as bos = eos."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=[tg.BOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    write_atomically(path, tok.save)
-    return tok
-
-
-def pretrain_language_model(cfg, tok, texts, args):
-    """The demo's Phi-2: a plain Phi-2 (no stabilizers, like microsoft/phi-2) trained on the text."""
-    torch.manual_seed(args.seed)
-    llm_cfg = replace(cfg.llm, vocab_size=tok.get_vocab_size(), qk_layernorm=False, post_layernorm=False)
-    model = Phi2(llm_cfg)
-    bos = tok.token_to_id(tg.BOS)
-    seqs = [([bos] + tg.encode(tok, q), tg.encode(tok, a)) for q, a in texts]  # (prompt ids, answer ids)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    g = torch.Generator().manual_seed(args.seed)
-    steps, bs, T = args.lm_steps, 16, 128
-    t0 = time.time()
-    for step in range(steps):
-        # Each row packs whole texts drawn at random until the next one would not fit: no text is
-        # cut (an answer always sees its question), and few positions are padding.
-        ids = torch.full((bs, T), bos, dtype=torch.long)
-        labels = torch.full((bs, T), -100, dtype=torch.long)
-        for r in range(bs):
-            n = 0
-            while True:
-                prompt, answer = seqs[torch.randint(len(seqs), (1,), generator=g).item()]
-                seq = (prompt + answer)[:T]
-                if n + len(seq) > T:
-                    break
-                ids[r, n:n + len(seq)] = torch.tensor(seq)
-                labels[r, n + len(prompt):n + len(seq)] = torch.tensor(seq[len(prompt):])  # the answer only
-                n += len(seq)
-        for group in opt.param_groups:
-            group["lr"] = 3e-3 * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        loss = tg.lm_loss(*tg.answer_logits(model.lm_head, model.hidden_states(ids), labels))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"stage 0 | language model  step {step:4d}/{steps} | loss {loss.item():.3f} | {time.time() - t0:.0f}s")
-    return model
-
-
-def language_model_alone(llm, tok, args, n=100):
-    """Held-out stage-4 VQA answered by the stand-in language model on its own, each image replaced
-    by its scene's 32 words: how well the model that stages 1-4 start from can read a scene it is
-    handed perfectly, before any image is involved. Returns (% exact, questions asked)."""
-    scenes = {sc.seed: sc for sc in demo_scenes(args)["test"]}
-    samples = [s for s in data.stage_samples(list(scenes.values()), 4, None, args.seed + 1) if s.task == "vqa"][:n]
-    bos = tok.token_to_id(tg.BOS)
-    prompts = [[bos] + tg.encode(tok, word_prompt(4, s, scenes[s.meta["scene"]])) for s in samples]
-    T = max(map(len, prompts))
-    ids = torch.tensor([[bos] * (T - len(p)) + p for p in prompts])  # left-padded
-    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
-    llm.eval()
-    answers = llm.generate(ids, attention_mask=mask, max_new_tokens=8, stop_sequences=[[bos]])
-    right = sum(exact(tok.decode(a), s.answer) for a, s in zip(answers, samples))
-    return 100.0 * right / len(samples), len(samples)
-
-
-def sincos_positions(grid, dim):
-    """2-D sine-cosine position embeddings (MAE's), (grid * grid, dim): dim/4 frequencies per axis."""
-    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
-    freqs = 1.0 / 100 ** (torch.arange(dim // 4) / (dim // 4))
-    angles = [t.flatten()[:, None] * freqs[None] for t in (x, y)]  # 2 x (grid*grid, dim/4)
-    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
-
-
-def pretrain_vision(cfg, scenes, args):
-    """The demo's EVA ViT + Q-Former, trained on two supervised targets at once:
-    - every patch token of the ViT says which object covers it (`data.patch_labels`), a dense
-      signal that trains the ViT's features quickly;
-    - query j of the Q-Former says word j of the scene (`data.scene_words`: the colour, shape and
-      size in each of the 9 cells, then the count), which is what stages 1-4 read from the queries.
-    Steps alternate the stages' 48 px and stage 4's 96 px, so the tower works at both (the real EVA
-    was trained at 224 px and still works at 448 with interpolated positions; a tower trained at one
-    size only did not: 0.70 -> 0.07 object accuracy when the size doubled)."""
-    torch.manual_seed(args.seed)
-    vit, qformer = VisionTransformer(cfg.vision), QFormer(cfg.qformer)
-    # Two inits differ from EVA's and BERT's, measured on this task. (1) Linear weights ~ 1/sqrt(fan_in):
-    # std 0.02 was set for widths 768-1408; at width 96 it left the Q-Former's output almost
-    # independent of the image (0.002 std across images). (2) Positions start as 2-D sine-cosine:
-    # at std 0.02 they are drowned by the patch content and the Q-Former cannot tell cells apart.
-    for m in list(vit.modules()) + list(qformer.modules()):
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=m.in_features ** -0.5)
-    with torch.no_grad():
-        vit.pos_embed[0, 1:] = sincos_positions(cfg.vision.grid_size, cfg.vision.hidden_size)
-    # One word head shared by all queries: each query then carries its own word in one common code,
-    # which is how the language model reads them (the projections are shared too). A head reading
-    # all queries at once trained as fast but left the content spread across queries, and stage 4
-    # learned to read it slowly.
-    word_head = nn.Linear(cfg.qformer.hidden_size, len(data.SLOT_WORDS))  # both heads are thrown away afterwards
-    patch_head = nn.Linear(cfg.vision.hidden_size, data.NUM_CELL_CLASSES)
-    params = [p for m in (vit, qformer, word_head, patch_head) for p in m.parameters()]
-    peak = 1e-3  # 2e-3 learned slower; with std 0.02 init even this sat at the label prior
-    opt = torch.optim.AdamW(params, lr=peak, weight_decay=0.01)
-    sizes = (cfg.vision.image_size, 2 * cfg.vision.image_size)
-    p = cfg.vision.patch_size
-    pixels = {s: torch.stack([tg.preprocess(data.render(sc, s), s) for sc in scenes]) for s in sizes}
-    patch_y = {s: torch.tensor([data.patch_labels(sc, s // p) for sc in scenes]) for s in sizes}  # (N, patches)
-    word_y = torch.tensor([[data.SLOT_WORDS.index(w) for w in data.scene_words(sc)] for sc in scenes])  # (N, 32)
-    g = torch.Generator().manual_seed(args.seed)
-    steps, bs = args.vision_steps, 32
-    t0 = time.time()
-    for step in range(steps):
-        s = sizes[step % 2]
-        idx = torch.randint(len(scenes), (bs,), generator=g)
-        for group in opt.param_groups:
-            group["lr"] = peak * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        feats = vit(pixels[s][idx])  # (B, 1 + patches, D)
-        patch_logits = patch_head(feats[:, 1:])  # (B, patches, classes)
-        word_logits = word_head(qformer(feats))  # (B, 32, words)
-        y = word_y[idx]  # (B, 32)
-        loss = F.cross_entropy(patch_logits.flatten(0, 1), patch_y[s][idx].flatten())
-        loss = loss + F.cross_entropy(word_logits.flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == steps - 1:
-            cells = 3 * data.NUM_CELLS
-            right = (word_logits.argmax(-1) == y)[:, :cells].view(bs, data.NUM_CELLS, 3).all(-1)  # (B, cells)
-            occupied = y[:, :cells:3] > 0  # a cell's colour word is not "none"
-            log(f"stage 0 | vision  step {step:4d}/{steps} | {s} px | loss {loss.item():.3f} | objects named "
-                f"right {right[occupied].float().mean().item():.2f} | {time.time() - t0:.0f}s")
-    return vit, qformer
-
-
-def build_backbones(args):
-    """Stage 0 (demo only): write runs/demo/backbones/{tokenizer.json, phi2/, vit/, qformer/}."""
-    root = os.path.join(args.out, "backbones")
-    done = os.path.join(root, "DONE")
-    if os.path.isfile(done):
-        return
-    log("stage 0 | training the demo's stand-in backbones (real runs use pretrained EVA, BLIP-2, Phi-2)")
-    os.makedirs(root, exist_ok=True)
-    scenes = demo_scenes(args)["train"]
-    texts = lm_texts(scenes, args.seed)
-    tok = train_tokenizer(data.text_corpus(scenes) + [q + a for q, a in texts], os.path.join(root, "tokenizer.json"))
-    split = [w for w in data.SLOT_WORDS if len(tg.encode(tok, " " + w)) != 1]
-    if split:  # query j must line up with word j of the text the language model learned
-        raise TrainingError(f"stage 0: the demo tokenizer splits the scene words {split}; each must be one token")
-    cfg = tg.TinyGPTVConfig.tiny(vocab_size=tok.get_vocab_size())
-    llm = pretrain_language_model(cfg, tok, texts, args)
-    llm.save_pretrained(os.path.join(root, "phi2"))
-    if args.eval:
-        log("stage 0 | the language model alone, each test image replaced by its 32 words: VQA exact match "
-            "{:.1f}% of {} questions".format(*language_model_alone(llm, tok, args)))
-    vit, qformer = pretrain_vision(cfg, scenes, args)
-    vit.save_pretrained(os.path.join(root, "vit"))
-    qformer.save_pretrained(os.path.join(root, "qformer"))
-    with open(done, "w") as f:
-        f.write("stage 0 finished\n")
 
 
 # -----------------------------------------------------------------------------
@@ -355,8 +133,7 @@ def build_model(args, stage):
         for m in model.modules():
             if isinstance(m, nn.Dropout):
                 m.p = dropout
-    for name, p in model.named_parameters():
-        p.requires_grad = tg.is_trainable(name)
+    mark_trainable(model, tg.is_trainable)
     return model.to(args.device), tok
 
 
@@ -364,20 +141,11 @@ def build_model(args, stage):
 # Data for a stage
 
 
-def stage_data(args, stage, split="train"):
-    """The stage's samples: the demo's (per split), or a user's file via --data."""
+def stage_data(args, stage):
+    """The stage's training samples: a user's file via --data, or the demo's."""
     if args.data:
         return data.load_dataset(args.data, args.image_root)
-    scenes = demo_scenes(args)[split]
-    size = DEMO_IMAGE_SIZE * (2 if stage == 4 else 1)
-    return data.stage_samples(scenes, stage, size, args.seed + (0 if split == "train" else 1))
-
-
-DEMO_IMAGE_SIZE = tg.TinyGPTVConfig.tiny().vision.image_size
-
-
-def instruction(stage, sample):
-    return "" if stage <= 2 else tg.instruction_for(sample.task, sample.query)
+    return demo.stage_samples(args, stage)
 
 
 def batch_indices(step, n, batch_size, seed):
@@ -425,76 +193,6 @@ def encode_all(model, samples, stage, device, batch_size=256):
 # Evaluation: held-out accuracy per task, and the same with a blank image
 
 
-def exact(a, b):
-    return a.strip().lower() == b.strip().lower()
-
-
-def sentence_f1(answer, reference):
-    """F1 between the sentences of two descriptions (each names one object and its place, or the
-    count): partial credit for a long answer, where exact match is all or nothing."""
-    split = lambda text: {t.strip().lower() for t in text.split(".") if t.strip()}
-    got, want = split(answer), split(reference)
-    right = len(got & want)
-    return 2 * right / (len(got) + len(want)) if got or want else 1.0
-
-
-def evaluate(model, tok, args, n=None):
-    """Each metric with the prompt of the stage that teaches it, on held-out scenes."""
-    n = n or args.eval_samples
-    model.eval()
-    rows = {}
-    scenes = demo_scenes(args)["test"]
-    for stage, tasks in ((1, ("caption",)), (3, ("describe",)), (4, ("vqa", "refer", "identify"))):
-        samples = data.stage_samples(scenes, stage, DEMO_IMAGE_SIZE * (2 if stage == 4 else 1), args.seed + 1)
-        for task in tasks:
-            picked = [s for s in samples if s.task == task][:n]
-            if not picked:
-                continue
-            for blank in (False, True):
-                images = [data.blank_image(s.image.size[0]) if blank else s.image for s in picked]
-                answers = []
-                for i in range(0, len(picked), 64):
-                    answers += model.generate(tok, images[i:i + 64], [instruction(stage, s) for s in picked[i:i + 64]],
-                                              stage=stage, max_new_tokens=64 if stage == 3 else 24)
-                if task == "refer":
-                    hits = [data.iou(data.parse_box(a) or (0, 0, 0, 0), s.meta["box"]) >= 0.5 for a, s in zip(answers, picked)]
-                elif task == "describe":
-                    hits = [sentence_f1(a, s.answer) for a, s in zip(answers, picked)]
-                else:
-                    hits = [exact(a, s.answer) for a, s in zip(answers, picked)]
-                rows.setdefault(task, {})["blank" if blank else "image"] = 100.0 * sum(hits) / len(hits)
-    model.train()
-    return rows
-
-
-def previous_evaluation(args, stage):
-    """Stage N starts as stage N-1 ended (new LoRA adapters have B = 0, so they change nothing):
-    its "before" column is stage N-1's "after", when that was measured on the same test set."""
-    path = os.path.join(args.out, f"stage{stage - 1}.eval.json")
-    if stage == 1 or not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        saved = json.load(f)
-    return saved["after"] if saved.get("eval_set") == eval_set(args) else None
-
-
-def eval_set(args):
-    return [args.eval_samples, args.demo_eval, args.demo_train, args.seed]
-
-
-METRIC_NAMES = {"caption": "caption exact match", "describe": "description sentence F1", "vqa": "VQA exact match",
-                "refer": "[refer] IoU >= 0.5", "identify": "[identify] exact match"}
-
-
-def print_table(stage, before, after):
-    log(f"\nstage {stage} | held-out evaluation (% of test samples)")
-    log(f"  {'metric':26s} {'before':>8s} {'after':>8s} {'blank img':>10s}")
-    for task, r in after.items():
-        b = f"{before[task]['image']:8.1f}" if task in before else f"{'-':>8s}"
-        log(f"  {METRIC_NAMES[task]:26s} {b} {r['image']:8.1f} {r['blank']:10.1f}")
-    log("")
-
-
 def evaluate_stage(args, stage):
     """`--evaluate N`: the held-out table of stage N's finished checkpoint, nothing trained. With
     `--eval-samples 300` each score's standard error is about 3 points instead of 5."""
@@ -505,7 +203,7 @@ def evaluate_stage(args, stage):
         raise TrainingError(f"--evaluate {stage}: no checkpoint {path}; train it first: python train.py --stage {stage}")
     model, tok = build_model(args, stage)
     tg.load_checkpoint(model, path)
-    print_table(stage, {}, evaluate(model, tok, args))
+    demo.print_table(stage, {}, demo.evaluate(model, tok, args))
 
 
 # -----------------------------------------------------------------------------
@@ -528,7 +226,7 @@ def train_stage(args, stage):
     samples = stage_data(args, stage)
     if not samples:
         raise TrainingError(f"stage {stage}: no training samples")
-    examples = [tg.make_example(tok, stage, instruction(stage, s), s.answer) for s in samples]
+    examples = [tg.make_example(tok, stage, tg.stage_instruction(stage, s), s.answer) for s in samples]
     lengths = [len(e.before) + len(e.after) + len(e.answer) for e in examples]  # text tokens
     queries, image_row = encode_all(model, samples, stage, args.device) if args.cache_features else (None, None)
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -566,7 +264,7 @@ def train_stage(args, stage):
 
     before = {}
     if args.eval and not args.data and rank == 0:
-        before = previous_evaluation(args, stage) or evaluate(model, tok, args)
+        before = demo.previous_evaluation(args, stage) or demo.evaluate(model, tok, args)
     model.train()
     t0, done_here, seen, losses = time.time(), 0, 0, []
     while step < sc.steps:
@@ -620,10 +318,10 @@ def train_stage(args, stage):
         tg.save_checkpoint(model, stage_path(args, stage), stage)
         log(f"stage {stage} | wrote {stage_path(args, stage)}")
         if args.eval and not args.data:
-            after = evaluate(model, tok, args)
-            print_table(stage, before, after)
-            with open(os.path.join(args.out, f"stage{stage}.eval.json"), "w") as f:
-                json.dump({"before": before, "after": after, "eval_set": eval_set(args)}, f, indent=1)
+            after = demo.evaluate(model, tok, args)
+            demo.print_table(stage, before, after)
+            result = {"before": before, "after": after, "eval_set": demo.eval_set(args)}
+            write_atomically(os.path.join(args.out, f"stage{stage}.eval.json"), lambda tmp: write_json(result, tmp))
     return losses, True
 
 
@@ -635,7 +333,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), help="run only this stage (default: all)")
     p.add_argument("--resume", action="store_true", help="continue the stage from its last step checkpoint")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "demo"))
+    p.add_argument("--out", default=demo.DEMO_RUN)
     p.add_argument("--data", help="a real data file (caption pairs, LLaVA, VQA or refexp JSON) for the stage")
     p.add_argument("--image-root", help="folder the data file's image names are relative to")
     p.add_argument("--phi2", help="a real Phi-2 directory (with tokenizer.json)")
@@ -679,8 +377,8 @@ def run(args):
     if args.evaluate:
         return evaluate_stage(args, args.evaluate)
     os.makedirs(args.out, exist_ok=True)
-    if not args.phi2:
-        build_backbones(args)
+    if not args.phi2 and world()[0] == 0:
+        demo.build_backbones(args)
     if dist.is_initialized():
         dist.barrier()
     wanted = [args.stage] if args.stage else [1, 2, 3, 4]
@@ -694,11 +392,8 @@ def run(args):
         _, finished = train_stage(args, stage)
         if not finished:  # stopped early on purpose (--stop-after)
             return
-    if not args.data and world()[0] == 0:  # a held-out picture to ask questions about
-        example = os.path.join(args.out, "example.png")
-        data.render(demo_scenes(args)["test"][0], 2 * DEMO_IMAGE_SIZE).save(example)
-        run = "" if os.path.abspath(args.out) == tg.DEMO_RUN else f" --run {os.path.relpath(args.out)}"
-        log(f"try: python tinygptv.py --image {os.path.relpath(example)}{run} --prompt \"[vqa] what shape is the blue object?\"")
+    if not args.data and world()[0] == 0:
+        demo.write_example(args)
 
 
 def main(argv=None):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import demo
 import tinygptv as tg
 import train
 from lora import add_lora
@@ -87,7 +88,7 @@ def test_mixed_precision_training_steps_learn(tmp_path, amp):
     small = ["--demo-train", "64", "--demo-eval", "8", "--lm-steps", "20", "--vision-steps", "20", "--no-eval",
              "--batch-size", "8", "--log-every", "1", "--device", "cuda", "--out", str(tmp_path), "--amp", amp]
     args = train.parse_args(small + ["--steps", "15"])
-    train.build_backbones(args)
+    demo.build_backbones(args)
     losses, finished = train.train_stage(args, 1)
     assert finished and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses

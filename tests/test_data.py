@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import data
+import demo
 
 COLOR_RGB = {"red": (220, 50, 50), "green": (40, 160, 70), "blue": (50, 90, 220),
              "yellow": (235, 190, 20), "purple": (140, 70, 180)}
@@ -264,10 +265,10 @@ def cell_classes(scene):
 
 
 def test_object_class_numbers_each_kind(splits):
-    assert data.NUM_CELLS == 9 and data.NUM_CELL_CLASSES == 1 + len(CLASSES)
+    assert data.NUM_CELLS == 9 and demo.NUM_CELL_CLASSES == 1 + len(CLASSES)
     for scene in splits["val"]:
         for o in scene.objects:
-            assert data.object_class(o) == 1 + CLASSES.index((o.color, o.shape, o.size))
+            assert demo.object_class(o) == 1 + CLASSES.index((o.color, o.shape, o.size))
 
 
 def test_scene_words_give_each_query_one_word(splits):
@@ -275,8 +276,8 @@ def test_scene_words_give_each_query_one_word(splits):
     # when empty; word 27 is the count; the 4 spare queries say "none"
     counts = ["one", "two", "three", "four"]
     for scene in splits["val"][:50]:
-        words = data.scene_words(scene)
-        assert len(words) == 32 == data.NUM_QUERIES and set(words) <= set(data.SLOT_WORDS)
+        words = demo.scene_words(scene)
+        assert len(words) == 32 == demo.NUM_QUERIES and set(words) <= set(demo.SLOT_WORDS)
         by_cell = {o.cell: o for o in scene.objects}
         for k in range(9):
             o = by_cell.get(k)
@@ -288,11 +289,11 @@ def test_scene_words_give_each_query_one_word(splits):
 def test_patch_labels_name_the_object_under_each_patch(splits):
     # On a 3x3 patch grid each patch is one cell, so the patch labels are the cell classes.
     for scene in splits["val"]:
-        assert data.patch_labels(scene, 3) == cell_classes(scene)
+        assert demo.patch_labels(scene, 3) == cell_classes(scene)
     # On a 6x6 grid (stage 4's doubled image), a labelled patch shows its object's colour when
     # drawn, every object labels at least one patch, and empty cells label none.
     for scene in splits["val"][:20]:
-        labels, pix = data.patch_labels(scene, 6), np.asarray(data.render(scene, 96))
+        labels, pix = demo.patch_labels(scene, 6), np.asarray(data.render(scene, 96))
         cells = cell_classes(scene)
         for o in scene.objects:
             assert cells[o.cell] in labels
@@ -309,7 +310,7 @@ def test_patch_labels_name_the_object_under_each_patch(splits):
 
 def test_text_corpus_holds_every_text_of_the_stages(splits):
     scenes = splits["val"][:10]
-    corpus = set(data.text_corpus(scenes, seed=3))
+    corpus = set(demo.text_corpus(scenes, seed=3))
     assert set(data.DESCRIBE_INSTRUCTIONS) <= corpus
     for scene in scenes:
         assert data.caption(scene) in corpus and data.description(scene) in corpus

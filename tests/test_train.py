@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import data
+import demo
 import tinygptv as tg
 import train
 
@@ -31,7 +32,7 @@ def args_for(out, *extra):
 def backbones(tmp_path_factory):
     """Stage 0 once for the module; each test copies it into its own run directory."""
     out = tmp_path_factory.mktemp("run")
-    train.build_backbones(args_for(out))
+    demo.build_backbones(args_for(out))
     return out / "backbones"
 
 
@@ -52,12 +53,12 @@ def test_stage0_language_model_reads_one_token_per_query(backbones):
     # The text the stand-in language model learns has the scene's 32 words where the image goes, one
     # token each, so that word j sits where query j's embedding will.
     tok = tg.load_tokenizer(str(backbones))
-    scenes = train.demo_scenes(args_for(backbones.parent))["train"]
+    scenes = demo.demo_scenes(args_for(backbones.parent))["train"]
     for scene in scenes:
-        assert len(tg.encode(tok, train.slot_text(scene))) == 32
+        assert len(tg.encode(tok, demo.slot_text(scene))) == 32
     for scene in scenes[:3]:
-        pairs = train.lm_texts([scene], seed=0)
-        assert all(f"<Img>{train.slot_text(scene)}</Img>" in prompt for prompt, _ in pairs)
+        pairs = demo.lm_texts([scene], seed=0)
+        assert all(f"<Img>{demo.slot_text(scene)}</Img>" in prompt for prompt, _ in pairs)
         assert all(answer.endswith(tuple(tg.END_MARKERS.values())) for _, answer in pairs)
 
 
@@ -67,12 +68,12 @@ def test_language_model_alone_scores_its_answers_in_order(backbones):
     from phi2 import Phi2
     args = args_for(backbones.parent)
     tok, llm = tg.load_tokenizer(str(backbones)), Phi2.from_pretrained(str(backbones / "phi2"))
-    scenes = train.demo_scenes(args)["test"]
+    scenes = demo.demo_scenes(args)["test"]
     want = [s.answer for s in data.stage_samples(scenes, 4, None, args.seed + 1) if s.task == "vqa"][:100]
     for shift, expected in ((0, 100.0), (1, None)):
         answers = [tg.encode(tok, a) for a in want[shift:] + want[:shift]]
         llm.generate = lambda ids, **kw: answers[:ids.shape[0]]
-        score, n = train.language_model_alone(llm, tok, args)
+        score, n = demo.language_model_alone(llm, tok, args)
         assert n == len(want)
         assert score == expected if expected is not None else score < 60.0
 
@@ -206,15 +207,15 @@ def test_schedule_warms_up_then_follows_the_cosine():
 
 def test_sentence_f1_gives_partial_credit_for_descriptions():
     ref = "There are two shapes on a light background. A small red circle is in the top left. A large blue cross is in the center."
-    assert train.sentence_f1(ref, ref) == 1.0
-    assert train.sentence_f1("", ref) == 0.0
+    assert demo.sentence_f1(ref, ref) == 1.0
+    assert demo.sentence_f1("", ref) == 0.0
     # two of three sentences right, nothing extra: precision 1, recall 2/3
     half = "There are two shapes on a light background. A small red circle is in the top left."
-    assert abs(train.sentence_f1(half, ref) - 0.8) < 1e-9
+    assert abs(demo.sentence_f1(half, ref) - 0.8) < 1e-9
     # order and case do not matter; a wrong sentence costs precision
-    assert train.sentence_f1(ref.upper(), ref) == 1.0
+    assert demo.sentence_f1(ref.upper(), ref) == 1.0
     wrong = half + " A large green cross is in the center."
-    assert abs(train.sentence_f1(wrong, ref) - 2 / 3) < 1e-9
+    assert abs(demo.sentence_f1(wrong, ref) - 2 / 3) < 1e-9
 
 
 def test_length_split_takes_the_batch_step_with_less_padding(tmp_path, backbones):
@@ -223,7 +224,7 @@ def test_length_split_takes_the_batch_step_with_less_padding(tmp_path, backbones
     args = args_for(new_run(tmp_path, backbones), "--dropout", "0")
     model, tok = train.build_model(args, 1)  # stage 1's trainable set: no stage-3 checkpoint needed
     samples = train.stage_data(args, 4)
-    examples = [tg.make_example(tok, 4, train.instruction(4, s), s.answer) for s in samples]
+    examples = [tg.make_example(tok, 4, tg.stage_instruction(4, s), s.answer) for s in samples]
     lengths = [len(e.before) + len(e.after) + len(e.answer) for e in examples]
     idx = [i for i, s in enumerate(samples) if s.task in ("vqa", "identify")][:10]
     idx += sorted(range(len(samples)), key=lambda i: -lengths[i])[:2]  # the two longest
@@ -261,7 +262,7 @@ def test_evaluate_reloads_a_finished_stage_and_scores_it_as_training_did(tmp_pat
     train.run(args_for(out, "--evaluate", "1"))  # from the checkpoint on disk, nothing trained
     table = capsys.readouterr().out
     for task, r in after.items():
-        row = next(line for line in table.splitlines() if line.strip().startswith(train.METRIC_NAMES[task]))
+        row = next(line for line in table.splitlines() if line.strip().startswith(demo.METRIC_NAMES[task]))
         assert row.split()[-2:] == [f"{r['image']:.1f}", f"{r['blank']:.1f}"], (task, row)
     assert not (out / "stage2.safetensors").exists()
     r = subprocess.run([sys.executable, "train.py", "--out", str(out), "--evaluate", "2"], cwd=ROOT,

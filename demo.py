@@ -1,0 +1,415 @@
+"""The built-in demo: everything that exists only because pretrained backbones and real data
+cannot be downloaded on the machines this project is built on.
+
+A real user starts TinyGPT-V from a pretrained EVA ViT-g, BLIP-2 Q-Former and Phi-2 and trains
+stages 1-4 on LAION, CC, cc_sbu_align and the stage-4 mixture (docs/PAPER.md section 7). Here
+none of that can be had offline, so this file brings stand-ins, and train.py then runs the
+paper's four stages on them unchanged:
+
+- `scene_words`: a scene written as 32 words, one per Q-Former query (colour, shape and size of
+  each cell of the 3x3 world, then the count). It is the link pretraining gives a real BLIP-2 and
+  Phi-2 in common: the queries carry what a text would say about the image (docs/PAPER.md
+  section 13);
+- stage 0 (`build_backbones`): a byte-level BPE tokenizer in which each of those words is one
+  token; a tiny Phi-2 trained as a language model on every stage's prompt with the 32 words where
+  the image goes; a tiny ViT + Q-Former trained to say the words from the pictures;
+- the held-out evaluation after each stage (`evaluate`, `print_table`): each task scored with the
+  image and with a blank image, the baseline that shows how much the model uses the picture;
+- `load_demo`: the trained demo run, which tinygptv.py's command line answers from by default.
+
+The world itself (scenes, rendering, every stage's texts) is data.py's: the same `Sample`s a
+real data file gives.
+
+Shapes: the stand-in ViT sees 48 px images (96 px in stage 4) in 16 px patches, (B, 1 + 9, 96)
+(or 1 + 36); the Q-Former gives (B, 32, 96); the language model is 128 wide.
+"""
+
+import functools
+import json
+import os
+import time
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import data
+import tinygptv as tg
+from checkpoints import write_atomically
+from phi2 import Phi2
+from qformer import QFormer
+from vit import VisionTransformer
+
+DEMO_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "demo")
+IMAGE_SIZE = tg.TinyGPTVConfig.tiny().vision.image_size  # stages 1-3; stage 4 sees twice it
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# The scenes, and the 32 words a scene is to the stand-in backbones
+
+
+def demo_scenes(args):
+    return _demo_scenes(args.demo_train, args.demo_eval, args.seed)
+
+
+@functools.lru_cache(maxsize=2)
+def _demo_scenes(n_train, n_eval, seed):
+    return data.demo_splits(n_train=n_train, n_val=n_eval, n_test=n_eval, seed=seed)
+
+
+def stage_samples(args, stage, split="train"):
+    """The demo's samples of one stage for one split, with images drawn at the stage's size."""
+    size = IMAGE_SIZE * (2 if stage == 4 else 1)
+    return data.stage_samples(demo_scenes(args)[split], stage, size, args.seed + (0 if split == "train" else 1))
+
+
+def text_corpus(scenes, seed=0):
+    """All texts the stages write for these scenes (instructions included), for training the demo
+    tokenizer and the stand-in language model of stage 0."""
+    texts = list(data.DESCRIBE_INSTRUCTIONS)
+    for stage in (1, 3, 4):  # stage 2's texts are stage 1's
+        texts += [t for s in data.stage_samples(scenes, stage, None, seed) for t in (s.query, s.answer) if t]
+    return texts
+
+
+NUM_CELL_CLASSES = 1 + len(data.COLORS) * len(data.SHAPES) * len(data.SIZES)  # 0 = empty cell
+
+
+def object_class(obj):
+    """1 + the index of (color, shape, size): 1..40 (0 is "nothing")."""
+    c, s, z = list(data.COLORS).index(obj.color), data.SHAPES.index(obj.shape), data.SIZES.index(obj.size)
+    return 1 + (c * len(data.SHAPES) + s) * len(data.SIZES) + z
+
+
+NUM_QUERIES = 32  # the Q-Former's queries (BLIP-2 and TinyGPT-V use 32)
+SLOT_WORDS = ("none",) + tuple(data.COLORS) + data.SHAPES + data.SIZES + data.NUMBERS[1:]  # what a query can say
+
+
+def scene_words(scene):
+    """The scene as 32 words, one per Q-Former query: each cell in reading order as its color,
+    shape and size (three times "none" if empty), then the number of objects, then "none" for the
+    4 spare queries. The demo's stand-in for what pretraining gives a real Q-Former and Phi-2 in
+    common (BLIP-2's queries are trained to carry the text that describes the image): its Q-Former
+    learns to say query j's word (stage 0), its language model learns every stage's prompt with
+    these words where the image goes, and stages 1-4 teach the projections to turn each query into
+    its word's embedding, then the model to use them."""
+    words = []
+    by_cell = {o.cell: o for o in scene.objects}
+    for cell in range(data.NUM_CELLS):
+        o = by_cell.get(cell)
+        words += [o.color, o.shape, o.size] if o else ["none"] * 3
+    words.append(data.NUMBERS[len(scene.objects)])
+    return words + ["none"] * (NUM_QUERIES - len(words))
+
+
+def patch_labels(scene, grid):
+    """Per patch of a grid x grid patch grid, row-major: the class of the object that covers it
+    (its box overlaps the patch by more than a fifth of the smaller of the two), else 0. The
+    dense stage-0 target of the ViT: every patch token is told what it shows."""
+    w = 100 / grid  # patch side in 0-100 coordinates
+    labels = [0] * (grid * grid)
+    for o in scene.objects:
+        x1, y1, x2, y2 = o.box
+        for r in range(grid):
+            for c in range(grid):
+                ix = max(0, min(x2, (c + 1) * w) - max(x1, c * w))
+                iy = max(0, min(y2, (r + 1) * w) - max(y1, r * w))
+                if ix * iy > 0.2 * min(w * w, (x2 - x1) * (y2 - y1)):
+                    labels[r * grid + c] = object_class(o)
+    return labels
+
+
+def slot_text(scene):
+    """The scene's 32 words (`scene_words`) as text: one token each, the leading space included."""
+    return " " + " ".join(scene_words(scene))
+
+
+def word_prompt(stage, sample, scene):
+    """The stage's prompt for a sample with the scene's 32 words where the image goes: the text
+    the demo's language model learns, and reads again when it is checked alone."""
+    return tg.TEMPLATES[stage].format(tg.stage_instruction(stage, sample)).replace("<ImageHere>", slot_text(scene))
+
+
+def lm_texts(scenes, seed):
+    """What the demo's language model learns: every stage's prompt with the scene's 32 words where
+    the image goes, as (prompt, answer) pairs, the loss on the answer only. A real Phi-2 arrives
+    able to read and reason; the tiny one learns here to answer the demo's questions about a scene
+    given as words, so that stages 1-4 have to teach only the bridge from the 32 queries to those
+    words' embeddings, and the model to use them."""
+    pairs = []
+    for stage, n in ((1, 1000), (3, 1000), (4, len(scenes))):
+        for scene in scenes[:n]:
+            for s in data.stage_samples([scene], stage, None, seed):  # texts only, no image drawn
+                pairs.append((word_prompt(stage, s, scene), s.answer + tg.END_MARKERS[stage]))
+    return pairs
+
+
+# -----------------------------------------------------------------------------
+# Stage 0: the stand-in backbones
+
+
+def train_tokenizer(texts, path):
+    """Byte-level BPE, Phi-2's (GPT-2's) kind of tokenizer, with <|endoftext|> as bos = eos."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=[tg.BOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    write_atomically(path, tok.save)
+    return tok
+
+
+def pretrain_language_model(cfg, tok, texts, args):
+    """The demo's Phi-2: a plain Phi-2 (no stabilizers, like microsoft/phi-2) trained on the text."""
+    torch.manual_seed(args.seed)
+    llm_cfg = replace(cfg.llm, vocab_size=tok.get_vocab_size(), qk_layernorm=False, post_layernorm=False)
+    model = Phi2(llm_cfg)
+    bos = tok.token_to_id(tg.BOS)
+    seqs = [([bos] + tg.encode(tok, q), tg.encode(tok, a)) for q, a in texts]  # (prompt ids, answer ids)
+    opt = torch.optim.AdamW(model.parameters(), weight_decay=0.01)
+    g = torch.Generator().manual_seed(args.seed)
+    steps, bs, T = args.lm_steps, 16, 128
+    t0 = time.time()
+    for step in range(steps):
+        # Each row packs whole texts drawn at random until the next one would not fit: no text is
+        # cut (an answer always sees its question), and few positions are padding.
+        ids = torch.full((bs, T), bos, dtype=torch.long)
+        labels = torch.full((bs, T), -100, dtype=torch.long)
+        for r in range(bs):
+            n = 0
+            while True:
+                prompt, answer = seqs[torch.randint(len(seqs), (1,), generator=g).item()]
+                seq = (prompt + answer)[:T]
+                if n + len(seq) > T:
+                    break
+                ids[r, n:n + len(seq)] = torch.tensor(seq)
+                labels[r, n + len(prompt):n + len(seq)] = torch.tensor(seq[len(prompt):])  # the answer only
+                n += len(seq)
+        for group in opt.param_groups:
+            group["lr"] = tg.warmup_cosine(step, steps, peak=3e-3, warmup=30)
+        loss = tg.lm_loss(*tg.answer_logits(model.lm_head, model.hidden_states(ids), labels))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"stage 0 | language model  step {step:4d}/{steps} | loss {loss.item():.3f} | {time.time() - t0:.0f}s")
+    return model
+
+
+def language_model_alone(llm, tok, args, n=100):
+    """Held-out stage-4 VQA answered by the stand-in language model on its own, each image replaced
+    by its scene's 32 words: how well the model that stages 1-4 start from can read a scene it is
+    handed perfectly, before any image is involved. Returns (% exact, questions asked)."""
+    scenes = {sc.seed: sc for sc in demo_scenes(args)["test"]}
+    samples = [s for s in data.stage_samples(list(scenes.values()), 4, None, args.seed + 1) if s.task == "vqa"][:n]
+    bos = tok.token_to_id(tg.BOS)
+    prompts = [[bos] + tg.encode(tok, word_prompt(4, s, scenes[s.meta["scene"]])) for s in samples]
+    T = max(map(len, prompts))
+    ids = torch.tensor([[bos] * (T - len(p)) + p for p in prompts])  # left-padded
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    llm.eval()
+    answers = llm.generate(ids, attention_mask=mask, max_new_tokens=8, stop_sequences=[[bos]])
+    right = sum(exact(tok.decode(a), s.answer) for a, s in zip(answers, samples))
+    return 100.0 * right / len(samples), len(samples)
+
+
+def sincos_positions(grid, dim):
+    """2-D sine-cosine position embeddings (MAE's), (grid * grid, dim): dim/4 frequencies per axis."""
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    freqs = 1.0 / 100 ** (torch.arange(dim // 4) / (dim // 4))
+    angles = [t.flatten()[:, None] * freqs[None] for t in (x, y)]  # 2 x (grid*grid, dim/4)
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
+
+
+def pretrain_vision(cfg, scenes, args):
+    """The demo's EVA ViT + Q-Former, trained on two supervised targets at once:
+    - every patch token of the ViT says which object covers it (`patch_labels`), a dense
+      signal that trains the ViT's features quickly;
+    - query j of the Q-Former says word j of the scene (`scene_words`: the colour, shape and
+      size in each of the 9 cells, then the count), which is what stages 1-4 read from the queries.
+    Steps alternate the stages' 48 px and stage 4's 96 px, so the tower works at both (the real EVA
+    was trained at 224 px and still works at 448 with interpolated positions; a tower trained at one
+    size only did not: 0.70 -> 0.07 object accuracy when the size doubled)."""
+    torch.manual_seed(args.seed)
+    vit, qformer = VisionTransformer(cfg.vision), QFormer(cfg.qformer)
+    # Two inits differ from EVA's and BERT's, measured on this task. (1) Linear weights ~ 1/sqrt(fan_in):
+    # std 0.02 was set for widths 768-1408; at width 96 it left the Q-Former's output almost
+    # independent of the image (0.002 std across images). (2) Positions start as 2-D sine-cosine:
+    # at std 0.02 they are drowned by the patch content and the Q-Former cannot tell cells apart.
+    for m in list(vit.modules()) + list(qformer.modules()):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+    with torch.no_grad():
+        vit.pos_embed[0, 1:] = sincos_positions(cfg.vision.grid_size, cfg.vision.hidden_size)
+    # One word head shared by all queries: each query then carries its own word in one common code,
+    # which is how the language model reads them (the projections are shared too). A head reading
+    # all queries at once trained as fast but left the content spread across queries, and stage 4
+    # learned to read it slowly.
+    word_head = nn.Linear(cfg.qformer.hidden_size, len(SLOT_WORDS))  # both heads are thrown away afterwards
+    patch_head = nn.Linear(cfg.vision.hidden_size, NUM_CELL_CLASSES)
+    params = [p for m in (vit, qformer, word_head, patch_head) for p in m.parameters()]
+    peak = 1e-3  # 2e-3 learned slower; with std 0.02 init even this sat at the label prior
+    opt = torch.optim.AdamW(params, lr=peak, weight_decay=0.01)
+    sizes = (cfg.vision.image_size, 2 * cfg.vision.image_size)
+    p = cfg.vision.patch_size
+    pixels = {s: torch.stack([tg.preprocess(data.render(sc, s), s) for sc in scenes]) for s in sizes}
+    patch_y = {s: torch.tensor([patch_labels(sc, s // p) for sc in scenes]) for s in sizes}  # (N, patches)
+    word_y = torch.tensor([[SLOT_WORDS.index(w) for w in scene_words(sc)] for sc in scenes])  # (N, 32)
+    g = torch.Generator().manual_seed(args.seed)
+    steps, bs = args.vision_steps, 32
+    t0 = time.time()
+    for step in range(steps):
+        s = sizes[step % 2]
+        idx = torch.randint(len(scenes), (bs,), generator=g)
+        for group in opt.param_groups:
+            group["lr"] = tg.warmup_cosine(step, steps, peak=peak, warmup=50)
+        feats = vit(pixels[s][idx])  # (B, 1 + patches, D)
+        patch_logits = patch_head(feats[:, 1:])  # (B, patches, classes)
+        word_logits = word_head(qformer(feats))  # (B, 32, words)
+        y = word_y[idx]  # (B, 32)
+        loss = F.cross_entropy(patch_logits.flatten(0, 1), patch_y[s][idx].flatten())
+        loss = loss + F.cross_entropy(word_logits.flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            cells = 3 * data.NUM_CELLS
+            right = (word_logits.argmax(-1) == y)[:, :cells].view(bs, data.NUM_CELLS, 3).all(-1)  # (B, cells)
+            occupied = y[:, :cells:3] > 0  # a cell's colour word is not "none"
+            log(f"stage 0 | vision  step {step:4d}/{steps} | {s} px | loss {loss.item():.3f} | objects named "
+                f"right {right[occupied].float().mean().item():.2f} | {time.time() - t0:.0f}s")
+    return vit, qformer
+
+
+def build_backbones(args):
+    """Stage 0 (demo only): write runs/demo/backbones/{tokenizer.json, phi2/, vit/, qformer/}."""
+    root = os.path.join(args.out, "backbones")
+    done = os.path.join(root, "DONE")
+    if os.path.isfile(done):
+        return
+    log("stage 0 | training the demo's stand-in backbones (real runs use pretrained EVA, BLIP-2, Phi-2)")
+    os.makedirs(root, exist_ok=True)
+    scenes = demo_scenes(args)["train"]
+    texts = lm_texts(scenes, args.seed)
+    tok = train_tokenizer(text_corpus(scenes) + [q + a for q, a in texts], os.path.join(root, "tokenizer.json"))
+    split = [w for w in SLOT_WORDS if len(tg.encode(tok, " " + w)) != 1]
+    if split:  # query j must line up with word j of the text the language model learned
+        raise ValueError(f"stage 0: the demo tokenizer splits the scene words {split}; each must be one token")
+    cfg = tg.TinyGPTVConfig.tiny(vocab_size=tok.get_vocab_size())
+    llm = pretrain_language_model(cfg, tok, texts, args)
+    llm.save_pretrained(os.path.join(root, "phi2"))
+    if args.eval:
+        log("stage 0 | the language model alone, each test image replaced by its 32 words: VQA exact match "
+            "{:.1f}% of {} questions".format(*language_model_alone(llm, tok, args)))
+    vit, qformer = pretrain_vision(cfg, scenes, args)
+    vit.save_pretrained(os.path.join(root, "vit"))
+    qformer.save_pretrained(os.path.join(root, "qformer"))
+    with open(done, "w") as f:
+        f.write("stage 0 finished\n")
+
+
+# -----------------------------------------------------------------------------
+# Held-out evaluation: each task with the image, and with a blank one
+
+
+def exact(a, b):
+    return a.strip().lower() == b.strip().lower()
+
+
+def sentence_f1(answer, reference):
+    """F1 between the sentences of two descriptions (each names one object and its place, or the
+    count): partial credit for a long answer, where exact match is all or nothing."""
+    split = lambda text: {t.strip().lower() for t in text.split(".") if t.strip()}
+    got, want = split(answer), split(reference)
+    right = len(got & want)
+    return 2 * right / (len(got) + len(want)) if got or want else 1.0
+
+
+def evaluate(model, tok, args, n=None):
+    """Each metric with the prompt of the stage that teaches it, on held-out scenes."""
+    n = n or args.eval_samples
+    model.eval()
+    rows = {}
+    scenes = demo_scenes(args)["test"]
+    for stage, tasks in ((1, ("caption",)), (3, ("describe",)), (4, ("vqa", "refer", "identify"))):
+        samples = data.stage_samples(scenes, stage, IMAGE_SIZE * (2 if stage == 4 else 1), args.seed + 1)
+        for task in tasks:
+            picked = [s for s in samples if s.task == task][:n]
+            if not picked:
+                continue
+            for blank in (False, True):
+                images = [data.blank_image(s.image.size[0]) if blank else s.image for s in picked]
+                answers = []
+                for i in range(0, len(picked), 64):
+                    answers += model.generate(tok, images[i:i + 64], [tg.stage_instruction(stage, s) for s in picked[i:i + 64]],
+                                              stage=stage, max_new_tokens=64 if stage == 3 else 24)
+                if task == "refer":
+                    hits = [data.iou(data.parse_box(a) or (0, 0, 0, 0), s.meta["box"]) >= 0.5 for a, s in zip(answers, picked)]
+                elif task == "describe":
+                    hits = [sentence_f1(a, s.answer) for a, s in zip(answers, picked)]
+                else:
+                    hits = [exact(a, s.answer) for a, s in zip(answers, picked)]
+                rows.setdefault(task, {})["blank" if blank else "image"] = 100.0 * sum(hits) / len(hits)
+    model.train()
+    return rows
+
+
+def previous_evaluation(args, stage):
+    """Stage N starts as stage N-1 ended (new LoRA adapters have B = 0, so they change nothing):
+    its "before" column is stage N-1's "after", when that was measured on the same test set."""
+    path = os.path.join(args.out, f"stage{stage - 1}.eval.json")
+    if stage == 1 or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    return saved["after"] if saved.get("eval_set") == eval_set(args) else None
+
+
+def eval_set(args):
+    return [args.eval_samples, args.demo_eval, args.demo_train, args.seed]
+
+
+METRIC_NAMES = {"caption": "caption exact match", "describe": "description sentence F1", "vqa": "VQA exact match",
+                "refer": "[refer] IoU >= 0.5", "identify": "[identify] exact match"}
+
+
+def print_table(stage, before, after):
+    log(f"\nstage {stage} | held-out evaluation (% of test samples)")
+    log(f"  {'metric':26s} {'before':>8s} {'after':>8s} {'blank img':>10s}")
+    for task, r in after.items():
+        b = f"{before[task]['image']:8.1f}" if task in before else f"{'-':>8s}"
+        log(f"  {METRIC_NAMES[task]:26s} {b} {r['image']:8.1f} {r['blank']:10.1f}")
+    log("")
+
+
+def write_example(args):
+    """A held-out picture to ask questions about, and the command that asks."""
+    example = os.path.join(args.out, "example.png")
+    data.render(demo_scenes(args)["test"][0], 2 * IMAGE_SIZE).save(example)
+    run = "" if os.path.abspath(args.out) == DEMO_RUN else f" --run {os.path.relpath(args.out)}"
+    log(f"try: python tinygptv.py --image {os.path.relpath(example)}{run} --prompt \"[vqa] what shape is the blue object?\"")
+
+
+# -----------------------------------------------------------------------------
+# The trained demo
+
+
+def load_demo(run_dir=DEMO_RUN, stage=None):
+    """The demo's trained model (train.py writes it): tokenizer, stand-in backbones, stage checkpoint."""
+    if stage is None:
+        done = [s for s in (4, 3, 2, 1) if os.path.isfile(os.path.join(run_dir, f"stage{s}.safetensors"))]
+        if not done:
+            raise FileNotFoundError(f"no trained demo checkpoint in {run_dir}: run `python train.py` first")
+        stage = done[0]
+    ckpt = os.path.join(run_dir, f"stage{stage}.safetensors")
+    backbones = os.path.join(run_dir, "backbones")
+    model, stage = tg.from_pretrained(os.path.join(backbones, "phi2"), os.path.join(backbones, "vit"),
+                                      os.path.join(backbones, "qformer"), ckpt)
+    return model, tg.load_tokenizer(backbones), stage
