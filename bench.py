@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+import int8
 import tinygptv as tg
 from phi2 import Phi2, Phi2Config
 from train import DEMO_STAGES, param_groups
@@ -294,7 +295,7 @@ def section_int8(args, bw):
     torch.manual_seed(0)
     fp32 = Phi2(Phi2Config.phi2(num_hidden_layers=L)).to(dev).eval()
     variants = {"fp32": fp32, "bf16": copy.deepcopy(fp32).to(torch.bfloat16),
-                "int8": swap_linears(copy.deepcopy(fp32), tg.Int8Linear)}
+                "int8": swap_linears(copy.deepcopy(fp32), int8.Int8Linear)}
     if dev.type == "cpu":
         ao = torch_ao_int8(copy.deepcopy(fp32))
         if ao is not None:
@@ -359,7 +360,7 @@ def random_model(config, dtype, device, int8=False, lora=False, fp32_params=lamb
             if lora:
                 model.add_lora()
             if int8:
-                tg.quantize_int8(model)
+                int8.quantize_int8(model)
     finally:
         torch.set_default_dtype(default)
     gen = torch.Generator(device).manual_seed(0)
@@ -428,8 +429,8 @@ def child_inference(spec, device):
                                             spec["new_tokens"])
     llm = model.llama_model
     # a decode step reads every weight of Phi-2 once, except the embedding table (one row of it)
-    per_token = tg.weight_bytes(llm) - tg.weight_bytes(llm.embed_tokens)
-    return dict(peak=peak_memory(device), weights=tg.weight_bytes(model), per_token=per_token,
+    per_token = int8.weight_bytes(llm) - int8.weight_bytes(llm.embed_tokens)
+    return dict(peak=peak_memory(device), weights=int8.weight_bytes(model), per_token=per_token,
                 first_token_s=t_first, s_per_token=1 / tok_s)
 
 

@@ -229,7 +229,10 @@ class Phi2Block(nn.Module):
 
 
 class Phi2(nn.Module):
-    """Phi-2 as a causal LM. Names follow the checkpoints minus transformers' "model." prefix."""
+    """Phi-2 as a causal LM: token embeddings, the parallel blocks, final_layernorm and lm_head
+    (with a bias, not tied to the embedding). Input ids (B, T) or embeddings (B, T, C) -> logits
+    (B, T, vocab). Parameter names are the checkpoints' minus transformers' "model." prefix, so
+    the key map in from_pretrained is short; mirrors transformers' `PhiForCausalLM`."""
 
     def __init__(self, config):
         super().__init__()

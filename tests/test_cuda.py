@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import demo
+import int8
 import tinygptv as tg
 import train
 from lora import add_lora
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_int8_linear_on_cuda_matches_fp32(n):
     torch.manual_seed(0)
     lin = nn.Linear(512, 1024).cuda()
-    q = tg.Int8Linear(lin).cuda()
+    q = int8.Int8Linear(lin).cuda()
     x = torch.randn(n, 512, device="cuda")
     ref = lin(x)
     got = q(x)
@@ -52,8 +53,8 @@ def test_cuda_graph_decode_equals_eager(sampling):
     int8 = Phi2(model.config).cuda().eval()
     int8.load_state_dict(model.state_dict())
     for layer in int8.layers:
-        layer.self_attn.query_key_value = tg.Int8Linear(layer.self_attn.query_key_value)
-        layer.mlp.fc1 = tg.Int8Linear(layer.mlp.fc1)
+        layer.self_attn.query_key_value = int8.Int8Linear(layer.self_attn.query_key_value)
+        layer.mlp.fc1 = int8.Int8Linear(layer.mlp.fc1)
     lora = Phi2(model.config).cuda().eval()
     lora.load_state_dict(model.state_dict())
     add_lora(lora, targets=("query_key_value", "dense"), r=8, alpha=16.0, dropout=0.1)
@@ -74,7 +75,7 @@ def test_quantized_tiny_model_generates_on_cuda():
     ids = torch.randint(1, 300, (2, 40), device="cuda")
     with torch.no_grad():
         ref = model.llama_model(ids)
-        tg.quantize_int8(model, vision=True)
+        int8.quantize_int8(model, vision=True)
         got = model.llama_model(ids)
         px = torch.randn(2, 3, 64, 64, device="cuda")
         queries = model.encode_queries(px)

@@ -12,6 +12,7 @@ import torch.nn as nn
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+import int8
 import tinygptv as tg
 from lora import LoRALinear
 
@@ -261,7 +262,7 @@ def test_official_checkpoint_converts_to_identical_logits(tok, tmp_path):
 def test_int8_linear_error_and_memory():
     torch.manual_seed(0)
     lin = nn.Linear(256, 512)
-    q = tg.Int8Linear(lin)
+    q = int8.Int8Linear(lin)
     assert q.weight_int8.dtype == torch.int8
     # per-channel weight rounding error is at most half a step
     deq = q.weight_int8.float() * q.weight_scale[:, None]
@@ -271,7 +272,7 @@ def test_int8_linear_error_and_memory():
         ref = lin(x)
         rel = ((q(x) - ref).norm() / ref.norm()).item()
         assert rel < 0.02, rel
-    assert tg.weight_bytes(q) < 0.27 * tg.weight_bytes(lin)
+    assert int8.weight_bytes(q) < 0.27 * int8.weight_bytes(lin)
 
 
 def test_quantized_model_logits_close_and_greedy_mostly_unchanged(tok):
@@ -283,8 +284,8 @@ def test_quantized_model_logits_close_and_greedy_mostly_unchanged(tok):
     with torch.no_grad():
         ref = model(ex, pixel_values=px)[0]
     before = model.generate(tok, ims, ins, stage=3, max_new_tokens=6)
-    llm_bytes = tg.weight_bytes(model.llama_model)
-    n = tg.quantize_int8(model)
+    llm_bytes = int8.weight_bytes(model.llama_model)
+    n = int8.quantize_int8(model)
     assert n == 4 * 4 + 1  # qkv, dense, fc1, fc2 per layer, and lm_head
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     with torch.no_grad():
@@ -293,7 +294,7 @@ def test_quantized_model_logits_close_and_greedy_mostly_unchanged(tok):
     assert rel < 0.05, rel
     after = model.generate(tok, ims, ins, stage=3, max_new_tokens=6)
     assert sum(a == b for a, b in zip(before, after)) >= 3
-    assert tg.weight_bytes(model.llama_model) < 0.6 * llm_bytes  # embeddings and norms stay in fp32
+    assert int8.weight_bytes(model.llama_model) < 0.6 * llm_bytes  # embeddings and norms stay in fp32
 
 
 def test_user_prompts_and_unknown_tags():
