@@ -6,7 +6,9 @@ its own copy of the same loader. Its jobs:
   transformers writes real downloads), so a loader can check names and shapes before reading data;
 - `StrictReader`: hand out a checkpoint's tensors one at a time, checking each name and shape, and
   refuse whatever is left over, so a renamed or missing key is an error naming it and never a
-  silently random weight (the official code's users met that: docs/PAPER.md section 10);
+  silently random weight (the official code's users met that: docs/PAPER.md section 10); its
+  `load` fills a model module by module and can convert each one as it arrives (int8.py quantizes
+  Phi-2's Linear layers that way, so no full-precision copy of them is ever held);
 - `read_json` and `check_overrides`: the config side of the same strictness;
 - `write_atomically`: write a file so that an interruption never leaves a half-written checkpoint.
 """
@@ -14,8 +16,15 @@ its own copy of the same loader. Its jobs:
 import dataclasses
 import json
 import os
+import re
 
+import torch
 from safetensors import SafetensorError, safe_open
+
+# safetensors' names of the dtypes it stores -> torch's
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
 
 
 def open_safetensors(path):
@@ -35,6 +44,8 @@ def open_safetensors(path):
                     weight_map = json.load(f)["weight_map"]
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError(f"{index}: its weight_map should map each tensor name to a shard file name")
             files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
         else:
             raise FileNotFoundError(f"{path}: holds neither model.safetensors nor model.safetensors.index.json")
@@ -60,10 +71,16 @@ class StrictReader:
     """The tensors of an opened checkpoint ({key: (handle, file)}, as open_safetensors returns),
     read one by one: `take(key, shape)` reads one tensor, converted to `dtype` on `device`, and
     removes it from the pool; `finish()` then refuses any tensor nobody took. Reading tensor by
-    tensor into a model built on the meta device means no second copy of the weights is held."""
+    tensor into a model built on the meta device means no second copy of the weights is held.
+
+    The bytes are read with plain file reads, not through safetensors' memory map: the pages of a
+    mapped file count in the process's resident set for as long as the file stays open, so every
+    shard read through the map would add its whole size to the peak memory (1.0 GB for a 1 GB file,
+    measured), on top of the weights it was read into."""
 
     def __init__(self, tensors, path, dtype, device):
         self.tensors, self.path, self.dtype, self.device = dict(tensors), path, dtype, device
+        self.headers = {}  # file -> (where its data starts, its JSON header)
 
     def __contains__(self, key):
         return key in self.tensors
@@ -87,9 +104,43 @@ class StrictReader:
             found = tuple(handle.get_slice(key).get_shape())
             if found != tuple(shape):
                 raise ValueError(f"{file}: tensor '{key}' has shape {found}, expected {tuple(shape)}")
-            return handle.get_tensor(key).to(device=self.device, dtype=self.dtype)
-        except SafetensorError as e:
+            return self.read(file, key).to(device=self.device, dtype=self.dtype)
+        except (SafetensorError, OSError, KeyError) as e:
             raise ValueError(f"{file}: cannot read tensor '{key}' ({str(e).splitlines()[0]})") from None
+
+    def read(self, file, key):
+        """One tensor as stored: the safetensors layout is 8 bytes of header length, a JSON header
+        giving each tensor's dtype, shape and byte range, then the bytes."""
+        if file not in self.headers:
+            with open(file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                self.headers[file] = (8 + n, json.loads(f.read(n)))
+        start, header = self.headers[file]
+        entry = header[key]
+        begin, end = entry["data_offsets"]
+        t = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
+        with open(file, "rb") as f:
+            f.seek(start + begin)
+            got = f.readinto(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own memory, no copy
+        if got != end - begin:
+            raise ValueError(f"{file}: cannot read tensor '{key}' (the file ends {end - begin - got} bytes early)")
+        return t
+
+    def load(self, model, read, convert=None):
+        """Fill `model`, built on the meta device, module by module, then finish(). read(name, p)
+        returns the tensor for parameter `name` (as model.state_dict() names it; p is its meta
+        placeholder). convert(name, module), if given, sees each module as soon as its own tensors
+        are in and returns what takes its place: itself, or a replacement such as int8.py's
+        Int8Linear, so at most one layer's weights are ever held at full precision."""
+        for prefix, module in list(model.named_modules()):
+            for name, p in list(module.named_parameters(recurse=False)):
+                t = read(f"{prefix}.{name}" if prefix else name, p)
+                setattr(module, name, torch.nn.Parameter(t, requires_grad=p.requires_grad))
+            new = module if convert is None or not prefix else convert(prefix, module)  # the root stays
+            if new is not module:
+                parent, _, child = prefix.rpartition(".")
+                setattr(model.get_submodule(parent), child, new)
+        self.finish()
 
     def finish(self):
         if self.tensors:
@@ -120,6 +171,19 @@ def check_overrides(overrides, config_class):
 def write_json(d, file):
     with open(file, "w") as f:
         json.dump(d, f, indent=2)
+
+
+def remove_stale_temporaries(folder, alive):
+    """Delete the temporaries write_atomically left when its process was killed mid-write (their
+    names end in the writer's PID, whose process `alive(pid)` says is gone). -> the paths removed."""
+    removed = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            m = re.fullmatch(r"\..+\.tmp(\d+)", name)
+            if m and int(m.group(1)) != os.getpid() and not alive(int(m.group(1))):
+                os.remove(os.path.join(root, name))
+                removed.append(os.path.join(root, name))
+    return removed
 
 
 def write_atomically(final, write):

@@ -368,7 +368,7 @@ def _image_status(file):
     try:
         with Image.open(file) as im:
             size = im.size
-            im.verify()
+            im.load()  # a full decode: verify() would pass a truncated JPEG, which then fails mid-stage
     except Exception:  # Pillow raises many kinds (OSError, SyntaxError, struct.error...) for bad files
         return "corrupt", None
     return "ok", size

@@ -311,8 +311,7 @@ def build_backbones(args):
     vit, qformer = pretrain_vision(cfg, scenes, args)
     vit.save_pretrained(os.path.join(root, "vit"))
     qformer.save_pretrained(os.path.join(root, "qformer"))
-    with open(done, "w") as f:
-        f.write("stage 0 finished\n")
+    write_atomically(done, lambda tmp: open(tmp, "w").close())  # an empty marker: stage 0 finished
 
 
 # -----------------------------------------------------------------------------
@@ -367,9 +366,13 @@ def previous_evaluation(args, stage):
     path = os.path.join(args.out, f"stage{stage - 1}.eval.json")
     if stage == 1 or not os.path.isfile(path):
         return None
-    with open(path) as f:
-        saved = json.load(f)
-    return saved["after"] if saved.get("eval_set") == eval_set(args) else None
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        return saved["after"] if saved.get("eval_set") == eval_set(args) else None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        log(f"stage {stage} | {path} is unreadable; measuring the \"before\" column again")
+        return None
 
 
 def eval_set(args):

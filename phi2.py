@@ -379,7 +379,7 @@ class Phi2(nn.Module):
     # Checkpoints: transformers names <-> ours (docs/PAPER.md section 8 lists the keys)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device="cpu", **overrides):
+    def from_pretrained(cls, path, dtype=None, device="cpu", convert=None, **overrides):
         """Load Phi-2 from a transformers-layout directory (config.json and model.safetensors, or
         shards with model.safetensors.index.json) or from one .safetensors file, whose config comes
         from a config.json beside it if there is one, else from Phi2Config's defaults (the real
@@ -390,7 +390,9 @@ class Phi2(nn.Module):
         for TinyGPT-V) but absent from the checkpoint start at weight 1, bias 0; one line says so.
         dtype: float32 (when None), bfloat16 or float16. The model is built on the meta device and
         each tensor is read, converted and placed on `device` in turn, so no second full copy of
-        the weights is ever held.
+        the weights is ever held. convert(name, module), if given, sees each module as soon as its
+        tensors are read and returns what replaces it (int8.quantizer turns each Linear into int8
+        there, so Phi-2 never exists at full precision: checkpoints.StrictReader.load).
         """
         dtype = dtype or torch.float32
         if not os.path.exists(path):
@@ -410,22 +412,21 @@ class Phi2(nn.Module):
         fresh = {"qk_layernorm": ("q_layernorm", "k_layernorm"), "post_layernorm": ("post_layernorm",)}
         fresh = {m for flag, mods in fresh.items() if overrides.get(flag) and not file_config.get(flag) for m in mods}
 
-        state, initialized = {}, []
-        for name, p in model.state_dict().items():
+        initialized = []
+
+        def read(name, p):  # our tensor `name` from the checkpoint
             key = name if name.startswith("lm_head.") else "model." + name  # transformers' PhiModel is .model
             if "query_key_value" in name and key not in reader:  # transformers >= 4.37: q, k, v apart
                 parts = [key.replace("query_key_value", proj) for proj in ("q_proj", "k_proj", "v_proj")]
-                state[name] = torch.cat([reader.take(k, (p.shape[0] // 3, *p.shape[1:])) for k in parts])  # (3C, ...)
-            elif "query_key_value" in name:  # legacy fused layout, rows head by head
-                state[name] = legacy_qkv_to_ours(reader.take(key, p.shape), config.num_attention_heads)
-            elif key not in reader and name.split(".")[-2] in fresh:  # a stabilizer new to this checkpoint
-                state[name] = (torch.ones if name.endswith("weight") else torch.zeros)(p.shape, dtype=dtype,
-                                                                                          device=device)
+                return torch.cat([reader.take(k, (p.shape[0] // 3, *p.shape[1:])) for k in parts])  # (3C, ...)
+            if "query_key_value" in name:  # legacy fused layout, rows head by head
+                return legacy_qkv_to_ours(reader.take(key, p.shape), config.num_attention_heads)
+            if key not in reader and name.split(".")[-2] in fresh:  # a stabilizer new to this checkpoint
                 initialized.append(name)
-            else:
-                state[name] = reader.take(key, p.shape)
-        reader.finish()
-        model.load_state_dict(state, strict=True, assign=True)
+                return (torch.ones if name.endswith("weight") else torch.zeros)(p.shape, dtype=dtype, device=device)
+            return reader.take(key, p.shape)
+
+        reader.load(model, read, convert)
         if initialized:
             print(f"phi2: {len(initialized)} stabilizer norm tensors ({', '.join(sorted(fresh))}) are not in "
                   f"{path}; they start at weight 1, bias 0")
@@ -564,6 +565,9 @@ def legacy_qkv_to_ours(t, num_heads):
 def config_from_json(file):
     """Phi2Config fields from a transformers PhiConfig config.json (4.x or 5.x) plus "post_layernorm"."""
     d = read_json(file)
+    if d.get("model_type") not in ("phi", "phi-msft"):
+        raise ValueError(f"{file}: not a Phi-2 config (model_type {d.get('model_type')!r}, expected 'phi'): "
+                         "is this the right directory?")
     # transformers 5 keeps RoPE settings in rope_parameters; some 4.x configs in rope_scaling
     for nested in ("rope_parameters", "rope_scaling"):
         rope = d.get(nested) or {}

@@ -40,12 +40,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from checkpoints import write_atomically
-from int8 import quantize_int8
+from int8 import quantize_int8, quantizer
 from lora import LoRALinear, add_lora
 from phi2 import Phi2, Phi2Config
 from qformer import QFormer, QFormerConfig
@@ -166,16 +166,33 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def to_rgb(im, name="image"):
+    """Any image Pillow opens -> RGB, fully decoded. 16- and 32-bit grey ("I;16", "I") are scaled
+    from 0-65535 to 0-255: Pillow's own convert clips them, and most greys come out white."""
+    if im.mode.startswith("I;16") or (im.mode == "I" and np.asarray(im).max() > 255):
+        grey = (np.asarray(im, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if im.mode == "F":
+        raise ValueError(f"{name}: a floating-point image (mode F) has no agreed 0-255 range; save it as 8-bit")
+    try:
+        return im.convert("RGB")  # L, P, RGBA, CMYK, YCbCr, ...; forces a full decode
+    except ValueError as e:  # a mode Pillow cannot turn into RGB (LAB, ...)
+        raise ValueError(f"{name}: cannot convert mode {im.mode} to RGB ({e})") from None
+
+
 def load_image(image):
-    """A path or a PIL image -> an RGB PIL image; a one-line error for a missing or corrupt file."""
+    """A path or a PIL image -> an RGB PIL image; a one-line error for a missing, corrupt, truncated
+    or oversized file (Pillow's decompression-bomb limit)."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     if not os.path.isfile(image):
         raise FileNotFoundError(f"image not found: {image}")
     try:
         with Image.open(image) as im:
-            return im.convert("RGB")  # any mode (L, P, RGBA, CMYK) -> RGB; forces a full decode
-    except (UnidentifiedImageError, OSError) as e:
+            return to_rgb(im, image)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{image}: refused: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # SyntaxError: Pillow's word for some bad files
         raise ValueError(f"cannot read image {image}: {e}") from None
 
 
@@ -331,8 +348,8 @@ class TinyGPTV(nn.Module):
         inputs, mask, _, _ = self.assemble(self.project(self.encode_queries(pixels)), examples, pad_left=True)
         limit = self.config.llm.max_position_embeddings
         if inputs.shape[1] + max_new_tokens > limit:
-            raise ValueError(f"prompt is {inputs.shape[1]} tokens with the image; with {max_new_tokens} new "
-                             f"tokens that exceeds the context of {limit}: shorten the prompt")
+            raise ValueError(f"the prompt is {inputs.shape[1]} tokens with the image; with {max_new_tokens} new tokens "
+                             f"that exceeds the context of {limit}: lower --max-new-tokens or shorten the prompt")
         end = END_MARKERS[stage]
         # a marker can tokenize differently after a space, so both spellings stop generation
         stops = [encode(tok, end), encode(tok, " " + end)]
@@ -397,7 +414,6 @@ def read_checkpoint(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         tensors = load_file(path)
-        from safetensors import safe_open
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, RuntimeError) as e:
@@ -405,55 +421,87 @@ def read_checkpoint(path):
     return tensors, meta
 
 
+def check_tensors(expected, tensors, where, optional=()):
+    """Strictness over a set of tensors: every expected name present (but those in `optional`),
+    none unexpected, each with the expected shape and a floating-point dtype. Errors name the tensor."""
+    missing = sorted(set(expected) - set(tensors) - set(optional))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        raise ValueError(f"{where}: missing key {missing[0]} ({len(missing)} missing)")
+    if unexpected:
+        raise ValueError(f"{where}: unexpected key {unexpected[0]} ({len(unexpected)} unexpected)")
+    for k, v in tensors.items():
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            raise ValueError(f"{where}: {k} is {getattr(v, 'dtype', type(v).__name__)}, not a floating-point tensor")
+        if v.shape != expected[k].shape:
+            raise ValueError(f"{where}: {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
+
+
 def load_checkpoint(model, path):
     """Strictly load a stage checkpoint into `model`. A stage-1 file (no LoRA) into a model with fresh
     LoRA is allowed: stage 2 starts its adapters from zero. Every other difference is an error."""
     tensors, meta = read_checkpoint(path)
     expected = trainable_state_dict(model)
-    own_lora = {k for k in expected if ".lora_" in k}
     file_has_lora = any(".lora_" in k for k in tensors)
-    need = set(expected) - (own_lora if not file_has_lora else set())
-    missing = sorted(need - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing:
-        raise ValueError(f"{path}: missing key {missing[0]} ({len(missing)} missing)")
-    if unexpected:
-        raise ValueError(f"{path}: unexpected key {unexpected[0]} ({len(unexpected)} unexpected)")
-    for k, v in tensors.items():
-        if v.shape != expected[k].shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
+    check_tensors(expected, tensors, path, optional=() if file_has_lora else [k for k in expected if ".lora_" in k])
     model.load_state_dict(tensors, strict=False)  # strictness checked above, over the trained subset
     return meta
 
 
 def config_from_checkpoint(path):
+    """-> (TinyGPTVConfig, stage) from a stage checkpoint's metadata, or a one-line error."""
     _, meta = read_checkpoint(path)
     if "config" not in meta:
-        raise ValueError(f"{path} holds no TinyGPT-V config: is it a checkpoint written by this project?")
-    return TinyGPTVConfig.from_dict(json.loads(meta["config"])), int(meta.get("stage", 4))
+        raise ValueError(f"{path} holds no TinyGPT-V config: is it a checkpoint written by this project, or "
+                         "converted with `tinygptv.py convert`?")
+    stage = meta.get("stage", "4")
+    if stage not in ("1", "2", "3", "4"):
+        raise ValueError(f"{path}: its metadata says stage {stage!r}; expected 1, 2, 3 or 4")
+    try:
+        return TinyGPTVConfig.from_dict(json.loads(meta["config"])), int(stage)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: its config metadata is not a TinyGPT-V config ({type(e).__name__}: {e})") from None
 
 
 def from_pretrained(phi2_path, vit_path, qformer_path=None, checkpoint=None, dtype=None, device="cpu",
-                    proj_dim=TinyGPTVConfig.proj_dim):
+                    proj_dim=TinyGPTVConfig.proj_dim, int8=False):
     """Assemble TinyGPT-V from what a user can download: a Phi-2 directory, a BLIP-2 directory
     (ViT, ln_vision, Q-Former, query tokens; pass it as `vit_path`, the Q-Former is read from the
     same place unless `qformer_path` says otherwise) and optionally a stage checkpoint of ours.
     proj_dim is llama_proj's width for new projections (the paper's 4096; the demo's tiny
-    backbones take `TinyGPTVConfig.tiny().proj_dim`); a checkpoint's own config overrides it."""
-    llm = Phi2.from_pretrained(phi2_path, dtype=dtype, device=device, qk_layernorm=True, post_layernorm=True)
+    backbones take `TinyGPTVConfig.tiny().proj_dim`); a checkpoint's own config overrides it.
+
+    int8: Phi-2's Linear layers become Int8Linear while they load, one at a time, with the
+    checkpoint's LoRA merged into each first (int8.quantizer), so Phi-2 never exists at full
+    precision: the same weights as quantize_int8 after loading, without the 11 GB float32 copy.
+    Everything else loads in `dtype`."""
+    stage, ck_tensors, lora, scaling = 0, {}, {}, 1.0
+    if checkpoint is not None:
+        ck_config, stage = config_from_checkpoint(checkpoint)
+        if int8:
+            ck_tensors, _ = read_checkpoint(checkpoint)
+            lora = {k.removeprefix("llama_model."): v for k, v in ck_tensors.items() if ".lora_" in k}
+            scaling = ck_config.lora_alpha / ck_config.lora_r
+    convert = quantizer(lora, scaling) if int8 else None
+    llm = Phi2.from_pretrained(phi2_path, dtype=dtype, device=device, convert=convert, qk_layernorm=True,
+                               post_layernorm=True)
     visual_encoder = VisionTransformer.from_pretrained(vit_path, dtype=dtype, device=device)
     qformer = QFormer.from_pretrained(qformer_path or vit_path, dtype=dtype, device=device)
     config = TinyGPTVConfig(vision=visual_encoder.config, qformer=qformer.config, llm=llm.config, proj_dim=proj_dim)
-    stage = 0
     if checkpoint is not None:
-        ck_config, stage = config_from_checkpoint(checkpoint)
         config.proj_dim, config.lora_r, config.lora_alpha = ck_config.proj_dim, ck_config.lora_r, ck_config.lora_alpha
     with torch.device("meta"):  # the big parts come from the downloads: build only the shell
         model = TinyGPTV(config)
+        if checkpoint is not None and stage >= 2:
+            model.add_lora()
+        expected = trainable_state_dict(model)  # what a checkpoint of this stage holds
     model.visual_encoder, model.qformer, model.llama_model = visual_encoder, qformer, llm
     model.llama_proj = nn.Linear(config.qformer.hidden_size, config.proj_dim, device=device, dtype=dtype)
     model.llama_proj2 = nn.Linear(config.proj_dim, config.llm.hidden_size, device=device, dtype=dtype)
-    if checkpoint is not None:
+    if checkpoint is not None and int8:  # as load_checkpoint, but the adapters are already merged in
+        check_tensors(expected, ck_tensors, checkpoint, optional=() if lora else [k for k in expected if ".lora_" in k])
+        model.load_state_dict({k: v for k, v in ck_tensors.items() if ".lora_" not in k}, strict=False)
+    elif checkpoint is not None:
         if stage >= 2:
             model.add_lora()
         load_checkpoint(model, checkpoint)
@@ -467,13 +515,28 @@ OFFICIAL_PREFIX = "llama_model.base_model.model.model."  # peft wrapper + PhiFor
 
 
 def _torch_load(path):
+    """A .pth's state dict, read with weights_only (tensors and plain containers, never code)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"file not found: {path}")
+        raise FileNotFoundError(f"{path}: no such file" + (" (a directory)" if os.path.isdir(path) else ""))
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic not in (b"PK", b"\x80\x02"):  # torch.save's zip archive, or the legacy pickle protocol 2
+        raise ValueError(f"{path}: not a torch .pth file (is the order `convert SOURCE... DESTINATION`?)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain types only
-    except Exception as e:
-        raise ValueError(f"cannot read {path} as a weights-only torch file: {str(e).splitlines()[0]}") from None
-    return obj.get("model", obj) if isinstance(obj, dict) else obj
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's own message suggests weights_only=False: never relay that advice
+        why = "it holds objects other than tensors and plain containers" if "weights_only" in str(e) \
+            else str(e).splitlines()[0]
+        raise ValueError(f"{path}: refused: {why} (this project never unpickles code)") from None
+    sd = obj.get("model", obj) if isinstance(obj, dict) else obj
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: holds a {type(sd).__name__}, not a state dict (a dict of tensors)")
+    for k, v in sd.items():
+        if not isinstance(k, str):
+            raise ValueError(f"{path}: key {k!r} is not a tensor name")
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"{path}: '{k}' holds a {type(v).__name__}, not a tensor")
+    return sd
 
 
 def convert_official_stage(state_dict, num_heads):
@@ -495,8 +558,11 @@ def convert_official_stage(state_dict, num_heads):
         m = re.fullmatch(r"(.*\.(?:query_key_value|dense))\.lora_([AB])\.weight", name)
         if m:
             if name.endswith("query_key_value.lora_B.weight"):
+                if v.dim() != 2 or v.shape[0] % (3 * num_heads):
+                    raise ValueError(f"{k}: shape {tuple(v.shape)} is not (3 x {num_heads} heads x head_dim, r): "
+                                     "check --num-heads")
                 r = v.shape[1]
-                v = v.view(num_heads, 3, -1, r).transpose(0, 1).reshape(-1, r)  # (3*H*hd, r)
+                v = v.reshape(num_heads, 3, -1, r).transpose(0, 1).reshape(-1, r)  # (3*H*hd, r)
             out[f"{m.group(1)}.lora_{m.group(2)}"] = v
         elif name.endswith(NORM_WEIGHTS):
             out[name] = v
@@ -521,19 +587,68 @@ def convert_lavis(state_dict):
     return out, unknown
 
 
-def convert(src, dst, num_heads=32):
-    sd = _torch_load(src)
-    if any(k.startswith((OFFICIAL_PREFIX, "llama_proj")) for k in sd):
-        out, unknown = convert_official_stage(sd, num_heads)
-    else:
-        out, unknown = convert_lavis(sd)
+def official_config(tensors, stage):
+    """The config a converted official stage checkpoint carries, so that `--checkpoint` can use it:
+    the paper's model, with the projection width and LoRA rank read from the tensors (LoRA's alpha
+    is not in the file: the official 16, docs/PAPER.md section 5)."""
+    config = TinyGPTVConfig.full()
+    if "llama_proj.weight" in tensors:
+        config.proj_dim = tensors["llama_proj.weight"].shape[0]  # (proj_dim, 768)
+    ranks = {v.shape[0] for k, v in tensors.items() if k.endswith(".lora_A")}  # (r, in)
+    if len(ranks) > 1:
+        raise ValueError(f"LoRA ranks differ between layers: {sorted(ranks)}")
+    if ranks:
+        config.lora_r = ranks.pop()
+    elif stage >= 2:
+        raise ValueError(f"a stage-{stage} checkpoint must hold LoRA adapters; this one has none")
+    return config
+
+
+def convert(sources, dst, num_heads=32, stage=None, force=False):
+    """Official .pth files -> one safetensors file. A TinyGPT-V stage checkpoint becomes a stage
+    checkpoint of ours, with its config; EVA and BLIP-2 pickles (e.g. `eva_vit_g.pth` for the ViT
+    and a BLIP-2 `.pth` for ln_vision and the Q-Former) merge into one file that `--blip2` reads."""
+    sources = [sources] if isinstance(sources, str) else sources
+    if num_heads < 1:
+        raise ValueError(f"--num-heads {num_heads}: must be at least 1")
+    if os.path.isdir(dst):
+        raise ValueError(f"{dst}: is a directory; give the file to write")
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such directory for {os.path.basename(dst)}")
+    if os.path.exists(dst) and not force:
+        raise ValueError(f"{dst} exists; pass --force to replace it")
+    out, unknown, official = {}, [], False
+    for src in sources:
+        sd = _torch_load(src)
+        if any(k.startswith((OFFICIAL_PREFIX, "llama_proj")) for k in sd):
+            part, skipped = convert_official_stage(sd, num_heads)
+            official = True
+        else:
+            part, skipped = convert_lavis(sd)
+        twice = sorted(set(part) & set(out))
+        if twice:
+            raise ValueError(f"{src}: '{twice[0]}' is also in an earlier source")
+        out.update(part)
+        unknown += skipped
     if not out:
-        raise ValueError(f"{src}: no TinyGPT-V, EVA or BLIP-2 weights found")
+        raise ValueError(f"{', '.join(sources)}: no TinyGPT-V, EVA or BLIP-2 weights found")
+    if official and len(sources) > 1:
+        raise ValueError("a TinyGPT-V stage checkpoint converts on its own, not merged with other files")
+    meta = {"converted_from": ", ".join(os.path.basename(s) for s in sources)}
+    if official:
+        if stage is None:
+            m = re.search(r"stage[_-]?(\d)", os.path.basename(sources[0]), re.I)
+            if m is None:
+                raise ValueError(f"{sources[0]}: the file name does not say its stage; pass --stage 1-4")
+            stage = int(m.group(1))
+        if stage not in (1, 2, 3, 4):
+            raise ValueError(f"stage {stage}: expected 1, 2, 3 or 4")
+        meta.update(config=json.dumps(official_config(out, stage).to_dict()), stage=str(stage))
     if unknown:  # reported, never dropped silently
         print(f"convert: {len(unknown)} keys not used: {', '.join(unknown[:8])}" + (" ..." if len(unknown) > 8 else ""))
-    write_atomically(dst, lambda tmp: save_file({k: v.contiguous() for k, v in out.items()}, tmp,
-                                                metadata={"converted_from": os.path.basename(src)}))
-    print(f"convert: wrote {len(out)} tensors to {dst}")
+    write_atomically(dst, lambda tmp: save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata=meta))
+    print(f"convert: wrote {len(out)} tensors to {dst}" + (f" (a stage-{stage} checkpoint)" if official else ""))
     return out, unknown
 
 
@@ -555,60 +670,127 @@ def count_parameters(config):
     return rows
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad option is a one-line `error: ...` like every other expected failure."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def at_least(low, kind=int):
+    """An argparse type: a number >= low (a finite one, for floats)."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not math.isfinite(v) or v < low:
+            raise argparse.ArgumentTypeError(f"{text} must be at least {low}")
+        return v
+    return parse
+
+
+def probability(text):
+    """An argparse type for top-p: a number in (0, 1]."""
+    v = at_least(0.0, float)(text)
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
+    return v
+
+
+def device_option(text):
+    """An argparse type: a torch device this machine has."""
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device; use cpu")
+    try:
+        return str(torch.device(text))
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+
+
+def run_cli(main, interrupted="interrupted"):
+    """Run an entry point: an expected failure (bad input, a missing or unreadable file, a full
+    disk) is one line on stderr and exit code 2, Ctrl-C one line and 130. A bug still shows its
+    traceback."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError) as e:  # FileNotFoundError and PermissionError are OSErrors
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["convert"]:
-        p = argparse.ArgumentParser(prog="tinygptv.py convert",
-                                    description="Convert an official .pth (TinyGPT-V stage, LAVIS EVA/BLIP-2) to safetensors")
-        p.add_argument("src")
-        p.add_argument("dst")
-        p.add_argument("--num-heads", type=int, default=32, help="Phi-2's heads, to un-interleave the fused qkv")
+        p = ArgumentParser(prog="tinygptv.py convert", description="Convert official .pth files (a TinyGPT-V "
+                           "stage; LAVIS EVA and BLIP-2, merged into one) to safetensors")
+        p.add_argument("sources", nargs="+", metavar="SOURCE", help="one or more .pth files")
+        p.add_argument("dst", metavar="DESTINATION", help="the .safetensors file to write")
+        p.add_argument("--num-heads", type=at_least(1), default=32, help="Phi-2's heads, to un-interleave the fused qkv")
+        p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), help="a TinyGPT-V checkpoint's stage, if its "
+                       "file name does not say it")
+        p.add_argument("--force", action="store_true", help="replace DESTINATION if it exists")
         a = p.parse_args(argv[1:])
-        convert(a.src, a.dst, a.num_heads)
+        convert(a.sources, a.dst, a.num_heads, stage=a.stage, force=a.force)
         return
     if argv[:1] == ["params"]:
         for name, n in count_parameters(TinyGPTVConfig.full()):
             print(f"{name:45s} {n:>15,d}")
         return
-    p = argparse.ArgumentParser(description="Ask TinyGPT-V about an image. Without weight options it "
-                                "answers from the demo that `python train.py` trains.")
+    p = ArgumentParser(description="Ask TinyGPT-V about an image. Without weight options it "
+                       "answers from the demo that `python train.py` trains.")
     p.add_argument("--image", required=True)
     p.add_argument("--prompt", required=True, help='e.g. "[vqa] what color is the circle" or "[refer] the red square"')
-    p.add_argument("--checkpoint", help="a stage checkpoint (.safetensors) of this project")
+    p.add_argument("--checkpoint", help="a stage checkpoint (.safetensors) of this project, or a converted official one")
     p.add_argument("--run", help="the demo run directory train.py wrote (default: runs/demo)")
     p.add_argument("--phi2", help="a Phi-2 directory (transformers layout, with tokenizer.json)")
     p.add_argument("--blip2", help="a BLIP-2 directory or LAVIS safetensors (ViT + Q-Former)")
     p.add_argument("--qformer", help="the Q-Former, if not in the --blip2 path")
     p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), help="prompt template (default: the checkpoint's stage)")
     p.add_argument("--int8", action="store_true", help="int8 weights for the language model")
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--device", type=device_option, default="cpu")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=40)
+    p.add_argument("--temperature", type=at_least(0.0, float), default=0.0, help="0 (the default) is greedy")
+    p.add_argument("--top-p", type=probability, default=None)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    if not a.prompt.strip():
+        raise ValueError('--prompt is empty: ask something, e.g. --prompt "[vqa] what color is the circle"')
     if a.phi2 or a.blip2:
         if not (a.phi2 and a.blip2):
             raise ValueError("real weights need both --phi2 and --blip2")
-        model, stage = from_pretrained(a.phi2, a.blip2, a.qformer, checkpoint=a.checkpoint)
+        if not a.checkpoint:  # the projections would be random: every answer garbage
+            raise ValueError("--phi2/--blip2 need --checkpoint too: without a trained stage checkpoint (ours, or an "
+                             "official one converted with `tinygptv.py convert`) the projections are untrained")
+        # --int8: Phi-2 is quantized layer by layer as it loads and the rest is read in bf16 (the
+        # official code runs the ViT in fp16): about 5 GB in all, where float32 would need 15 GB
+        model, stage = from_pretrained(a.phi2, a.blip2, a.qformer, checkpoint=a.checkpoint, int8=a.int8,
+                                       dtype=torch.bfloat16 if a.int8 else None)
         tok = load_tokenizer(a.phi2)
     elif a.checkpoint:
         raise ValueError("--checkpoint needs --phi2 and --blip2 (the frozen weights it builds on)")
     else:  # the demo is the default; demo.py builds on this file, so it is imported only here
         import demo
         model, tok, stage = demo.load_demo(a.run or demo.DEMO_RUN)
+    if tok.get_vocab_size() > model.config.llm.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens but the language model only "
+                         f"{model.config.llm.vocab_size} embeddings: they do not belong together")
+    if a.max_new_tokens >= model.config.llm.max_position_embeddings:
+        raise ValueError(f"--max-new-tokens {a.max_new_tokens}: the model's context is "
+                         f"{model.config.llm.max_position_embeddings} tokens, prompt and image included")
     stage = a.stage or max(stage, 1)
     instruction = parse_user_prompt(a.prompt) if stage >= 3 else ""
     image = load_image(a.image)
-    if a.int8:
+    if a.int8 and not a.phi2:  # the demo's small model: quantized after it is built
         quantize_int8(model)
+    model.to(a.device)
     answer = model.generate(tok, [image], [instruction], stage=stage, max_new_tokens=a.max_new_tokens,
                             temperature=a.temperature, top_p=a.top_p, seed=a.seed)[0]
     print(answer)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

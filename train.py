@@ -29,7 +29,6 @@ images as the baseline that shows how much the model uses the picture.
 import argparse
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -40,7 +39,7 @@ import torch.nn as nn
 import data
 import demo
 import tinygptv as tg
-from checkpoints import write_atomically, write_json
+from checkpoints import remove_stale_temporaries, write_atomically, write_json
 from lora import mark_trainable
 
 # -----------------------------------------------------------------------------
@@ -117,7 +116,7 @@ def stage_path(args, stage):
 def build_model(args, stage):
     """Backbones (real or the demo's) + the previous stage's checkpoint + LoRA from stage 2 on."""
     if args.phi2:
-        model, _ = tg.from_pretrained(args.phi2, args.blip2)
+        model, _ = tg.from_pretrained(args.phi2, args.blip2, args.qformer)
         tok = tg.load_tokenizer(args.phi2)
     else:
         root = os.path.join(args.out, "backbones")
@@ -210,6 +209,47 @@ def evaluate_stage(args, stage):
 # One stage
 
 
+def run_settings(args):
+    """What a resumed run must share with the interrupted one, or it would silently become a third run."""
+    sc = args.stages
+    return {"seed": args.seed, "data": args.data, "paper": args.paper,
+            "steps": {k: v.steps for k, v in sc.items()}, "batch_size": {k: v.batch_size for k, v in sc.items()}}
+
+
+def saved_state(args, stage, path):
+    """The interrupted stage's saved state to continue from, or None to start the stage fresh. A
+    state file is never discarded without --restart, nor a fresh start taken for a resume."""
+    if not os.path.isfile(path):
+        if args.resume:
+            raise TrainingError(f"--resume: nothing to resume for stage {stage} ({path} does not exist); "
+                                "run without --resume")
+        return None
+    if not (args.resume or args.restart):
+        raise TrainingError(f"stage {stage} has an interrupted run's state ({path}): pass --resume to continue it "
+                            "or --restart to start the stage over")
+    if args.restart:
+        return None
+    try:
+        st = torch.load(path, map_location=args.device, weights_only=True)
+    except Exception as e:  # truncated, garbage, or not a state file at all
+        raise TrainingError(f"{path}: cannot read the saved state ({str(e).splitlines()[0][:120]}); "
+                            "--restart starts the stage over") from None
+    keys = ("model", "optimizer", "scaler", "rng", "step")
+    if not isinstance(st, dict) or any(k not in st for k in keys) or not isinstance(st["model"], dict):
+        raise TrainingError(f"{path}: not a train.py state file (expected {', '.join(keys)}); "
+                            "--restart starts the stage over")
+    saved, now = st.get("settings", {}), run_settings(args)
+    for name, value in now.items():
+        was = saved.get(name, value)
+        if isinstance(value, dict):  # per-stage settings: this stage's is what matters
+            was, value = was.get(stage, was.get(str(stage))), value[stage]
+        if was != value:
+            option = "--" + name.replace("_", "-")
+            raise TrainingError(f"--resume: {option} is {value} now but was {was} in the interrupted run; "
+                                f"resume with the same {option}, or --restart")
+    return st
+
+
 def param_groups(model, weight_decay):
     """Weight decay on matrices only; biases and norm weights (1-D) are not decayed (nanoGPT, BLIP-2)."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -221,6 +261,11 @@ def train_stage(args, stage):
     """Train one stage; returns (the loss of each step run here, whether the stage finished)."""
     sc = args.stages[stage]
     rank, nproc = world()
+    if sc.batch_size // nproc < args.grad_accum:
+        raise TrainingError(f"--grad-accum {args.grad_accum}: more micro-batches than the {sc.batch_size // nproc} "
+                            f"samples each of {nproc} process(es) gets per step; lower it or raise --batch-size")
+    state_path = os.path.join(args.out, f"stage{stage}.state.pt")
+    st = saved_state(args, stage, state_path)
     torch.manual_seed(args.seed + stage)
     model, tok = build_model(args, stage)
     samples = stage_data(args, stage)
@@ -245,14 +290,17 @@ def train_stage(args, stage):
     if nproc > 1:  # each rank computes its share of the global batch; DDP all-reduces the gradients
         net = nn.parallel.DistributedDataParallel(model)
 
-    state_path = os.path.join(args.out, f"stage{stage}.state.pt")
     step = 0
-    if args.resume and os.path.isfile(state_path):
-        st = torch.load(state_path, map_location=args.device, weights_only=True)
+    if st is not None:
+        tg.check_tensors(tg.trainable_state_dict(model), st["model"], state_path)  # as strict as weights
         model.load_state_dict(st["model"], strict=False)
-        opt.load_state_dict(st["optimizer"])
-        scaler.load_state_dict(st["scaler"])
-        torch.set_rng_state(st["rng"])  # dropout continues as if never stopped
+        try:
+            opt.load_state_dict(st["optimizer"])
+            scaler.load_state_dict(st["scaler"])
+            torch.set_rng_state(st["rng"])  # dropout continues as if never stopped
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise TrainingError(f"{state_path}: its optimizer state does not fit this model ({e}); "
+                                "--restart starts the stage over") from None
         step = st["step"]
         log(f"stage {stage} | resumed at step {step} from {state_path}")
 
@@ -260,7 +308,7 @@ def train_stage(args, stage):
         if rank == 0:
             atomic_torch_save({"model": tg.trainable_state_dict(model), "optimizer": opt.state_dict(),
                                "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                               "stage_config": asdict(sc)}, state_path)
+                               "stage_config": asdict(sc), "settings": run_settings(args)}, state_path)
 
     before = {}
     if args.eval and not args.data and rank == 0:
@@ -330,38 +378,45 @@ def train_stage(args, stage):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    count, pos = tg.at_least(1), tg.at_least(0.0, float)
+    p = tg.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), help="run only this stage (default: all)")
-    p.add_argument("--resume", action="store_true", help="continue the stage from its last step checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted stage from its last step checkpoint")
+    p.add_argument("--restart", action="store_true", help="start the interrupted stage over, discarding its steps")
     p.add_argument("--out", default=demo.DEMO_RUN)
     p.add_argument("--data", help="a real data file (caption pairs, LLaVA, VQA or refexp JSON) for the stage")
     p.add_argument("--image-root", help="folder the data file's image names are relative to")
     p.add_argument("--phi2", help="a real Phi-2 directory (with tokenizer.json)")
-    p.add_argument("--blip2", help="a real BLIP-2 directory (ViT, ln_vision, Q-Former)")
+    p.add_argument("--blip2", help="a real BLIP-2 directory or converted LAVIS file (ViT, ln_vision, Q-Former)")
+    p.add_argument("--qformer", help="the Q-Former, if it is not in the --blip2 path")
     p.add_argument("--paper", action="store_true", help="use the paper's stage settings instead of the demo's")
-    p.add_argument("--steps", type=int, help="override the stage's number of steps")
-    p.add_argument("--batch-size", type=int, help="override the stage's global batch size")
-    p.add_argument("--grad-accum", type=int, default=1, help="split each batch into this many micro-batches")
-    p.add_argument("--ckpt-every", type=int, default=100)
-    p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--stop-after", type=int, help="stop after this many steps (resume later with --resume)")
+    p.add_argument("--steps", type=count, help="override the stage's number of steps")
+    p.add_argument("--batch-size", type=count, help="override the stage's global batch size")
+    p.add_argument("--grad-accum", type=count, default=1, help="split each batch into this many micro-batches")
+    p.add_argument("--ckpt-every", type=count, default=100)
+    p.add_argument("--log-every", type=count, default=25)
+    p.add_argument("--stop-after", type=count, help="stop after this many steps (resume later with --resume)")
     p.add_argument("--no-eval", dest="eval", action="store_false")
-    p.add_argument("--eval-samples", type=int, default=100, help="held-out samples per task in each table")
+    p.add_argument("--eval-samples", type=count, default=100, help="held-out samples per task in each table")
     p.add_argument("--evaluate", type=int, choices=(1, 2, 3, 4), help="only print the held-out table of this "
                    "finished stage's checkpoint (train nothing)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dropout", type=float, help="set every dropout (Phi-2 residual, LoRA) to this (the demo's "
+    p.add_argument("--device", type=tg.device_option, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dropout", type=pos, help="set every dropout (Phi-2 residual, LoRA) to this (the demo's "
                    "stages use 0, the paper's the model's own); 0 makes runs with different process counts comparable")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="CUDA mixed precision (auto: bf16 if supported, else fp16 with a GradScaler)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--demo-train", type=int, default=5000, help="demo scenes for training")
-    p.add_argument("--demo-eval", type=int, default=300, help="demo scenes for validation and test, each")
-    p.add_argument("--lm-steps", type=int, default=500, help="stage 0: language-model steps")
-    p.add_argument("--vision-steps", type=int, default=1000, help="stage 0: vision pretraining steps")
+    p.add_argument("--demo-train", type=count, default=5000, help="demo scenes for training")
+    p.add_argument("--demo-eval", type=count, default=300, help="demo scenes for validation and test, each")
+    p.add_argument("--lm-steps", type=count, default=500, help="stage 0: language-model steps")
+    p.add_argument("--vision-steps", type=count, default=1000, help="stage 0: vision pretraining steps")
     a = p.parse_args(argv)
     if (a.phi2 is None) != (a.blip2 is None):
         p.error("real weights need both --phi2 and --blip2")
+    if a.resume and a.restart:
+        p.error("--resume and --restart exclude each other: continue the stage, or start it over")
+    if a.dropout is not None and a.dropout >= 1:
+        p.error(f"--dropout {a.dropout}: must be below 1")
     stages = PAPER_STAGES if a.paper else DEMO_STAGES
     a.stages = {k: replace(v, **({"steps": a.steps} if a.steps else {}), **({"batch_size": a.batch_size} if a.batch_size else {}))
                 for k, v in stages.items()}
@@ -377,6 +432,48 @@ def run(args):
     if args.evaluate:
         return evaluate_stage(args, args.evaluate)
     os.makedirs(args.out, exist_ok=True)
+    lock = take_lock(args.out) if world()[0] == 0 else None
+    try:
+        train_stages(args)
+    finally:
+        if lock:
+            os.remove(lock)
+
+
+def take_lock(out):
+    """One writer per run directory: two train.py processes on one --out would each overwrite the
+    other's checkpoints. The lock file holds the PID; a lock whose process is gone is taken over,
+    and so are the temporaries its killed writes left behind."""
+    path = os.path.join(out, ".lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            with open(path) as f:
+                text = f.read().strip()
+            if text.isdigit() and pid_alive(int(text)):
+                raise TrainingError(f"{out} is in use by another train.py (pid {text}); wait for it to finish, "
+                                    "or train into another --out") from None
+            os.remove(path)  # its process is gone
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    for tmp in remove_stale_temporaries(out, pid_alive):
+        log(f"removed {tmp}, left by an interrupted write")
+    return path
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def train_stages(args):
     if not args.phi2 and world()[0] == 0:
         demo.build_backbones(args)
     if dist.is_initialized():
@@ -387,9 +484,12 @@ def run(args):
         if finished and (stage not in wanted or not args.stage):
             log(f"stage {stage} | already finished: {stage_path(args, stage)}")
             continue
+        if finished and not args.restart:
+            raise TrainingError(f"stage {stage} is finished ({stage_path(args, stage)}); --restart trains it again")
         if stage not in wanted:
             log(f"stage {stage} | needed by stage {args.stage} and missing: building it first")
         _, finished = train_stage(args, stage)
+        args.resume = args.restart = False  # they speak of the interrupted stage; the next ones start fresh
         if not finished:  # stopped early on purpose (--stop-after)
             return
     if not args.data and world()[0] == 0:
@@ -398,14 +498,8 @@ def run(args):
 
 def main(argv=None):
     try:
-        run(parse_args(argv))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished stages and the last step checkpoint are intact; `--resume` continues",
-              file=sys.stderr)
-        sys.exit(130)
+        tg.run_cli(lambda: run(parse_args(argv)),
+                   interrupted="interrupted: finished stages and the last step checkpoint are intact; `--resume` continues")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

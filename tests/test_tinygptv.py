@@ -349,7 +349,8 @@ def test_cli_errors_are_one_line(weights):
     cases = [
         (["--image", str(d / "missing.png"), "--prompt", "[vqa] hi"] + real, "image not found"),
         (["--image", str(d / "broken.png"), "--prompt", "[vqa] hi"] + real, "cannot read image"),
-        (["--image", str(d / "red.png"), "--prompt", "[vqa] hi", "--phi2", str(d / "nope"), "--blip2", str(d / "vit")], "nope"),
+        (["--image", str(d / "red.png"), "--prompt", "[vqa] hi", "--phi2", str(d / "nope"), "--blip2", str(d / "vit"),
+          "--checkpoint", str(d / "stage4.safetensors")], "nope"),
         (["--image", str(d / "red.png"), "--prompt", "[bogus] hi"] + real, "unknown task tag"),
         (["--image", str(d / "red.png"), "--prompt", "[vqa] " + "circle " * 600] + real, "exceeds the context"),
     ]

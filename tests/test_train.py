@@ -191,7 +191,7 @@ def test_real_data_skips_bad_images_and_rejects_malformed_files(tmp_path, backbo
     assert r.returncode == 0, r.stderr
     assert "skipped 2 of 10" in r.stdout + r.stderr
     (tmp_path / "bad.json").write_text('[{"image": "ok.png", "caption": "a"}, {"image": ')
-    r = subprocess.run(cmd + ["--data", str(tmp_path / "bad.json")], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(cmd + ["--data", str(tmp_path / "bad.json"), "--restart"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "bad.json" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
