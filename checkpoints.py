@@ -174,13 +174,15 @@ def write_json(d, file):
 
 
 def remove_stale_temporaries(folder, alive):
-    """Delete the temporaries write_atomically left when its process was killed mid-write (their
-    names end in the writer's PID, whose process `alive(pid)` says is gone). -> the paths removed."""
+    """Delete the temporaries a killed write left: write_atomically's (their names end in the
+    writer's PID, whose process `alive(pid)` says is gone) and safetensors' own `.tmpXXXXXX`, which
+    save_file writes beside its target. Call it holding the folder's lock. -> the paths removed."""
     removed = []
     for root, _, files in os.walk(folder):
         for name in files:
             m = re.fullmatch(r"\..+\.tmp(\d+)", name)
-            if m and int(m.group(1)) != os.getpid() and not alive(int(m.group(1))):
+            ours = m and int(m.group(1)) != os.getpid() and not alive(int(m.group(1)))
+            if ours or re.fullmatch(r"\.tmp[A-Za-z0-9]{6}", name):  # the second: safetensors' own temporary
                 os.remove(os.path.join(root, name))
                 removed.append(os.path.join(root, name))
     return removed

@@ -616,11 +616,11 @@ def convert(sources, dst, num_heads=32, stage=None, force=False):
     folder = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: no such directory for {os.path.basename(dst)}")
+    state_dicts = [_torch_load(src) for src in sources]  # first: a swapped pair is named as such
     if os.path.exists(dst) and not force:
         raise ValueError(f"{dst} exists; pass --force to replace it")
     out, unknown, official = {}, [], False
-    for src in sources:
-        sd = _torch_load(src)
+    for src, sd in zip(sources, state_dicts):
         if any(k.startswith((OFFICIAL_PREFIX, "llama_proj")) for k in sd):
             part, skipped = convert_official_stage(sd, num_heads)
             official = True
@@ -647,7 +647,10 @@ def convert(sources, dst, num_heads=32, stage=None, force=False):
         meta.update(config=json.dumps(official_config(out, stage).to_dict()), stage=str(stage))
     if unknown:  # reported, never dropped silently
         print(f"convert: {len(unknown)} keys not used: {', '.join(unknown[:8])}" + (" ..." if len(unknown) > 8 else ""))
-    write_atomically(dst, lambda tmp: save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata=meta))
+    try:
+        write_atomically(dst, lambda tmp: save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata=meta))
+    except SafetensorError as e:  # safetensors reports a failed write (read-only, full disk) in its own type
+        raise ValueError(f"{dst}: cannot write ({e})") from None
     print(f"convert: wrote {len(out)} tensors to {dst}" + (f" (a stage-{stage} checkpoint)" if official else ""))
     return out, unknown
 
