@@ -132,7 +132,8 @@ class StrictReader:
         placeholder). convert(name, module), if given, sees each module as soon as its own tensors
         are in and returns what takes its place: itself, or a replacement such as int8.py's
         Int8Linear, so at most one layer's weights are ever held at full precision."""
-        for prefix, module in list(model.named_modules()):
+        for prefix in [name for name, _ in model.named_modules()]:  # names only: a replaced module is freed
+            module = model.get_submodule(prefix)
             for name, p in list(module.named_parameters(recurse=False)):
                 t = read(f"{prefix}.{name}" if prefix else name, p)
                 setattr(module, name, torch.nn.Parameter(t, requires_grad=p.requires_grad))
@@ -197,3 +198,36 @@ def write_atomically(final, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def take_lock(out):
+    """One writer per run directory: two train.py processes on one --out would each overwrite the
+    other's checkpoints. The lock file `.lock` holds the PID; a lock whose process is gone is taken
+    over, and so are the temporaries its killed writes left behind. -> the lock's path, to remove."""
+    path = os.path.join(out, ".lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            with open(path) as f:
+                text = f.read().strip()
+            if text.isdigit() and pid_alive(int(text)):
+                raise ValueError(f"{out} is in use by another train.py (pid {text}); wait for it to finish, "
+                                    "or train into another --out") from None
+            os.remove(path)  # its process is gone
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    for tmp in remove_stale_temporaries(out, pid_alive):
+        print(f"removed {tmp}, left by an interrupted write", flush=True)
+    return path
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True

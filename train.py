@@ -39,7 +39,8 @@ import torch.nn as nn
 import data
 import demo
 import tinygptv as tg
-from checkpoints import remove_stale_temporaries, write_atomically, write_json
+from checkpoints import take_lock, write_atomically, write_json
+from eval import evaluate_samples
 from lora import mark_trainable
 
 # -----------------------------------------------------------------------------
@@ -271,6 +272,7 @@ def train_stage(args, stage):
     samples = stage_data(args, stage)
     if not samples:
         raise TrainingError(f"stage {stage}: no training samples")
+    held_out = data.load_dataset(args.eval_data, args.image_root) if args.eval_data else None  # bad files fail now
     examples = [tg.make_example(tok, stage, tg.stage_instruction(stage, s), s.answer) for s in samples]
     lengths = [len(e.before) + len(e.after) + len(e.answer) for e in examples]  # text tokens
     queries, image_row = encode_all(model, samples, stage, args.device) if args.cache_features else (None, None)
@@ -365,10 +367,13 @@ def train_stage(args, stage):
     if rank == 0:
         tg.save_checkpoint(model, stage_path(args, stage), stage)
         log(f"stage {stage} | wrote {stage_path(args, stage)}")
-        if args.eval and not args.data:
-            after = demo.evaluate(model, tok, args)
-            demo.print_table(stage, before, after)
-            result = {"before": before, "after": after, "eval_set": demo.eval_set(args)}
+        result = None
+        if held_out is not None:  # the user's held-out split, scored as the demo's table is
+            result = {"after": evaluate_samples(model, tok, held_out, stage), "eval_data": args.eval_data}
+        elif args.eval and not args.data:
+            result = {"before": before, "after": demo.evaluate(model, tok, args), "eval_set": demo.eval_set(args)}
+        if result is not None:
+            demo.print_table(stage, result.get("before", {}), result["after"])
             write_atomically(os.path.join(args.out, f"stage{stage}.eval.json"), lambda tmp: write_json(result, tmp))
     return losses, True
 
@@ -386,6 +391,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=demo.DEMO_RUN)
     p.add_argument("--data", help="a real data file (caption pairs, LLaVA, VQA or refexp JSON) for the stage")
     p.add_argument("--image-root", help="folder the data file's image names are relative to")
+    p.add_argument("--eval-data", help="a held-out file in any --data format, scored after the stage "
+                   "(with a blank-image column) into stageN.eval.json")
     p.add_argument("--phi2", help="a real Phi-2 directory (with tokenizer.json)")
     p.add_argument("--blip2", help="a real BLIP-2 directory or converted LAVIS file (ViT, ln_vision, Q-Former)")
     p.add_argument("--qformer", help="the Q-Former, if it is not in the --blip2 path")
@@ -438,39 +445,6 @@ def run(args):
     finally:
         if lock:
             os.remove(lock)
-
-
-def take_lock(out):
-    """One writer per run directory: two train.py processes on one --out would each overwrite the
-    other's checkpoints. The lock file holds the PID; a lock whose process is gone is taken over,
-    and so are the temporaries its killed writes left behind."""
-    path = os.path.join(out, ".lock")
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            with open(path) as f:
-                text = f.read().strip()
-            if text.isdigit() and pid_alive(int(text)):
-                raise TrainingError(f"{out} is in use by another train.py (pid {text}); wait for it to finish, "
-                                    "or train into another --out") from None
-            os.remove(path)  # its process is gone
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    for tmp in remove_stale_temporaries(out, pid_alive):
-        log(f"removed {tmp}, left by an interrupted write")
-    return path
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
 
 
 def train_stages(args):

@@ -268,3 +268,20 @@ def test_evaluate_reloads_a_finished_stage_and_scores_it_as_training_did(tmp_pat
     r = subprocess.run([sys.executable, "train.py", "--out", str(out), "--evaluate", "2"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "python train.py --stage 2" in r.stderr, r.stderr
+
+
+def test_eval_data_scores_a_held_out_file_after_the_stage(tmp_path, backbones):
+    # a user's held-out VQA file: after the stage the table is printed and stage1.eval.json holds
+    # the image and blank-image scores of its task, in the demo's layout
+    out = new_run(tmp_path, backbones)
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "red.png")
+    rows = [{"image": "red.png", "question": "what color is it?", "answer": "red"}] * 3
+    (tmp_path / "held.json").write_text(json.dumps(rows))
+    r = subprocess.run([sys.executable, "train.py", "--stage", "1", *SMALL, "--out", str(out),
+                        "--eval-data", str(tmp_path / "held.json")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with open(out / "stage1.eval.json") as f:
+        saved = json.load(f)
+    assert set(saved["after"]) == {"vqa"} and set(saved["after"]["vqa"]) == {"image", "blank"}
+    assert all(0.0 <= v <= 100.0 for v in saved["after"]["vqa"].values())
+    assert "VQA exact match" in r.stdout
