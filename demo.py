@@ -203,10 +203,11 @@ def pretrain_language_model(cfg, tok, texts, args):
     return model
 
 
-def language_model_alone(llm, tok, args, n=100):
+def language_model_alone(llm, tok, args, n=300):
     """Held-out stage-4 VQA answered by the stand-in language model on its own, each image replaced
     by its scene's 32 words: how well the model that stages 1-4 start from can read a scene it is
-    handed perfectly, before any image is involved. Returns (% exact, questions asked)."""
+    handed perfectly, before any image is involved, and so the demo's ceiling.
+    -> ({question type: % exact}, questions asked), with "all" for every type together."""
     scenes = {sc.seed: sc for sc in demo_scenes(args)["test"]}
     samples = [s for s in data.stage_samples(list(scenes.values()), 4, None, args.seed + 1) if s.task == "vqa"][:n]
     bos = tok.token_to_id(tg.BOS)
@@ -216,8 +217,13 @@ def language_model_alone(llm, tok, args, n=100):
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
     llm.eval()
     answers = llm.generate(ids, attention_mask=mask, max_new_tokens=8, stop_sequences=[[bos]])
-    right = sum(exact(tok.decode(a), s.answer) for a, s in zip(answers, samples))
-    return 100.0 * right / len(samples), len(samples)
+    hits = [exact(tok.decode(a), s.answer) for a, s in zip(answers, samples)]
+    scores = {"all": 100.0 * sum(hits) / len(hits)}
+    for qtype in data.VQA_TYPES:
+        mine = [h for h, s in zip(hits, samples) if s.meta["qtype"] == qtype]
+        if mine:
+            scores[qtype] = 100.0 * sum(mine) / len(mine)
+    return scores, len(samples)
 
 
 def sincos_positions(grid, dim):
@@ -306,8 +312,10 @@ def build_backbones(args):
     llm = pretrain_language_model(cfg, tok, texts, args)
     llm.save_pretrained(os.path.join(root, "phi2"))
     if args.eval:
-        log("stage 0 | the language model alone, each test image replaced by its 32 words: VQA exact match "
-            "{:.1f}% of {} questions".format(*language_model_alone(llm, tok, args)))
+        scores, asked = language_model_alone(llm, tok, args)
+        by_type = ", ".join(f"{t} {v:.0f}" for t, v in scores.items() if t != "all")
+        log(f"stage 0 | the language model alone, each test image replaced by its 32 words: VQA exact match "
+            f"{scores['all']:.1f}% of {asked} questions ({by_type})")
     vit, qformer = pretrain_vision(cfg, scenes, args)
     vit.save_pretrained(os.path.join(root, "vit"))
     qformer.save_pretrained(os.path.join(root, "qformer"))
@@ -331,31 +339,41 @@ def sentence_f1(answer, reference):
     return 2 * right / (len(got) + len(want)) if got or want else 1.0
 
 
-def evaluate(model, tok, args, n=None):
-    """Each metric with the prompt of the stage that teaches it, on held-out scenes."""
+def evaluate(model, tok, args, taught=4, n=None):
+    """Each metric on held-out scenes, with the prompt the model was last taught for it: captions
+    and descriptions with stage 1's and 3's prompts until stage 4, which teaches both in its own
+    `[INST]` format (a `[caption]` task and untagged descriptions, as the paper's mixture has them);
+    the stage-4 tasks with stage 4's. VQA is also scored by question type ("vqa color", ...), from the
+    same answers. -> {metric: {"image": %, "blank": %}}, "blank" answering for a blank picture."""
     n = n or args.eval_samples
     model.eval()
     rows = {}
     scenes = demo_scenes(args)["test"]
-    for stage, tasks in ((1, ("caption",)), (3, ("describe",)), (4, ("vqa", "refer", "identify"))):
+    plan = (("caption", 4 if taught >= 4 else 1), ("describe", 4 if taught >= 4 else 3),
+            ("vqa", 4), ("refer", 4), ("identify", 4))
+    for task, stage in plan:
         samples = data.stage_samples(scenes, stage, IMAGE_SIZE * (2 if stage == 4 else 1), args.seed + 1)
-        for task in tasks:
-            picked = [s for s in samples if s.task == task][:n]
-            if not picked:
-                continue
-            for blank in (False, True):
-                images = [data.blank_image(s.image.size[0]) if blank else s.image for s in picked]
-                answers = []
-                for i in range(0, len(picked), 64):
-                    answers += model.generate(tok, images[i:i + 64], [tg.stage_instruction(stage, s) for s in picked[i:i + 64]],
-                                              stage=stage, max_new_tokens=64 if stage == 3 else 24)
-                if task == "refer":
-                    hits = [data.iou(data.parse_box(a) or (0, 0, 0, 0), s.meta["box"]) >= 0.5 for a, s in zip(answers, picked)]
-                elif task == "describe":
-                    hits = [sentence_f1(a, s.answer) for a, s in zip(answers, picked)]
-                else:
-                    hits = [exact(a, s.answer) for a, s in zip(answers, picked)]
-                rows.setdefault(task, {})["blank" if blank else "image"] = 100.0 * sum(hits) / len(hits)
+        picked = [s for s in samples if s.task == task][:n]
+        if not picked:
+            continue
+        for column in ("image", "blank"):
+            images = [data.blank_image(s.image.size[0]) if column == "blank" else s.image for s in picked]
+            answers = []
+            for i in range(0, len(picked), 64):
+                answers += model.generate(tok, images[i:i + 64], [tg.stage_instruction(stage, s) for s in picked[i:i + 64]],
+                                          stage=stage, max_new_tokens=64 if task == "describe" else 24)
+            if task == "refer":
+                hits = [data.iou(data.parse_box(a) or (0, 0, 0, 0), s.meta["box"]) >= 0.5 for a, s in zip(answers, picked)]
+            elif task == "describe":
+                hits = [sentence_f1(a, s.answer) for a, s in zip(answers, picked)]
+            else:
+                hits = [exact(a, s.answer) for a, s in zip(answers, picked)]
+            rows.setdefault(task, {})[column] = 100.0 * sum(hits) / len(hits)
+            if task == "vqa":
+                for qtype in data.VQA_TYPES:
+                    mine = [h for h, s in zip(hits, picked) if s.meta["qtype"] == qtype]
+                    if mine:
+                        rows.setdefault(f"vqa {qtype}", {})[column] = 100.0 * sum(mine) / len(mine)
     model.train()
     return rows
 
@@ -383,12 +401,17 @@ METRIC_NAMES = {"caption": "caption exact match", "describe": "description sente
                 "refer": "[refer] IoU >= 0.5", "identify": "[identify] exact match"}
 
 
+def metric_name(task):
+    """A table row's name: METRIC_NAMES', or a VQA question type ("vqa color"), indented under VQA."""
+    return METRIC_NAMES.get(task) or "  " + task.removeprefix("vqa ")
+
+
 def print_table(stage, before, after):
     log(f"\nstage {stage} | held-out evaluation (% of test samples)")
     log(f"  {'metric':26s} {'before':>8s} {'after':>8s} {'blank img':>10s}")
     for task, r in after.items():
         b = f"{before[task]['image']:8.1f}" if task in before else f"{'-':>8s}"
-        log(f"  {METRIC_NAMES[task]:26s} {b} {r['image']:8.1f} {r['blank']:10.1f}")
+        log(f"  {metric_name(task):26s} {b} {r['image']:8.1f} {r['blank']:10.1f}")
     log("")
 
 

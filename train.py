@@ -203,7 +203,7 @@ def evaluate_stage(args, stage):
         raise TrainingError(f"--evaluate {stage}: no checkpoint {path}; train it first: python train.py --stage {stage}")
     model, tok = build_model(args, stage)
     tg.load_checkpoint(model, path)
-    demo.print_table(stage, {}, demo.evaluate(model, tok, args))
+    demo.print_table(stage, {}, demo.evaluate(model, tok, args, taught=stage))
 
 
 # -----------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def train_stage(args, stage):
 
     before = {}
     if args.eval and not args.data and rank == 0:
-        before = demo.previous_evaluation(args, stage) or demo.evaluate(model, tok, args)
+        before = demo.previous_evaluation(args, stage) or demo.evaluate(model, tok, args, taught=stage - 1)
     model.train()
     t0, done_here, seen, losses = time.time(), 0, 0, []
     while step < sc.steps:
@@ -371,7 +371,7 @@ def train_stage(args, stage):
         if held_out is not None:  # the user's held-out split, scored as the demo's table is
             result = {"after": evaluate_samples(model, tok, held_out, stage), "eval_data": args.eval_data}
         elif args.eval and not args.data:
-            result = {"before": before, "after": demo.evaluate(model, tok, args), "eval_set": demo.eval_set(args)}
+            result = {"before": before, "after": demo.evaluate(model, tok, args, taught=stage), "eval_set": demo.eval_set(args)}
         if result is not None:
             demo.print_table(stage, result.get("before", {}), result["after"])
             write_atomically(os.path.join(args.out, f"stage{stage}.eval.json"), lambda tmp: write_json(result, tmp))

@@ -69,13 +69,16 @@ def test_language_model_alone_scores_its_answers_in_order(backbones):
     args = args_for(backbones.parent)
     tok, llm = tg.load_tokenizer(str(backbones)), Phi2.from_pretrained(str(backbones / "phi2"))
     scenes = demo.demo_scenes(args)["test"]
-    want = [s.answer for s in data.stage_samples(scenes, 4, None, args.seed + 1) if s.task == "vqa"][:100]
+    want = [s.answer for s in data.stage_samples(scenes, 4, None, args.seed + 1) if s.task == "vqa"][:300]
     for shift, expected in ((0, 100.0), (1, None)):
         answers = [tg.encode(tok, a) for a in want[shift:] + want[:shift]]
         llm.generate = lambda ids, **kw: answers[:ids.shape[0]]
-        score, n = demo.language_model_alone(llm, tok, args)
+        scores, n = demo.language_model_alone(llm, tok, args)
         assert n == len(want)
+        score = scores["all"]
         assert score == expected if expected is not None else score < 60.0
+        if expected is not None:  # and so is every question type
+            assert set(scores) == {"all", *data.VQA_TYPES} and set(scores.values()) == {100.0}
 
 
 def test_each_stage_trains_its_exact_set_and_its_loss_falls(tmp_path, backbones):
@@ -262,7 +265,7 @@ def test_evaluate_reloads_a_finished_stage_and_scores_it_as_training_did(tmp_pat
     train.run(args_for(out, "--evaluate", "1"))  # from the checkpoint on disk, nothing trained
     table = capsys.readouterr().out
     for task, r in after.items():
-        row = next(line for line in table.splitlines() if line.strip().startswith(demo.METRIC_NAMES[task]))
+        row = next(line for line in table.splitlines() if line.strip().startswith(demo.metric_name(task).strip()))
         assert row.split()[-2:] == [f"{r['image']:.1f}", f"{r['blank']:.1f}"], (task, row)
     assert not (out / "stage2.safetensors").exists()
     r = subprocess.run([sys.executable, "train.py", "--out", str(out), "--evaluate", "2"], cwd=ROOT,
