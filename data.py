@@ -7,11 +7,12 @@ tiny model to learn on two CPU cores, and writes every stage's texts from it. Re
 same kinds load behind the same `Sample` interface.
 
 The chapter, top to bottom:
-- the world: a 3x3 grid of cells, 1-4 objects per scene, each (color, shape, size) in its own
-  cell; `make_scenes`, `demo_splits` (train/val/test with no scene in common);
+- the world: one object per scene, of 8 colors, 4 shapes and 3 sizes, in one cell of a 3x3 grid;
+  `make_scenes`, `demo_splits` (train/val/test with no scene in common);
 - rendering with Pillow in relative coordinates, so a scene looks the same at 224 and 448 px;
 - the texts: `caption` (stages 1-2), `description` + `DESCRIBE_INSTRUCTIONS` (stage 3);
-- the stage-4 tasks `[vqa] [caption] [refer] [identify] [grounding]`, boxes as `{<x1><y1><x2><y2>}`
+- the stage-4 tasks `[vqa] [caption] [refer] [identify] [grounding]` and untagged descriptions
+  (questions of five types: color, shape, size, position, yes/no), boxes as `{<x1><y1><x2><y2>}`
   in integers 0-100 of the image size (MiniGPT-v2's format), `stage_samples`;
 - loaders for caption pairs, LLaVA conversations, VQA and referring expressions.
 
@@ -29,23 +30,26 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageDraw
 
 # -----------------------------------------------------------------------------
-# The world. Deliberately coarse: few clearly distinct values of each attribute, objects in the
-# cells of a 3x3 grid, so that a model of a few hundred thousand parameters can learn it.
+# The world. Deliberately small: one object per picture, in one cell of a 3x3 grid, with few and
+# clearly distinct values of each attribute. Every question is then about the object there is, and
+# its answer is one attribute of it: the kind of lookup a language model of a million parameters
+# learns in minutes (docs/LOG.md has what several objects per picture cost: lookups by content that
+# the stand-ins never learned on a CPU budget).
 
-COLORS = {"red": (220, 50, 50), "green": (40, 160, 70), "blue": (50, 90, 220),
-          "yellow": (235, 190, 20), "purple": (140, 70, 180)}
+COLORS = {"red": (220, 50, 50), "green": (40, 160, 70), "blue": (50, 90, 220), "yellow": (235, 190, 20),
+          "purple": (140, 70, 180), "orange": (245, 135, 25), "pink": (240, 120, 190), "black": (40, 40, 40)}
 SHAPES = ("circle", "square", "triangle", "cross")
-SIZES = ("small", "large")
+SIZES = ("small", "medium", "large")
 BACKGROUND = (245, 245, 240)  # light and plain; also the whole of the blank-image baseline
 POSITIONS = ("top left", "top middle", "top right", "middle left", "center", "middle right",
              "bottom left", "bottom middle", "bottom right")  # cell 0..8 in reading order
 NUM_CELLS = 9
+NUM_SCENES = len(COLORS) * len(SHAPES) * len(SIZES) * NUM_CELLS  # 864 distinct pictures, up to jitter
 CELL_CENTERS = (17, 50, 83)  # centers of the three columns (rows) in 0-100 coordinates
-HALF_SIDE = {"small": 7, "large": 13}  # half the box side, 0-100 coordinates
+HALF_SIDE = {"small": 7, "medium": 10, "large": 13}  # half the box side, 0-100 coordinates
 JITTER = 1  # objects move up to this far from the cell center. Small enough that the cell's
 # canonical box still has IoU >= 0.5 with the true one (12 * 12 / (2 * 196 - 144) = 0.58 for a small
-# shape off by 2 in x and y), so [refer] is learnable by a tiny model; none overlap either way.
-MAX_OBJECTS = 4
+# shape off by 2 in x and y), so [refer] is learnable by a tiny model.
 
 
 @dataclass
@@ -64,20 +68,13 @@ class Scene:
 
 
 def make_scene(seed):
-    """One scene from its own seed. No two objects share (color, shape), so "the red circle"
-    always names exactly one object and every phrase and question below is unambiguous."""
+    """One scene from its own seed: one object of a random color, shape and size in a random cell."""
     rng = random.Random(seed)
-    k = rng.randint(1, MAX_OBJECTS)
-    cells = sorted(rng.sample(range(NUM_CELLS), k))
-    kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], k)
-    objects = []
-    for cell, (color, shape) in zip(cells, kinds):
-        size = rng.choice(SIZES)
-        h = HALF_SIDE[size]
-        cx = CELL_CENTERS[cell % 3] + rng.randint(-JITTER, JITTER)
-        cy = CELL_CENTERS[cell // 3] + rng.randint(-JITTER, JITTER)
-        objects.append(Obj(shape, color, size, cell, (cx - h, cy - h, cx + h, cy + h)))
-    return Scene(objects, seed)
+    cell, color, shape, size = rng.randrange(NUM_CELLS), rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(SIZES)
+    h = HALF_SIDE[size]
+    cx = CELL_CENTERS[cell % 3] + rng.randint(-JITTER, JITTER)
+    cy = CELL_CENTERS[cell // 3] + rng.randint(-JITTER, JITTER)
+    return Scene([Obj(shape, color, size, cell, (cx - h, cy - h, cx + h, cy + h))], seed)
 
 
 def signature(scene):
@@ -89,8 +86,8 @@ def _draw_unique(n, rng, seen):
     scenes, tries = [], 0
     while len(scenes) < n:
         tries += 1
-        if tries > 100 * n + 1000:
-            raise ValueError(f"cannot draw {n} distinct scenes")
+        if tries > 100 * n + 10000:
+            raise ValueError(f"cannot draw {n} distinct scenes (the world has {NUM_SCENES}, some already drawn)")
         scene = make_scene(rng.getrandbits(32))
         if signature(scene) not in seen:
             seen.add(signature(scene))
@@ -103,10 +100,10 @@ def make_scenes(n, seed):
     return _draw_unique(n, random.Random(seed), set())
 
 
-def demo_splits(n_train=4000, n_val=200, n_test=200, seed=0):
-    """Disjoint train/val/test scenes. The held-out splits are drawn first, so they keep the
-    natural mix of scenes and stay the same when n_train changes; train skips any scene already
-    held out (there are only 360 one-object scenes, so the dedupe matters)."""
+def demo_splits(n_train=500, n_val=0, n_test=300, seed=0):
+    """Disjoint train/val/test scenes: no picture of a held-out split is in another, up to jitter,
+    so held-out scores are on combinations of color, shape, size and place never trained on. The
+    held-out splits are drawn first, so they stay the same when n_train changes."""
     rng, seen = random.Random(seed), set()
     test = _draw_unique(n_test, rng, seen)
     val = _draw_unique(n_val, rng, seen)
@@ -146,8 +143,6 @@ def blank_image(size):
 # The texts of stages 1-3. Captions follow the paper's cleaning (lower case, no punctuation,
 # at most 50 words); descriptions are longer and say where each object is.
 
-NUMBERS = ("zero", "one", "two", "three", "four")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 
 # Our own list: the official stage-3 prompt file is missing from the TinyGPT-V repository.
 DESCRIBE_INSTRUCTIONS = [
@@ -176,22 +171,23 @@ def phrase(obj):
 
 
 def caption(scene):
-    return " and ".join(f"a {o.size} {o.color} {o.shape}" for o in scene.objects)
+    o = scene.objects[0]
+    return f"a {o.size} {o.color} {o.shape}"
 
 
 def description(scene):
-    k = len(scene.objects)
-    lines = [f"There {'is' if k == 1 else 'are'} {NUMBERS[k]} shape{'s' if k > 1 else ''} on a light background."]
-    lines += [f"A {o.size} {o.color} {o.shape} is in the {POSITIONS[o.cell]}." for o in scene.objects]
-    return " ".join(lines)
+    """Three sentences: the object, where it is, and its color again with the background."""
+    o = scene.objects[0]
+    return (f"The picture shows a {o.size} {o.color} {o.shape}. It is in the {POSITIONS[o.cell]}. "
+            f"The {o.shape} is {o.color} on a light background.")
 
 
 # -----------------------------------------------------------------------------
 # The stage-4 tasks (MiniGPT-v2's tags). `query` is the task's free text; tinygptv.py wraps it in
 # the tag's instruction and the [INST] template.
 
-TASKS = ("vqa", "caption", "refer", "identify", "grounding")
-VQA_TYPES = ("color", "shape", "size", "count", "position", "yes/no")
+TASKS = ("vqa", "caption", "refer", "identify", "grounding", "describe")
+VQA_TYPES = ("color", "shape", "size", "position", "yes/no")
 
 
 def box_text(box):
@@ -215,50 +211,24 @@ def iou(a, b):
     return w * h / union if union > 0 else 0.0
 
 
-def _name_without(obj, scene, attr):
-    """The shortest unambiguous name of obj that does not give away `attr` ("color" or "shape")."""
-    if attr == "color":  # name it by its shape
-        kind, same = obj.shape, [o for o in scene.objects if o.shape == obj.shape]
-    else:  # by its color
-        kind, same = f"{obj.color} object", [o for o in scene.objects if o.color == obj.color]
-    if len(same) == 1:
-        return f"the {kind}"
-    if sum(o.size == obj.size for o in same) == 1:
-        return f"the {obj.size} {kind}"
-    return f"the {kind} in the {POSITIONS[obj.cell]}"
-
-
 def vqa_question(scene, qtype, rng):
-    """One (question, answer) of the given type; answers are one or two words."""
-    objs = scene.objects
-    o = rng.choice(objs)
-    short = f"the {o.color} {o.shape}"  # unique: no two objects share (color, shape)
+    """One (question, answer) of the given type; answers are one or two words. Each question names
+    the object by the attributes it does not ask about, as a person would."""
+    o = scene.objects[0]
     if qtype == "color":
-        return f"what color is {_name_without(o, scene, 'color')}?", o.color
+        return f"what color is the {o.shape}?", o.color
     if qtype == "shape":
-        return f"what shape is {_name_without(o, scene, 'shape')}?", o.shape
+        return f"what shape is the {o.color} object?", o.shape
     if qtype == "size":
-        return f"what size is {short}?", o.size
+        return f"what size is the {o.color} {o.shape}?", o.size
     if qtype == "position":
-        return f"where is {short}?", POSITIONS[o.cell]
-    if qtype == "count":
-        kind = rng.choice(("all", "color", "shape"))
-        if kind == "all":
-            return "how many shapes are there?", NUMBERS[len(objs)]
-        if kind == "color":
-            c = rng.choice(list(COLORS))
-            return f"how many {c} shapes are there?", NUMBERS[sum(x.color == c for x in objs)]
-        s = rng.choice(SHAPES)
-        return f"how many {PLURALS[s]} are there?", NUMBERS[sum(x.shape == s for x in objs)]
-    if qtype == "yes/no":
-        yes = rng.random() < 0.5  # balanced, so "yes" alone scores 50%
-        if rng.random() < 0.5:  # existence
-            present = {(x.color, x.shape) for x in objs}
-            pool = sorted(present) if yes else [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
-            c, s = rng.choice(pool)
-            return f"is there a {c} {s}?", "yes" if yes else "no"
-        cell = o.cell if yes else rng.choice([i for i in range(NUM_CELLS) if i != o.cell])
-        return f"is {short} in the {POSITIONS[cell]}?", "yes" if yes else "no"
+        return f"where is the {o.color} {o.shape}?", POSITIONS[o.cell]
+    if qtype == "yes/no":  # balanced, so "yes" alone scores 50%; one attribute asked about
+        yes = rng.random() < 0.5
+        attr = rng.choice(("color", "shape", "size"))
+        value = getattr(o, attr) if yes else rng.choice([v for v in {"color": list(COLORS), "shape": SHAPES,
+                                                                        "size": SIZES}[attr] if v != getattr(o, attr)])
+        return f"is the object {'a ' if attr == 'shape' else ''}{value}?", "yes" if yes else "no"
     raise ValueError(f"unknown VQA question type '{qtype}': expected one of {', '.join(VQA_TYPES)}")
 
 
@@ -291,12 +261,14 @@ def _scene_samples(scene, stage, image, rng):
         out.append(Sample(image, "identify", box_text(o.box), phrase(o), {**meta, "box": o.box}))
     out.append(Sample(image, "grounding", "", grounded_caption(scene),
                       {**meta, "boxes": [o.box for o in scene.objects]}))
+    # stage 4's mixture also holds detailed descriptions (LLaVA's, in the paper), untagged
+    out.append(Sample(image, "describe", rng.choice(DESCRIBE_INSTRUCTIONS), description(scene), dict(meta)))
     return out
 
 
 def stage_samples(scenes, stage, image_size, seed):
     """The training (or evaluation) samples of one stage. Stage 4 gives, per scene, one question of
-    each VQA type, a caption, a [refer] and an [identify] per object and a [grounding]. One image is
+    each VQA type, a caption, a [refer], an [identify], a [grounding] and a description. One image is
     rendered per scene and shared by its samples; image_size None renders none (texts only)."""
     if stage not in (1, 2, 3, 4):
         raise ValueError(f"unknown stage {stage}: expected 1, 2, 3 or 4")

@@ -27,6 +27,7 @@ Shapes: the stand-in ViT sees 48 px images (96 px in stage 4) in 16 px patches, 
 import functools
 import json
 import os
+import shutil
 import time
 from dataclasses import replace
 
@@ -37,12 +38,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import data
 import tinygptv as tg
-from checkpoints import write_atomically
+from checkpoints import read_json, write_atomically, write_json
 from phi2 import Phi2
 from qformer import QFormer
 from vit import VisionTransformer
 
-DEMO_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "demo")
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO_RUN = os.path.join(HERE, "runs", "demo")
+PRETRAINED = os.path.join(HERE, "demo_backbones")  # stage 0's output, shipped with the repository
 IMAGE_SIZE = tg.TinyGPTVConfig.tiny().vision.image_size  # stages 1-3; stage 4 sees twice it
 
 
@@ -60,7 +63,7 @@ def demo_scenes(args):
 
 @functools.lru_cache(maxsize=2)
 def _demo_scenes(n_train, n_eval, seed):
-    return data.demo_splits(n_train=n_train, n_val=n_eval, n_test=n_eval, seed=seed)
+    return data.demo_splits(n_train=n_train, n_val=0, n_test=n_eval, seed=seed)
 
 
 def stage_samples(args, stage, split="train"):
@@ -88,23 +91,22 @@ def object_class(obj):
 
 
 NUM_QUERIES = 32  # the Q-Former's queries (BLIP-2 and TinyGPT-V use 32)
-SLOT_WORDS = ("none",) + tuple(data.COLORS) + data.SHAPES + data.SIZES + data.NUMBERS[1:]  # what a query can say
+PLACE_WORDS = ("top", "middle", "bottom", "left", "right", "center")
+SLOT_WORDS = ("none",) + tuple(data.COLORS) + data.SHAPES + data.SIZES + PLACE_WORDS  # what a query can say
 
 
 def scene_words(scene):
-    """The scene as 32 words, one per Q-Former query: each cell in reading order as its color,
-    shape and size (three times "none" if empty), then the number of objects, then "none" for the
-    4 spare queries. The demo's stand-in for what pretraining gives a real Q-Former and Phi-2 in
-    common (BLIP-2's queries are trained to carry the text that describes the image): its Q-Former
-    learns to say query j's word (stage 0), its language model learns every stage's prompt with
-    these words where the image goes, and stages 1-4 teach the projections to turn each query into
-    its word's embedding, then the model to use them."""
-    words = []
-    by_cell = {o.cell: o for o in scene.objects}
-    for cell in range(data.NUM_CELLS):
-        o = by_cell.get(cell)
-        words += [o.color, o.shape, o.size] if o else ["none"] * 3
-    words.append(data.NUMBERS[len(scene.objects)])
+    """The scene as 32 words, one per Q-Former query: the object's color, shape and size, then its
+    place in one or two words ("top left", "center none"), then "none" for the 27 spare queries.
+    The demo's stand-in for what pretraining gives a real Q-Former and Phi-2 in common (BLIP-2's
+    queries are trained to carry the text that describes the image): its Q-Former learns to say
+    query j's word (stage 0), its language model learns every stage's prompt with these words where
+    the image goes, and stages 1-4 teach the projections to turn each query into its word's
+    embedding, then the model to use them. Each attribute has its own query, so every answer is
+    copied from a fixed place, which a small transformer learns quickly."""
+    o = scene.objects[0]
+    place = data.POSITIONS[o.cell].split()
+    words = [o.color, o.shape, o.size] + place + ["none"] * (2 - len(place))
     return words + ["none"] * (NUM_QUERIES - len(words))
 
 
@@ -143,10 +145,11 @@ def lm_texts(scenes, seed):
     given as words, so that stages 1-4 have to teach only the bridge from the 32 queries to those
     words' embeddings, and the model to use them."""
     pairs = []
-    for stage, n in ((1, 1000), (3, 1000), (4, len(scenes))):
-        for scene in scenes[:n]:
-            for s in data.stage_samples([scene], stage, None, seed):  # texts only, no image drawn
-                pairs.append((word_prompt(stage, s, scene), s.answer + tg.END_MARKERS[stage]))
+    for stage, draws in ((1, 1), (3, 2), (4, 8)):  # stage 4's questions vary with the draw: yes/no above all
+        for draw in range(draws):
+            for scene in scenes:
+                for s in data.stage_samples([scene], stage, None, seed * 1000 + draw):  # texts only, no image
+                    pairs.append((word_prompt(stage, s, scene), s.answer + tg.END_MARKERS[stage]))
     return pairs
 
 
@@ -169,13 +172,15 @@ def train_tokenizer(texts, path):
 def pretrain_language_model(cfg, tok, texts, args):
     """The demo's Phi-2: a plain Phi-2 (no stabilizers, like microsoft/phi-2) trained on the text."""
     torch.manual_seed(args.seed)
-    llm_cfg = replace(cfg.llm, vocab_size=tok.get_vocab_size(), qk_layernorm=False, post_layernorm=False)
+    # no dropout: a few thousand steps over a small world leave little to regularize
+    llm_cfg = replace(cfg.llm, vocab_size=tok.get_vocab_size(), qk_layernorm=False, post_layernorm=False,
+                      resid_pdrop=0.0)
     model = Phi2(llm_cfg)
     bos = tok.token_to_id(tg.BOS)
     seqs = [([bos] + tg.encode(tok, q), tg.encode(tok, a)) for q, a in texts]  # (prompt ids, answer ids)
     opt = torch.optim.AdamW(model.parameters(), weight_decay=0.01)
     g = torch.Generator().manual_seed(args.seed)
-    steps, bs, T = args.lm_steps, 16, 128
+    steps, bs, T = args.lm_steps, 16, 160  # a row holds two stage-4 texts (about 70 tokens each)
     t0 = time.time()
     for step in range(steps):
         # Each row packs whole texts drawn at random until the next one would not fit: no text is
@@ -238,8 +243,8 @@ def pretrain_vision(cfg, scenes, args):
     """The demo's EVA ViT + Q-Former, trained on two supervised targets at once:
     - every patch token of the ViT says which object covers it (`patch_labels`), a dense
       signal that trains the ViT's features quickly;
-    - query j of the Q-Former says word j of the scene (`scene_words`: the colour, shape and
-      size in each of the 9 cells, then the count), which is what stages 1-4 read from the queries.
+    - query j of the Q-Former says word j of the scene (`scene_words`: the object's colour, shape,
+      size and place), which is what stages 1-4 read from the queries.
     Steps alternate the stages' 48 px and stage 4's 96 px, so the tower works at both (the real EVA
     was trained at 224 px and still works at 448 with interpolated positions; a tower trained at one
     size only did not: 0.70 -> 0.07 object accuracy when the size doubled)."""
@@ -286,21 +291,26 @@ def pretrain_vision(cfg, scenes, args):
         loss.backward()
         opt.step()
         if step % 100 == 0 or step == steps - 1:
-            cells = 3 * data.NUM_CELLS
-            right = (word_logits.argmax(-1) == y)[:, :cells].view(bs, data.NUM_CELLS, 3).all(-1)  # (B, cells)
-            occupied = y[:, :cells:3] > 0  # a cell's colour word is not "none"
+            right = (word_logits.argmax(-1) == y)[:, :5].all(-1)  # (B,): all five words of the object
             log(f"stage 0 | vision  step {step:4d}/{steps} | {s} px | loss {loss.item():.3f} | objects named "
-                f"right {right[occupied].float().mean().item():.2f} | {time.time() - t0:.0f}s")
+                f"right {right.float().mean().item():.2f} | {time.time() - t0:.0f}s")
     return vit, qformer
 
 
-def build_backbones(args):
-    """Stage 0 (demo only): write runs/demo/backbones/{tokenizer.json, phi2/, vit/, qformer/}."""
-    root = os.path.join(args.out, "backbones")
-    done = os.path.join(root, "DONE")
-    if os.path.isfile(done):
-        return
-    log("stage 0 | training the demo's stand-in backbones (real runs use pretrained EVA, BLIP-2, Phi-2)")
+def world_fingerprint():
+    """What stand-in backbones were trained for: the scene words and their order. Backbones of
+    another world would read every picture wrongly, so a mismatch is refused, not used."""
+    return {"slot_words": list(SLOT_WORDS), "colors": list(data.COLORS), "shapes": list(data.SHAPES),
+            "sizes": list(data.SIZES), "num_queries": NUM_QUERIES}
+
+
+def build_backbones(args, root=None):
+    """Stage 0 (demo only): write {tokenizer.json, phi2/, vit/, qformer/, DONE} into `root`
+    (default: the run's backbones/). DONE holds the world they were trained for."""
+    root = root or os.path.join(args.out, "backbones")
+    log(f"stage 0 | training the demo's stand-in backbones into {os.path.relpath(root)} "
+        "(real runs use pretrained EVA, BLIP-2, Phi-2)")
+    t0 = time.time()
     os.makedirs(root, exist_ok=True)
     scenes = demo_scenes(args)["train"]
     texts = lm_texts(scenes, args.seed)
@@ -319,7 +329,33 @@ def build_backbones(args):
     vit, qformer = pretrain_vision(cfg, scenes, args)
     vit.save_pretrained(os.path.join(root, "vit"))
     qformer.save_pretrained(os.path.join(root, "qformer"))
-    write_atomically(done, lambda tmp: open(tmp, "w").close())  # an empty marker: stage 0 finished
+    stamp = {**world_fingerprint(), "seed": args.seed, "lm_steps": args.lm_steps, "vision_steps": args.vision_steps}
+    write_atomically(os.path.join(root, "DONE"), lambda tmp: write_json(stamp, tmp))
+    log(f"stage 0 | done in {time.time() - t0:.0f}s")
+
+
+def prepare_backbones(args):
+    """The run's stand-in backbones: already in --out, or copied from PRETRAINED (stage 0 run once
+    for longer and shipped with the repository, as a real user starts from downloaded weights), or,
+    without those, trained now."""
+    root = os.path.join(args.out, "backbones")
+    for where in (root, PRETRAINED):
+        done = os.path.join(where, "DONE")
+        if not os.path.isfile(done):
+            continue
+        try:
+            stamp = read_json(done)
+        except ValueError:
+            stamp = {}
+        if {k: stamp.get(k) for k in world_fingerprint()} != world_fingerprint():
+            raise ValueError(f"{where} holds stand-in backbones trained for another demo world; "
+                             "regenerate them with `python train.py --stage 0`, or delete them")
+        if where == PRETRAINED and where != root:
+            shutil.copytree(PRETRAINED, root, dirs_exist_ok=True)
+            log(f"stage 0 | the stand-in backbones come from {os.path.relpath(PRETRAINED)} "
+                f"(stage 0 trained once: `python train.py --stage 0` trains them again)")
+        return
+    build_backbones(args, root)
 
 
 # -----------------------------------------------------------------------------

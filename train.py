@@ -3,7 +3,7 @@
     python train.py                 # every stage of the built-in demo, skipping finished ones
     python train.py --stage 2       # one stage, from stage 1's checkpoint (built first if missing)
     python train.py --resume        # continue an interrupted stage exactly where it stopped
-    python train.py --evaluate 4 --eval-samples 300     # the held-out table of a finished stage
+    python train.py --evaluate 4    # the held-out table of a finished stage, nothing trained
     torchrun --nproc_per_node 2 train.py --stage 2      # data parallel (gloo on CPU, nccl on GPU)
     python train.py --data pairs.json --phi2 DIR --blip2 DIR --stage 1   # real data and weights
 
@@ -194,8 +194,8 @@ def encode_all(model, samples, stage, device, batch_size=256):
 
 
 def evaluate_stage(args, stage):
-    """`--evaluate N`: the held-out table of stage N's finished checkpoint, nothing trained. With
-    `--eval-samples 300` each score's standard error is about 3 points instead of 5."""
+    """`--evaluate N`: the held-out table of stage N's finished checkpoint, nothing trained (300
+    samples per task by default: a score's standard error is then about 3 points)."""
     path = stage_path(args, stage)
     if args.data:
         raise TrainingError(f"--evaluate {stage}: the held-out scenes are the demo's; it does not take --data")
@@ -385,7 +385,8 @@ def train_stage(args, stage):
 def parse_args(argv=None):
     count, pos = tg.at_least(1), tg.at_least(0.0, float)
     p = tg.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), help="run only this stage (default: all)")
+    p.add_argument("--stage", type=int, choices=(0, 1, 2, 3, 4), help="run only this stage (default: all; "
+                   "0 trains the demo's stand-in backbones again, into demo_backbones/)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted stage from its last step checkpoint")
     p.add_argument("--restart", action="store_true", help="start the interrupted stage over, discarding its steps")
     p.add_argument("--out", default=demo.DEMO_RUN)
@@ -404,7 +405,7 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=count, default=25)
     p.add_argument("--stop-after", type=count, help="stop after this many steps (resume later with --resume)")
     p.add_argument("--no-eval", dest="eval", action="store_false")
-    p.add_argument("--eval-samples", type=count, default=100, help="held-out samples per task in each table")
+    p.add_argument("--eval-samples", type=count, default=300, help="held-out samples per task in each table")
     p.add_argument("--evaluate", type=int, choices=(1, 2, 3, 4), help="only print the held-out table of this "
                    "finished stage's checkpoint (train nothing)")
     p.add_argument("--device", type=tg.device_option, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -413,13 +414,15 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="CUDA mixed precision (auto: bf16 if supported, else fp16 with a GradScaler)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--demo-train", type=count, default=5000, help="demo scenes for training")
+    p.add_argument("--demo-train", type=count, default=560, help="demo scenes for training")
     p.add_argument("--demo-eval", type=count, default=300, help="demo scenes for validation and test, each")
     p.add_argument("--lm-steps", type=count, default=500, help="stage 0: language-model steps")
     p.add_argument("--vision-steps", type=count, default=1000, help="stage 0: vision pretraining steps")
     a = p.parse_args(argv)
     if (a.phi2 is None) != (a.blip2 is None):
         p.error("real weights need both --phi2 and --blip2")
+    if a.stage == 0 and a.phi2:
+        p.error("--stage 0 trains the demo's stand-ins; real runs start from --phi2 and --blip2 instead")
     if a.resume and a.restart:
         p.error("--resume and --restart exclude each other: continue the stage, or start it over")
     if a.dropout is not None and a.dropout >= 1:
@@ -448,8 +451,10 @@ def run(args):
 
 
 def train_stages(args):
+    if args.stage == 0:  # regenerate the demo's shipped stand-in backbones
+        return demo.build_backbones(args, demo.PRETRAINED)
     if not args.phi2 and world()[0] == 0:
-        demo.build_backbones(args)
+        demo.prepare_backbones(args)
     if dist.is_initialized():
         dist.barrier()
     wanted = [args.stage] if args.stage else [1, 2, 3, 4]
