@@ -13,7 +13,9 @@ its own copy of the same loader. Its jobs:
 - `write_atomically`: write a file so that an interruption never leaves a half-written checkpoint.
 """
 
+import ctypes
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -65,6 +67,20 @@ def open_safetensors(path):
                 raise ValueError(f"{file}: tensor '{key}' is also in {tensors[key][1]}")
             tensors[key] = (handle, file)
     return tensors
+
+
+@functools.cache  # once per process
+def free_promptly():
+    """Have glibc's malloc hand every block of 4 MB or more straight to the OS when it is freed. By
+    default it keeps freed blocks of up to 32 MB in its heap for reuse, and loading tensor by tensor
+    frees thousands of them between the ones it keeps, so the heap fragments: after Phi-2 loaded in
+    int8 (2.9 GB of weights) the process held 5.5 GB, 2.3 GB of it freed memory never returned, and
+    peaked at 7.2 GB on the way (measured). int8.py's packing calls it too. Elsewhere than glibc
+    this does nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD: fixed at 4 MB
+    except (OSError, AttributeError):
+        pass
 
 
 class StrictReader:
@@ -132,6 +148,7 @@ class StrictReader:
         placeholder). convert(name, module), if given, sees each module as soon as its own tensors
         are in and returns what takes its place: itself, or a replacement such as int8.py's
         Int8Linear, so at most one layer's weights are ever held at full precision."""
+        free_promptly()
         for prefix in [name for name, _ in model.named_modules()]:  # names only: a replaced module is freed
             module = model.get_submodule(prefix)
             for name, p in list(module.named_parameters(recurse=False)):

@@ -36,6 +36,20 @@ def test_int8_linear_on_cuda_matches_fp32(n):
     assert rel16 < 0.03, rel16
 
 
+def test_int8_linear_quantized_on_the_cpu_moves_to_cuda():
+    # on the CPU the int8 weight may live in fbgemm's packed layout; .cuda() unpacks it first
+    torch.manual_seed(0)
+    lin = nn.Linear(512, 1024)
+    q = int8.Int8Linear(lin)
+    weight = q.int8_weight().clone()
+    q = q.cuda()
+    assert q.packed is None and q.weight_int8.device.type == "cuda"
+    assert torch.equal(q.weight_int8.cpu(), weight)
+    x = torch.randn(32, 512)
+    rel = ((q(x.cuda()).cpu() - lin(x)).norm() / lin(x).norm()).item()
+    assert rel < 0.02, rel
+
+
 @pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.9, top_k=20, top_p=0.9, seed=3)],
                          ids=["greedy", "sampled"])
 def test_cuda_graph_decode_equals_eager(sampling):
@@ -50,9 +64,9 @@ def test_cuda_graph_decode_equals_eager(sampling):
     bf16 = Phi2(model.config).cuda().eval()
     bf16.load_state_dict(model.state_dict())
     bf16.to(torch.bfloat16)
-    int8 = Phi2(model.config).cuda().eval()
-    int8.load_state_dict(model.state_dict())
-    for layer in int8.layers:
+    quant = Phi2(model.config).cuda().eval()  # not named int8: that is the module
+    quant.load_state_dict(model.state_dict())
+    for layer in quant.layers:
         layer.self_attn.query_key_value = int8.Int8Linear(layer.self_attn.query_key_value)
         layer.mlp.fc1 = int8.Int8Linear(layer.mlp.fc1)
     lora = Phi2(model.config).cuda().eval()
@@ -62,7 +76,7 @@ def test_cuda_graph_decode_equals_eager(sampling):
         for name, p in lora.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.05)  # a trained adapter, not the fresh zero one
-    for name, m in (("fp32", model), ("bf16", bf16), ("int8", int8), ("lora", lora)):
+    for name, m in (("fp32", model), ("bf16", bf16), ("int8", quant), ("lora", lora)):
         run = lambda graph: m.generate(ids, attention_mask=mask, max_new_tokens=20, stop_sequences=[],
                                        static_cache=graph, **sampling)
         assert run(True) == run(False), name

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -259,20 +258,28 @@ def test_official_checkpoint_converts_to_identical_logits(tok, tmp_path):
         torch.testing.assert_close(other(ex, pixel_values=px)[0], model(ex, pixel_values=px)[0])
 
 
-def test_int8_linear_error_and_memory():
-    torch.manual_seed(0)
-    lin = nn.Linear(256, 512)
-    q = int8.Int8Linear(lin)
-    assert q.weight_int8.dtype == torch.int8
-    # per-channel weight rounding error is at most half a step
-    deq = q.weight_int8.float() * q.weight_scale[:, None]
-    assert ((deq - lin.weight).abs() <= q.weight_scale[:, None] / 2 + 1e-7).all()
-    for n in (1, 32):  # one decoded token and a prefill (on the CPU both run the weight-only kernel)
-        x = torch.randn(n, 256)
-        ref = lin(x)
-        rel = ((q(x) - ref).norm() / ref.norm()).item()
-        assert rel < 0.02, rel
-    assert int8.weight_bytes(q) < 0.27 * int8.weight_bytes(lin)
+def test_lavis_eva_and_blip2_pickles_merge_into_one_file_that_loads(tok, tmp_path):
+    """The README's LAVIS path: a raw EVA pickle (no prefix, no ln_vision) and a BLIP-2 pickle
+    (ln_vision, the Q-Former, its queries), converted together, load as the vision side."""
+    import dataclasses
+    from qformer import QFormer, checkpoint_name
+    from vit import VisionTransformer
+    model = tiny_model(tok, lora=False)
+    vit_state = {k: v.clone() for k, v in model.visual_encoder.state_dict().items()}
+    eva = {k: v for k, v in vit_state.items() if not k.startswith("ln_vision.")}  # as eva_vit_g.pth names them
+    blip2 = {k: v for k, v in vit_state.items() if k.startswith("ln_vision.")}
+    blip2.update({checkpoint_name(k, "lavis"): v.clone() for k, v in model.qformer.state_dict().items()})
+    torch.save(eva, tmp_path / "eva_vit_g.pth")
+    torch.save({"model": blip2}, tmp_path / "blip2_pretrained.pth")
+    dst = str(tmp_path / "blip2.safetensors")
+    tg.convert([str(tmp_path / "eva_vit_g.pth"), str(tmp_path / "blip2_pretrained.pth")], dst)
+    vit = VisionTransformer.from_pretrained(dst, num_attention_heads=model.config.vision.num_attention_heads)
+    qformer = QFormer.from_pretrained(dst, **dataclasses.asdict(model.config.qformer))
+    for ours, loaded in ((model.visual_encoder, vit), (model.qformer, qformer)):
+        for (name, a), (_, b) in zip(ours.state_dict().items(), loaded.state_dict().items()):
+            assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="also in an earlier source"):  # the same tensor twice is refused
+        tg.convert([str(tmp_path / "eva_vit_g.pth")] * 2, str(tmp_path / "twice.safetensors"))
 
 
 def test_quantized_model_logits_close_and_greedy_mostly_unchanged(tok):

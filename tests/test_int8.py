@@ -1,0 +1,143 @@
+"""int8.py: per-channel int8 weights and per-token int8 activations, within a bounded error on
+every CPU kernel this machine can run; and quantizing while loading gives the very weights that
+quantizing after loading gives, so the 8 GB path (tinygptv.py --int8 on the downloads) is the
+same model as the simple one. Speed and memory are measured in bench.py (sections 2, 3 and 6)."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import int8
+import tinygptv as tg
+from checkpoints import StrictReader, open_safetensors
+from phi2 import Phi2, Phi2Config
+
+# the CPU kernels that can run here: fbgemm only where torch was built with it (x86)
+KERNELS = ["weight_only"] + (["fbgemm"] if "fbgemm" in torch.backends.quantized.supported_engines else [])
+
+
+def test_weight_rounding_is_per_channel_symmetric():
+    torch.manual_seed(0)
+    w = torch.randn(64, 32) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different sizes
+    q, scale = int8.quantize_weight(w)
+    assert q.dtype == torch.int8 and q.abs().max() == 127  # each row's largest magnitude maps to +-127
+    assert (q.abs().amax(dim=1) == 127).all()
+    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all()  # half a step at most
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int8_linear_error_and_memory(kernel, monkeypatch):
+    monkeypatch.setattr(int8, "CPU_KERNEL", kernel)
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 512)
+    q = int8.Int8Linear(lin)
+    assert (q.packed is not None) == (kernel == "fbgemm")
+    assert torch.equal(q.int8_weight(), int8.quantize_weight(lin.weight)[0])  # packing keeps our weights
+    for n in (1, 32):  # one decoded token and a prefill
+        x = torch.randn(n, 256)
+        ref = lin(x)
+        rel = ((q(x) - ref).norm() / ref.norm()).item()
+        assert rel < 0.02, rel
+        rel16 = ((q(x.bfloat16()).float() - ref).norm() / ref.norm()).item()  # bf16 in, bf16 out
+        assert rel16 < 0.03, rel16
+    assert q(torch.randn(2, 3, 256)).shape == (2, 3, 512)
+    assert int8.weight_bytes(q) < 0.27 * int8.weight_bytes(lin)
+
+
+@pytest.mark.skipif("fbgemm" not in KERNELS, reason="fbgemm is x86 only")
+def test_fbgemm_computes_exactly_our_per_token_arithmetic(monkeypatch):
+    # the kernel gets x / s_x already rounded, scale 1 and zero point 128: its int32 sums are ours
+    monkeypatch.setattr(int8, "CPU_KERNEL", "fbgemm")
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64)
+    q = int8.Int8Linear(lin)
+    x = torch.randn(5, 128) * torch.tensor([1.0, 100.0, 0.01, 1.0, 3.0])[:, None]  # an outlier token
+    xq, sx = int8.quantize_rows(x)
+    wq, sw = int8.quantize_weight(lin.weight)
+    exact = (xq.double() @ wq.double().t()) * sx.double() * sw.double() + lin.bias.double()  # (5, 64)
+    torch.testing.assert_close(q(x).double(), exact, rtol=1e-5, atol=1e-5)  # several tokens at once
+    for i in range(5):  # one token at a time, as decoding runs
+        torch.testing.assert_close(q(x[i:i + 1]).double(), exact[i:i + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_moving_off_the_cpu_unpacks_the_weight():
+    torch.manual_seed(0)
+    q = int8.Int8Linear(nn.Linear(64, 32))
+    q.to("meta")  # stands for a GPU here: fbgemm's packed weight cannot go there
+    assert q.packed is None and q.weight_int8.shape == (32, 64) and q.weight_int8.dtype == torch.int8
+
+
+def tiny_phi2(tmp_path, seed=0):
+    torch.manual_seed(seed)
+    model = Phi2(Phi2Config.tiny(vocab_size=300)).eval()
+    model.save_pretrained(str(tmp_path / "phi2"))
+    return model
+
+
+def int8_state(model):
+    """Every Int8Linear's int8 weight, scales and bias, by name."""
+    return {name: (m.int8_weight(), m.weight_scale, m.bias) for name, m in model.named_modules()
+            if isinstance(m, int8.Int8Linear)}
+
+
+def test_quantizing_while_loading_equals_quantizing_after(tmp_path):
+    model = tiny_phi2(tmp_path)
+    after = Phi2.from_pretrained(str(tmp_path / "phi2")).eval()
+    for module in list(after.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, int8.Int8Linear(child))
+    during = Phi2.from_pretrained(str(tmp_path / "phi2"), convert=int8.quantizer()).eval()
+    a, b = int8_state(after), int8_state(during)
+    assert a.keys() == b.keys() and len(a) == 4 * 2 + 1  # qkv, dense, fc1, fc2 per layer, and lm_head
+    for name in a:
+        for x, y in zip(a[name], b[name]):
+            assert torch.equal(x, y), name
+    ids = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(during(ids), after(ids), rtol=0, atol=0)
+        rel = ((during(ids) - model(ids)).norm() / model(ids).norm()).item()
+    assert rel < 0.05, rel
+
+
+def test_reader_reads_every_tensor_as_safetensors_does(tmp_path):
+    # StrictReader reads with plain file reads (no memory map): the same tensors, the same dtypes
+    from safetensors.torch import load_file, save_file
+    tensors = {"a": torch.randn(3, 4).half(), "b": torch.arange(5), "c": torch.randn(2, 2).bfloat16(),
+               "d": torch.tensor([True, False]), "e": torch.zeros(0, 3)}
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    reader = StrictReader(open_safetensors(str(tmp_path / "t.safetensors")), "t", None, "cpu")
+    for k, t in load_file(str(tmp_path / "t.safetensors")).items():
+        got = reader.read(str(tmp_path / "t.safetensors"), k)
+        assert got.dtype == t.dtype and torch.equal(got, t), k
+
+
+def test_assembled_int8_from_downloads_equals_quantize_int8_after(tmp_path):
+    # tinygptv.from_pretrained(int8=True) merges the checkpoint's LoRA into each layer before it is
+    # quantized: the same int8 weights as loading in full, LoRA and all, then quantize_int8
+    torch.manual_seed(0)
+    model = tg.TinyGPTV(tg.TinyGPTVConfig.tiny(vocab_size=300)).eval()
+    model.llama_model.save_pretrained(str(tmp_path / "phi2"))
+    model.visual_encoder.save_pretrained(str(tmp_path / "vit"))
+    model.qformer.save_pretrained(str(tmp_path / "qformer"))
+    model.add_lora()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.normal_(0.0, 0.05)  # a trained adapter
+    tg.save_checkpoint(model, str(tmp_path / "stage4.safetensors"), stage=4)
+    paths = (str(tmp_path / "phi2"), str(tmp_path / "vit"), str(tmp_path / "qformer"))
+    kw = dict(checkpoint=str(tmp_path / "stage4.safetensors"), proj_dim=model.config.proj_dim)
+    after, stage = tg.from_pretrained(*paths, **kw)
+    int8.quantize_int8(after)
+    during, stage_during = tg.from_pretrained(*paths, int8=True, **kw)
+    assert stage == stage_during == 4
+    a, b = int8_state(after.llama_model), int8_state(during.llama_model)
+    assert a.keys() == b.keys() and len(a) == 4 * 4 + 1
+    for name in a:
+        for x, y in zip(a[name], b[name]):
+            assert torch.equal(x, y), name
+    ex = [tg.Example([1, 2, 3], [4, 5], [6, 7])]  # token ids: before the image, after it, the answer
+    px = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(during(ex, pixel_values=px)[0], after(ex, pixel_values=px)[0])
