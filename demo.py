@@ -6,8 +6,8 @@ stages 1-4 on LAION, CC, cc_sbu_align and the stage-4 mixture (docs/PAPER.md sec
 none of that can be had offline, so this file brings stand-ins, and train.py then runs the
 paper's four stages on them unchanged:
 
-- `scene_words`: a scene written as 32 words, one per Q-Former query (colour, shape and size of
-  each cell of the 3x3 world, then the count). It is the link pretraining gives a real BLIP-2 and
+- `scene_words`: a scene written as 32 words, one per Q-Former query (the object's colour, shape,
+  size and place, then `none`). It is the link pretraining gives a real BLIP-2 and
   Phi-2 in common: the queries carry what a text would say about the image (docs/PAPER.md
   section 13);
 - stage 0 (`build_backbones`): a byte-level BPE tokenizer in which each of those words is one
@@ -85,7 +85,7 @@ NUM_CELL_CLASSES = 1 + len(data.COLORS) * len(data.SHAPES) * len(data.SIZES)  # 
 
 
 def object_class(obj):
-    """1 + the index of (color, shape, size): 1..40 (0 is "nothing")."""
+    """1 + the index of (color, shape, size): 1..96 (0 is "nothing")."""
     c, s, z = list(data.COLORS).index(obj.color), data.SHAPES.index(obj.shape), data.SIZES.index(obj.size)
     return 1 + (c * len(data.SHAPES) + s) * len(data.SIZES) + z
 
@@ -300,8 +300,9 @@ def pretrain_vision(cfg, scenes, args):
 def world_fingerprint():
     """What stand-in backbones were trained for: the scene words and their order. Backbones of
     another world would read every picture wrongly, so a mismatch is refused, not used."""
-    return {"slot_words": list(SLOT_WORDS), "colors": list(data.COLORS), "shapes": list(data.SHAPES),
-            "sizes": list(data.SIZES), "num_queries": NUM_QUERIES}
+    return {"slot_words": list(SLOT_WORDS), "colors": {k: list(v) for k, v in data.COLORS.items()},
+            "shapes": list(data.SHAPES), "sizes": data.HALF_SIDE, "positions": list(data.POSITIONS),
+            "cell_centers": list(data.CELL_CENTERS), "jitter": data.JITTER, "num_queries": NUM_QUERIES}
 
 
 def build_backbones(args, root=None):
@@ -348,8 +349,8 @@ def prepare_backbones(args):
         except ValueError:
             stamp = {}
         if {k: stamp.get(k) for k in world_fingerprint()} != world_fingerprint():
-            raise ValueError(f"{where} holds stand-in backbones trained for another demo world; "
-                             "regenerate them with `python train.py --stage 0`, or delete them")
+            again = "delete it to use the shipped ones" if where == root else "train them again with `python train.py --stage 0`"
+            raise ValueError(f"{where} holds stand-in backbones trained for another demo world: {again}")
         if where == PRETRAINED and where != root:
             shutil.copytree(PRETRAINED, root, dirs_exist_ok=True)
             log(f"stage 0 | the stand-in backbones come from {os.path.relpath(PRETRAINED)} "
@@ -367,8 +368,8 @@ def exact(a, b):
 
 
 def sentence_f1(answer, reference):
-    """F1 between the sentences of two descriptions (each names one object and its place, or the
-    count): partial credit for a long answer, where exact match is all or nothing."""
+    """F1 between the sentences of two descriptions (each says one thing about the object):
+    partial credit for a long answer, where exact match is all or nothing."""
     split = lambda text: {t.strip().lower() for t in text.split(".") if t.strip()}
     got, want = split(answer), split(reference)
     right = len(got & want)

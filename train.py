@@ -251,6 +251,13 @@ def saved_state(args, stage, path):
     return st
 
 
+def table_size(args, stage):
+    """Held-out samples per task in a stage's table: --eval-samples for the final stage, at most
+    100 before it, whose tables only show each stage's progress (their generation is most of a
+    demo stage's time otherwise)."""
+    return args.eval_samples if stage == 4 else min(args.eval_samples, 100)
+
+
 def param_groups(model, weight_decay):
     """Weight decay on matrices only; biases and norm weights (1-D) are not decayed (nanoGPT, BLIP-2)."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -314,7 +321,7 @@ def train_stage(args, stage):
 
     before = {}
     if args.eval and not args.data and rank == 0:
-        before = demo.previous_evaluation(args, stage) or demo.evaluate(model, tok, args, taught=stage - 1)
+        before = demo.previous_evaluation(args, stage) or demo.evaluate(model, tok, args, stage - 1, table_size(args, stage))
     model.train()
     t0, done_here, seen, losses = time.time(), 0, 0, []
     while step < sc.steps:
@@ -371,7 +378,8 @@ def train_stage(args, stage):
         if held_out is not None:  # the user's held-out split, scored as the demo's table is
             result = {"after": evaluate_samples(model, tok, held_out, stage), "eval_data": args.eval_data}
         elif args.eval and not args.data:
-            result = {"before": before, "after": demo.evaluate(model, tok, args, taught=stage), "eval_set": demo.eval_set(args)}
+            after = demo.evaluate(model, tok, args, stage, table_size(args, stage))
+            result = {"before": before, "after": after, "eval_set": demo.eval_set(args)}
         if result is not None:
             demo.print_table(stage, result.get("before", {}), result["after"])
             write_atomically(os.path.join(args.out, f"stage{stage}.eval.json"), lambda tmp: write_json(result, tmp))
