@@ -145,7 +145,7 @@ def lm_texts(scenes, seed):
     given as words, so that stages 1-4 have to teach only the bridge from the 32 queries to those
     words' embeddings, and the model to use them."""
     pairs = []
-    for stage, draws in ((1, 1), (3, 2), (4, 8)):  # stage 4's questions vary with the draw: yes/no above all
+    for stage, draws in ((1, 1), (3, 2), (4, 8)):  # each draw phrases [refer] and the instructions anew
         for draw in range(draws):
             for scene in scenes:
                 for s in data.stage_samples([scene], stage, None, seed * 1000 + draw):  # texts only, no image
@@ -321,6 +321,7 @@ def build_backbones(args, root=None):
         raise ValueError(f"stage 0: the demo tokenizer splits the scene words {split}; each must be one token")
     cfg = tg.TinyGPTVConfig.tiny(vocab_size=tok.get_vocab_size())
     llm = pretrain_language_model(cfg, tok, texts, args)
+    llm.config = replace(llm.config, resid_pdrop=cfg.llm.resid_pdrop)  # saved as Phi-2's own dropout
     llm.save_pretrained(os.path.join(root, "phi2"))
     if args.eval:
         scores, asked = language_model_alone(llm, tok, args)

@@ -217,11 +217,11 @@ def test_stage_4_samples_cover_the_tasks_and_share_one_image_per_scene(splits):
     assert len(by_scene) == len(scenes)
     for mine in by_scene.values():
         assert len({id(s.image) for s in mine}) == 1
-        # per scene: one question of each of the five types, and one sample of each other task
-        assert Counter(s.task for s in mine) == {"vqa": 5, "caption": 1, "refer": 1, "identify": 1,
+        # per scene: one question of each of the four types, and one sample of each other task
+        assert Counter(s.task for s in mine) == {"vqa": 4, "caption": 1, "refer": 1, "identify": 1,
                                                  "grounding": 1, "describe": 1}
         assert sorted(s.meta["qtype"] for s in mine if s.task == "vqa") == sorted(
-            ["color", "shape", "size", "position", "yes/no"])
+            ["color", "shape", "size", "position"])
     assert data.stage_samples(scenes, 4, 48, seed=0)[5].answer == samples[5].answer  # deterministic
     with pytest.raises(ValueError, match="stage 5"):
         data.stage_samples(scenes, 5, 48, seed=0)
@@ -245,8 +245,6 @@ def test_every_vqa_answer_agrees_with_the_scene(splits):
         scene, q, a, t = scenes[s.meta["scene"]], s.query, s.answer, s.meta["qtype"]
         (o,) = scene.objects
         assert 1 <= len(a.split()) <= 2 and q.endswith("?")
-        if t == "yes/no":  # checked in its own test below
-            continue
         m = re.fullmatch(r"(what color is|what shape is|what size is|where is) (.+)\?", q)
         assert m and fits(m.group(2), o), (q, o)  # the question names the object
         assert o.color in q.split() or o.shape + "?" in q.split(), q  # by an attribute it does not ask about
@@ -257,33 +255,6 @@ def test_every_vqa_answer_agrees_with_the_scene(splits):
     # every value of every attribute is asked for somewhere
     for t, values in (("color", COLOR_RGB), ("shape", SHAPES), ("size", SIDE), ("position", WHERE)):
         assert {a for (qt, a) in answers if qt == t} == set(values), t
-
-
-def test_yes_no_questions_are_balanced_and_true_of_the_scene(splits):
-    # "is the object red?", "is the object a circle?", "is the object medium?": about one attribute,
-    # answered yes half the time, so saying "yes" to everything scores 50%
-    scenes = {s.seed: s for s in splits["train"]}
-    asked = Counter()
-    for seed in range(5):
-        for s in data.stage_samples(list(scenes.values()), 4, None, seed=seed):
-            if s.meta.get("qtype") != "yes/no":
-                continue
-            (o,) = scenes[s.meta["scene"]].objects
-            m = re.fullmatch(r"is the object (a )?(\w+)\?", s.query)
-            assert m, s.query
-            article, value = m.groups()
-            attr = next(name for name, values in (("color", COLOR_RGB), ("shape", SHAPES), ("size", SIDE))
-                        if value in values)
-            assert (article is not None) == (attr == "shape"), s.query  # "a circle", but "red", "medium"
-            truth = value == {"color": o.color, "shape": o.shape, "size": o.size}[attr]
-            assert s.answer == ("yes" if truth else "no"), (s.query, s.answer, o)
-            asked[attr, s.answer] += 1
-    n = sum(asked.values())
-    assert n == 5 * len(scenes)
-    assert 0.45 < sum(v for (_, a), v in asked.items() if a == "yes") / n < 0.55
-    for attr in ("color", "shape", "size"):  # each attribute asked about, both ways, about equally
-        yes, no = asked[attr, "yes"], asked[attr, "no"]
-        assert 0.25 < (yes + no) / n < 0.42 and 0.4 < yes / (yes + no) < 0.6, (attr, yes, no)
 
 
 def test_refer_identify_and_grounding_name_the_object(splits):

@@ -128,8 +128,8 @@ ASKED = ("color", "shape", "size")  # the types the small model below is taught
 
 
 def question_type(prompt):
-    m = re.search(r"what (color|shape|size) is|where is|is the object", prompt)
-    return {"where is": "position", "is the object": "yes/no"}.get(m.group(0), m.group(1)) if m else None
+    m = re.search(r"what (color|shape|size) is|where is", prompt)
+    return {"where is": "position"}.get(m.group(0), m.group(1)) if m else None
 
 
 def priors(samples):
@@ -257,7 +257,7 @@ def test_evaluate_scores_each_task_and_each_question_type_with_the_image_and_wit
     assert all(r["blank"] == 0.0 for r in rows.values())
     assert {task: r["image"] for task, r in rows.items() if task != "vqa"} == {
         "caption": 100.0, "identify": 100.0, "describe": 0.0, "refer": 0.0,
-        "vqa shape": 100.0, "vqa color": 0.0, "vqa size": 0.0, "vqa position": 0.0, "vqa yes/no": 0.0}
+        "vqa shape": 100.0, "vqa color": 0.0, "vqa size": 0.0, "vqa position": 0.0}
     # the VQA row is the first 30 held-out questions, of which the shape questions are right
     questions = [s for s in data.stage_samples(demo.demo_scenes(args)["test"], 4, None, args.seed + 1)
                  if s.task == "vqa"][:30]
