@@ -76,7 +76,7 @@ DEMO_STAGES = {
     1: StageConfig(lr=2e-3, min_lr=2e-4, warmup=20, steps=200, batch_size=32, lora=False, dropout=0.0),
     2: StageConfig(lr=2e-3, min_lr=2e-4, warmup=20, steps=170, batch_size=32, lora=True, dropout=0.0),
     3: StageConfig(lr=1e-3, min_lr=1e-4, warmup=10, steps=100, batch_size=16, lora=True, dropout=0.0),
-    4: StageConfig(lr=4e-3, min_lr=1e-4, warmup=30, steps=800, batch_size=32, lora=True, dropout=0.0),
+    4: StageConfig(lr=4e-3, min_lr=1e-4, warmup=30, steps=1200, batch_size=32, lora=True, dropout=0.0),
 }
 
 
@@ -251,13 +251,6 @@ def saved_state(args, stage, path):
     return st
 
 
-def table_size(args, stage):
-    """Held-out samples per task in a stage's table: --eval-samples for the final stage, at most
-    100 before it, whose tables only show each stage's progress (their generation is most of a
-    demo stage's time otherwise)."""
-    return args.eval_samples if stage == 4 else min(args.eval_samples, 100)
-
-
 def param_groups(model, weight_decay):
     """Weight decay on matrices only; biases and norm weights (1-D) are not decayed (nanoGPT, BLIP-2)."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -321,7 +314,7 @@ def train_stage(args, stage):
 
     before = {}
     if args.eval and not args.data and rank == 0:
-        before = demo.previous_evaluation(args, stage) or demo.evaluate(model, tok, args, stage - 1, table_size(args, stage))
+        before = demo.previous_evaluation(args, stage) or demo.evaluate(model, tok, args, stage - 1)
     model.train()
     t0, done_here, seen, losses = time.time(), 0, 0, []
     while step < sc.steps:
@@ -378,7 +371,7 @@ def train_stage(args, stage):
         if held_out is not None:  # the user's held-out split, scored as the demo's table is
             result = {"after": evaluate_samples(model, tok, held_out, stage), "eval_data": args.eval_data}
         elif args.eval and not args.data:
-            after = demo.evaluate(model, tok, args, stage, table_size(args, stage))
+            after = demo.evaluate(model, tok, args, stage)
             result = {"before": before, "after": after, "eval_set": demo.eval_set(args)}
         if result is not None:
             demo.print_table(stage, result.get("before", {}), result["after"])
