@@ -454,11 +454,13 @@ def print_table(stage, before, after):
 
 
 def write_example(args):
-    """A held-out picture to ask questions about, and the command that asks."""
+    """A held-out picture to ask questions about, and the command that asks one."""
     example = os.path.join(args.out, "example.png")
-    data.render(demo_scenes(args)["test"][0], 2 * IMAGE_SIZE).save(example)
+    scene = demo_scenes(args)["test"][0]
+    data.render(scene, 2 * IMAGE_SIZE).save(example)
     run = "" if os.path.abspath(args.out) == DEMO_RUN else f" --run {os.path.relpath(args.out)}"
-    log(f"try: python tinygptv.py --image {os.path.relpath(example)}{run} --prompt \"[vqa] what shape is the blue object?\"")
+    log(f"try: python tinygptv.py --image {os.path.relpath(example)}{run} "
+        f"--prompt \"[vqa] what color is the {scene.objects[0].shape}?\"")
 
 
 # -----------------------------------------------------------------------------
