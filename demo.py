@@ -297,6 +297,15 @@ def pretrain_vision(cfg, scenes, args):
     return vit, qformer
 
 
+def report_language_model(llm, tok, args):
+    """Stage 0's check, printed: the demo's ceiling, the stand-in language model reading each held-out
+    scene as its 32 words."""
+    scores, asked = language_model_alone(llm, tok, args)
+    by_type = ", ".join(f"{t} {v:.0f}" for t, v in scores.items() if t != "all")
+    log(f"stage 0 | the language model alone, each test image replaced by its 32 words: VQA exact match "
+        f"{scores['all']:.1f}% of {asked} questions ({by_type})")
+
+
 def world_fingerprint():
     """What stand-in backbones were trained for: the scene words and their order. Backbones of
     another world would read every picture wrongly, so a mismatch is refused, not used."""
@@ -324,10 +333,7 @@ def build_backbones(args, root=None):
     llm.config = replace(llm.config, resid_pdrop=cfg.llm.resid_pdrop)  # saved as Phi-2's own dropout
     llm.save_pretrained(os.path.join(root, "phi2"))
     if args.eval:
-        scores, asked = language_model_alone(llm, tok, args)
-        by_type = ", ".join(f"{t} {v:.0f}" for t, v in scores.items() if t != "all")
-        log(f"stage 0 | the language model alone, each test image replaced by its 32 words: VQA exact match "
-            f"{scores['all']:.1f}% of {asked} questions ({by_type})")
+        report_language_model(llm, tok, args)
     vit, qformer = pretrain_vision(cfg, scenes, args)
     vit.save_pretrained(os.path.join(root, "vit"))
     qformer.save_pretrained(os.path.join(root, "qformer"))
@@ -356,6 +362,8 @@ def prepare_backbones(args):
             shutil.copytree(PRETRAINED, root, dirs_exist_ok=True)
             log(f"stage 0 | the stand-in backbones come from {os.path.relpath(PRETRAINED)} "
                 f"(stage 0 trained once: `python train.py --stage 0` trains them again)")
+            if args.eval:
+                report_language_model(Phi2.from_pretrained(os.path.join(root, "phi2")), tg.load_tokenizer(root), args)
         return
     build_backbones(args, root)
 

@@ -582,15 +582,15 @@ def load_model(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = tg.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, help=f"one of {', '.join([*READERS, *OWN_METRICS])}")
     p.add_argument("--data", required=True, help="the benchmark's file (see above), or one of our data files")
     p.add_argument("--images", help="the folder image names are relative to (default: the data file's)")
     p.add_argument("--annotations", help="okvqa: the annotations file; refcoco: instances.json")
     p.add_argument("--split", help="iconqa: the split (default val); refcoco: only this split")
-    p.add_argument("--limit", type=int, help="score only the first N records")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=tg.at_least(1), help="score only the first N records")
+    p.add_argument("--batch-size", type=tg.at_least(1), default=16)
     p.add_argument("--template", choices=("official", "stage4"), default="official", help="benchmarks: the "
                    "official code's ###Human wrapping, or the [INST] one this project's stage 4 trains on")
     p.add_argument("--out", help="the results JSON (default: eval_TASK.json)")
@@ -600,7 +600,7 @@ def main(argv=None):
     p.add_argument("--blip2", help="a BLIP-2 directory or LAVIS safetensors (ViT + Q-Former)")
     p.add_argument("--qformer", help="the Q-Former, if not in the --blip2 path")
     p.add_argument("--int8", action="store_true", help="int8 weights for the language model")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=tg.device_option, default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     task, root = args.task, args.images or os.path.dirname(os.path.abspath(args.data))
     if task not in READERS and task not in OWN_METRICS:
@@ -633,8 +633,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    tg.run_cli(main)

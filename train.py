@@ -15,15 +15,13 @@ What each stage trains (everything else is frozen: ViT, ln_vision, Q-Former, Phi
 The official code also trained LoRA in stage 1 (a config default); the paper says it does not, and
 this file follows the paper.
 
-Without --phi2/--blip2 the stages run on the built-in demo: demo.py's "stage 0" first trains
-stand-in backbones (no pretrained EVA, BLIP-2 or Phi-2 can be downloaded here), and the four
-stages then run on them exactly as on the real ones.
+Without --phi2/--blip2 the stages run on the built-in demo, from demo.py's stand-in backbones
+(its "stage 0", shipped in demo_backbones/; `--stage 0` trains them again), exactly as on real ones.
 
 Notable features: AdamW with decay only on >= 2-D tensors, linear warm-up then cosine per step,
 gradient accumulation and clipping, bf16 autocast on CUDA (fp16 + GradScaler where bf16 is
-missing), atomic checkpoints with exact resume (weights, optimizer, step, data order, RNG), a
-NaN guard, a progress line, and a held-out evaluation table after each demo stage, with blank
-images as the baseline that shows how much the model uses the picture.
+missing), atomic checkpoints with exact resume (weights, optimizer, step, data order, RNG) that
+refuse to be discarded or mixed up silently, a NaN guard, a progress line, and held-out tables.
 """
 
 import argparse
