@@ -362,7 +362,7 @@ def prepare_backbones(args):
             shutil.copytree(PRETRAINED, root, dirs_exist_ok=True)
             log(f"stage 0 | the stand-in backbones come from {os.path.relpath(PRETRAINED)} "
                 f"(stage 0 trained once: `python train.py --stage 0` trains them again)")
-            if args.eval:
+            if args.eval and os.path.isdir(os.path.join(root, "phi2")):  # (building the model says if it is missing)
                 report_language_model(Phi2.from_pretrained(os.path.join(root, "phi2")), tg.load_tokenizer(root), args)
         return
     build_backbones(args, root)
