@@ -186,6 +186,27 @@ def check_overrides(overrides, config_class):
         raise ValueError(f"unknown {config_class.__name__} fields in overrides: {', '.join(sorted(unknown))}")
 
 
+def read_state(path, settings, device="cpu"):
+    """A training state file (torch.save of tensors and plain containers, read weights-only, never
+    code), checked: its fields are there and the settings it was trained with ({option: value})
+    equal `settings`. -> the state dict, or a one-line ValueError naming the file or the option."""
+    try:
+        st = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, garbage, or not a state file at all
+        raise ValueError(f"{path}: cannot read the saved state ({str(e).splitlines()[0][:120]}); "
+                         "--restart starts the stage over") from None
+    keys = ("model", "optimizer", "scaler", "rng", "step")
+    if not isinstance(st, dict) or any(k not in st for k in keys) or not isinstance(st["model"], dict):
+        raise ValueError(f"{path}: not a train.py state file (expected {', '.join(keys)}); "
+                         "--restart starts the stage over")
+    for option, value in settings.items():
+        was = st.get("settings", {}).get(option, value)
+        if was != value:
+            raise ValueError(f"--resume: {option} is {value} now but was {was} in the interrupted run; "
+                             f"resume with the same {option}, or --restart")
+    return st
+
+
 def write_json(d, file):
     with open(file, "w") as f:
         json.dump(d, f, indent=2)

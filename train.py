@@ -37,7 +37,7 @@ import torch.nn as nn
 import data
 import demo
 import tinygptv as tg
-from checkpoints import take_lock, write_atomically, write_json
+from checkpoints import read_state, take_lock, write_atomically, write_json
 from eval import evaluate_samples
 from lora import mark_trainable
 
@@ -208,11 +208,11 @@ def evaluate_stage(args, stage):
 # One stage
 
 
-def run_settings(args):
+def run_settings(args, stage):
     """What a resumed run must share with the interrupted one, or it would silently become a third run."""
-    sc = args.stages
-    return {"seed": args.seed, "data": args.data, "paper": args.paper,
-            "steps": {k: v.steps for k, v in sc.items()}, "batch_size": {k: v.batch_size for k, v in sc.items()}}
+    sc = args.stages[stage]
+    return {"--seed": args.seed, "--data": args.data, "--paper": args.paper, "--steps": sc.steps,
+            "--batch-size": sc.batch_size}
 
 
 def saved_state(args, stage, path):
@@ -226,27 +226,7 @@ def saved_state(args, stage, path):
     if not (args.resume or args.restart):
         raise TrainingError(f"stage {stage} has an interrupted run's state ({path}): pass --resume to continue it "
                             "or --restart to start the stage over")
-    if args.restart:
-        return None
-    try:
-        st = torch.load(path, map_location=args.device, weights_only=True)
-    except Exception as e:  # truncated, garbage, or not a state file at all
-        raise TrainingError(f"{path}: cannot read the saved state ({str(e).splitlines()[0][:120]}); "
-                            "--restart starts the stage over") from None
-    keys = ("model", "optimizer", "scaler", "rng", "step")
-    if not isinstance(st, dict) or any(k not in st for k in keys) or not isinstance(st["model"], dict):
-        raise TrainingError(f"{path}: not a train.py state file (expected {', '.join(keys)}); "
-                            "--restart starts the stage over")
-    saved, now = st.get("settings", {}), run_settings(args)
-    for name, value in now.items():
-        was = saved.get(name, value)
-        if isinstance(value, dict):  # per-stage settings: this stage's is what matters
-            was, value = was.get(stage, was.get(str(stage))), value[stage]
-        if was != value:
-            option = "--" + name.replace("_", "-")
-            raise TrainingError(f"--resume: {option} is {value} now but was {was} in the interrupted run; "
-                                f"resume with the same {option}, or --restart")
-    return st
+    return None if args.restart else read_state(path, run_settings(args, stage), args.device)
 
 
 def param_groups(model, weight_decay):
@@ -308,7 +288,7 @@ def train_stage(args, stage):
         if rank == 0:
             atomic_torch_save({"model": tg.trainable_state_dict(model), "optimizer": opt.state_dict(),
                                "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                               "stage_config": asdict(sc), "settings": run_settings(args)}, state_path)
+                               "stage_config": asdict(sc), "settings": run_settings(args, stage)}, state_path)
 
     before = {}
     if args.eval and not args.data and rank == 0:
