@@ -342,7 +342,7 @@ def _image_status(file):
     return "ok", size
 
 
-def _keep_readable(path, samples):
+def keep_readable(path, samples):
     """Drop samples whose image is missing or corrupt, print the count; -> (kept, {file: size})."""
     status, kept, skipped = {}, [], Counter()
     for s in samples:
@@ -355,7 +355,7 @@ def _keep_readable(path, samples):
             skipped[state] += 1
     if skipped:
         print(f"skipped {sum(skipped.values())} of {len(samples)} samples: {skipped['missing']} missing, "
-              f"{skipped['corrupt']} corrupt images ({path})")
+              f"{skipped['corrupt']} corrupt images ({path})", flush=True)
     return kept, {f: size for f, (state, size) in status.items() if state == "ok"}
 
 
@@ -373,7 +373,7 @@ def _caption_samples(path, records, root):
         else:
             image, text = _field(path, where, r, "image"), _field(path, where, r, "caption")
             out.append(Sample(os.path.join(root, image), "caption", "", clean_caption(text), {}))
-    return _keep_readable(path, out)[0]
+    return keep_readable(path, out)[0]
 
 
 def _llava_samples(path, records, root):
@@ -394,7 +394,7 @@ def _llava_samples(path, records, root):
                 pair.append(turn["value"])
             query = pair[0].replace("<image>", "").strip()
             out.append(Sample(image, "chat", query, pair[1].strip(), {"turn": t // 2}))
-    return _keep_readable(path, out)[0]
+    return keep_readable(path, out)[0]
 
 
 def _vqa_samples(path, records, root):
@@ -409,7 +409,7 @@ def _vqa_samples(path, records, root):
         best = Counter(answers).most_common(1)[0][0]  # ties: the first one given
         out.append(Sample(os.path.join(root, image), "vqa", question.strip(), best.strip(),
                           {"qtype": r.get("question_type", "real"), "answers": answers}))
-    return _keep_readable(path, out)[0]
+    return keep_readable(path, out)[0]
 
 
 def _refexp_samples(path, records, root):
@@ -422,7 +422,7 @@ def _refexp_samples(path, records, root):
         if len(box) != 4 or not all(isinstance(v, (int, float)) for v in box) or box[2] <= 0 or box[3] <= 0:
             raise ValueError(f"{path}: {where}: field 'box' should be [x, y, w, h] with w, h > 0")
         out.append(Sample(os.path.join(root, image), "refer", text.strip(), "", {"box_px": tuple(box)}))
-    kept, sizes = _keep_readable(path, out)
+    kept, sizes = keep_readable(path, out)
     for s in kept:
         (w, h), (x, y, bw, bh) = sizes[s.image], s.meta.pop("box_px")
         box = tuple(min(100, max(0, round(100 * v / d))) for v, d in ((x, w), (y, h), (x + bw, w), (y + bh, h)))

@@ -223,12 +223,17 @@ def language_model_alone(llm, tok, args, n=300):
     llm.eval()
     answers = llm.generate(ids, attention_mask=mask, max_new_tokens=8, stop_sequences=[[bos]])
     hits = [exact(tok.decode(a), s.answer) for a, s in zip(answers, samples)]
-    scores = {"all": 100.0 * sum(hits) / len(hits)}
+    return {"all": 100.0 * sum(hits) / len(hits), **by_question_type(hits, samples)}, len(samples)
+
+
+def by_question_type(hits, samples):
+    """{VQA question type: % of its samples right}, for the types present."""
+    scores = {}
     for qtype in data.VQA_TYPES:
         mine = [h for h, s in zip(hits, samples) if s.meta["qtype"] == qtype]
         if mine:
             scores[qtype] = 100.0 * sum(mine) / len(mine)
-    return scores, len(samples)
+    return scores
 
 
 def sincos_positions(grid, dim):
@@ -416,10 +421,8 @@ def evaluate(model, tok, args, taught=4, n=None):
                 hits = [exact(a, s.answer) for a, s in zip(answers, picked)]
             rows.setdefault(task, {})[column] = 100.0 * sum(hits) / len(hits)
             if task == "vqa":
-                for qtype in data.VQA_TYPES:
-                    mine = [h for h, s in zip(hits, picked) if s.meta["qtype"] == qtype]
-                    if mine:
-                        rows.setdefault(f"vqa {qtype}", {})[column] = 100.0 * sum(mine) / len(mine)
+                for qtype, score in by_question_type(hits, picked).items():
+                    rows.setdefault(f"vqa {qtype}", {})[column] = score
     model.train()
     return rows
 

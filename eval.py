@@ -66,7 +66,6 @@ import time
 from collections import Counter
 
 import torch
-from PIL import Image
 
 import data
 import tinygptv as tg
@@ -382,29 +381,6 @@ METRICS = {
 OWN_METRICS = {"vqa": "VQA exact match", "refer": "[refer] IoU >= 0.5", "caption": "caption exact match"}
 
 
-def keep_readable(path, samples):
-    """Drop the samples whose image is missing or corrupt, as training does; -> (kept, #skipped)."""
-    status, kept, skipped = {}, [], Counter()
-    for s in samples:
-        if s.image not in status:
-            try:
-                with Image.open(s.image) as im:
-                    im.verify()
-                status[s.image] = "ok"
-            except FileNotFoundError:
-                status[s.image] = "missing"
-            except Exception:  # Pillow raises many kinds (OSError, SyntaxError, ...) for a bad file
-                status[s.image] = "corrupt"
-        if status[s.image] == "ok":
-            kept.append(s)
-        else:
-            skipped[status[s.image]] += 1
-    if skipped:
-        print(f"skipped {sum(skipped.values())} of {len(samples)} samples: {skipped['missing']} missing, "
-              f"{skipped['corrupt']} corrupt images ({path})", flush=True)
-    return kept, sum(skipped.values())
-
-
 # -----------------------------------------------------------------------------
 # Running the model: the official wrapping, raw greedy text, the loss of each choice, P(yes)
 
@@ -606,8 +582,10 @@ def main(argv=None):
     if task not in READERS and task not in OWN_METRICS:
         raise ValueError(f"unknown task '{task}': expected one of {', '.join([*READERS, *OWN_METRICS])}")
     skipped = 0  # (our own loaders skip and count bad images themselves)
-    if task in READERS:
-        samples, skipped = keep_readable(args.data, READERS[task](args.data, root, args)[:args.limit])
+    if task in READERS:  # a missing or undecodable image is skipped and counted, as in training
+        records = READERS[task](args.data, root, args)[:args.limit]
+        samples = data.keep_readable(args.data, records)[0]
+        skipped = len(records) - len(samples)
     else:
         found = data.load_dataset(args.data, root)
         samples = [s for s in found if s.task == task][:args.limit]
