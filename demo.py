@@ -402,9 +402,11 @@ def evaluate(model, tok, args, taught=4, n=None):
     scenes = demo_scenes(args)["test"]
     plan = (("caption", 4 if taught >= 4 else 1), ("describe", 4 if taught >= 4 else 3),
             ("vqa", 4), ("refer", 4), ("identify", 4))
+    drawn = {}  # stage -> its samples, each picture drawn once for all of that stage's tasks
     for task, stage in plan:
-        samples = data.stage_samples(scenes, stage, IMAGE_SIZE * (2 if stage == 4 else 1), args.seed + 1)
-        picked = [s for s in samples if s.task == task][:n]
+        if stage not in drawn:
+            drawn[stage] = data.stage_samples(scenes, stage, IMAGE_SIZE * (2 if stage == 4 else 1), args.seed + 1)
+        picked = [s for s in drawn[stage] if s.task == task][:n]
         if not picked:
             continue
         for column in ("image", "blank"):
