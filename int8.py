@@ -4,7 +4,8 @@ The paper promises inference in 8 GB of GPU memory, or on a CPU (docs/PAPER.md s
 official code gets there with bitsandbytes, which runs on a GPU only. This file stores each weight
 as per-output-channel symmetric int8 with its own scales and multiplies with torch's kernels.
 
-- `quantize_weight`, `quantize_rows`: the arithmetic, one rule for weights and for activations;
+- `quantize_weight`, `quantize_rows`: the arithmetic, weights per output channel, activations per
+  token as two int8 digits;
 - `CPU_KERNEL`: which of torch's kernels multiplies on this CPU, chosen once when this file is
   imported, in one place;
 - `Int8Linear`: one Linear layer in int8 (weights, scales, bias), its error bound in the docstring;
@@ -37,31 +38,51 @@ def quantize_weight(w):
     return w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
+# Activations are quantized per token as two int8 digits. One 8-bit digit per value (the usual
+# W8A8) costs as much error as the weights do: 3.2% logit error against fp32 on bench.py's 4-layer
+# Phi-2, against 2.1% for the weights alone. The second digit writes the first digit's rounding
+# remainder at 1/126 of its step, so x is held to about 14 bits and the error left is the weights'
+# (2.1%). Both digits go through the same int8 GEMM as one batch of 2N rows: in a decode step the
+# weights are read once either way, and reading them is what a decode step costs (bench.py section 2).
+DIGIT = 63  # each digit in [-63, 63]: see fbgemm_pack for why not 127
+
+
 def row_scales(x):
-    """(N, in) -> s_x (N, 1) float32: max|x_token| / 127, computed afresh for every input (dynamic)."""
-    return x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-8) / 127.0
+    """(N, in) -> s_x (N, 1) float32: max|x_token| / 63, computed afresh for every input (dynamic)."""
+    return torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).float().clamp_(min=1e-8).div_(DIGIT)
 
 
 def quantize_rows(x):
-    """(N, in) float -> x_q = round(x / s_x) (float, integer values in [-127, 127]) and s_x (N, 1):
-    the weights' rule, per token. x / s_x is taken as x * (1 / s_x), as fbgemm does, so that its
-    rounding and this one agree to the last bit."""
+    """(N, in) float -> the digits hi, lo (N, in each; float, integer values in [-63, 63]) and
+    s_x (N, 1), with x = s_x * (hi + lo / 126) to within s_x / 252:
+    hi = round(x / s_x), and lo = round(126 * (x / s_x - hi)), that remainder being in [-1/2, 1/2]."""
     scale = row_scales(x)
-    return torch.round(x.float() * (1.0 / scale)).clamp(-127, 127), scale
+    u = x.float().div(scale)  # (N, in), in [-63, 63]
+    hi = u.round()
+    return hi, u.sub_(hi).mul_(2 * DIGIT).round_(), scale
+
+
+def combine_digits(y, scale, bias=None):
+    """The products of both digits, (2N, out) = [hi; lo] @ w_q^T (times s_w), back to (N, out) in x's
+    units, plus the bias: (y_hi + y_lo / 126) * s_x + b."""
+    N = scale.shape[0]
+    y = torch.add(y[:N], y[N:], alpha=1.0 / (2 * DIGIT))
+    return y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale)
 
 
 # -----------------------------------------------------------------------------
 # Which kernel multiplies on the CPU, chosen once for this machine
 #
 #   "fbgemm":      fbgemm's prepacked int8 x int8 -> int32 GEMM, the kernel torch.ao's dynamic int8
-#                  calls (torch.ops.quantized), fed our int8 weights, our scales and our per-token
-#                  quantized activations. x86 CPUs (AVX2 and AVX-512; VNNI where there is one).
+#                  calls (torch.ops.quantized), fed our int8 weights, our scales and our activation
+#                  digits. x86 CPUs (AVX2 and AVX-512; VNNI where there is one).
 #   "weight_only": torch._weight_int8pack_mm, bf16 activations times int8 weights: everywhere else
 #                  (ARM, or a torch built without fbgemm).
 #
-# Why fbgemm: at Phi-2's four matrix shapes, 4 layers' worth (315 MB of int8), on an AMD EPYC with
-# AVX-512, VNNI and bf16 but no AMX, 2 threads, it took 72 ms for one token where _weight_int8pack_mm
-# took 207 and torch._int_mm (oneDNN) 179-290, and 253 ms for 32 tokens against 1021 and 464.
+# Why fbgemm: one token through Phi-2's matrices, weights not in cache, on a 2-core AMD EPYC with
+# AVX-512 and VNNI but no AMX, it read the weights at 30-34 GB/s. oneDNN's int8 GEMM
+# (torch.ops.onednn.qlinear_pointwise) read them at 30-33, a torch.compile'd dequantize-and-reduce at
+# 32 (K = 2560) or 12 (K = 10240), and _weight_int8pack_mm at 25 (docs/LOG.md, 2026-12-02).
 
 
 def cpu_kernel():
@@ -73,7 +94,13 @@ CPU_KERNEL = cpu_kernel()
 
 def fbgemm_pack(weight_int8, scale):
     """Our int8 weight (out, in) and scales (out,) in fbgemm's packed layout (its own copy, the only
-    one kept). fbgemm wants a per-channel quantized tensor: ours, with zero points 0."""
+    one kept). fbgemm wants a per-channel quantized tensor: ours, with zero points 0.
+
+    fbgemm takes uint8 activations: a digit d goes in as d + 64, in [1, 127]. On CPUs without VNNI
+    its kernel sums pairs of uint8 x int8 products in int16, which saturates above 32767; pairs of
+    at most 127 * 127 never do (torch.ao's dynamic Linear passes `reduce_range=True`, 7-bit
+    activations, for the same reason). So each digit keeps to [-63, 63], and the products are exact
+    on every x86 CPU."""
     with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm's kernels still take them
         warnings.simplefilter("ignore")
         q = torch._make_per_channel_quantized_tensor(weight_int8.cpu(), scale.double().cpu(),
@@ -85,21 +112,20 @@ class Int8Linear(nn.Module):
     """A Linear layer stored in int8, for inference.
 
     Weights: per output channel symmetric, w_q = round(w / s_w) in [-127, 127], s_w = max|w_row| / 127.
-    Activations (dynamic, per token): x_q = round(x / s_x), s_x = max|x_token| / 127.
-    Then y = (x_q @ w_q^T) * s_x * s_w^T + b, with the product accumulated exactly in int32.
-    Rounding each value moves it by at most half a step, so a relative error of about 1/254 of the
-    row's (token's) largest magnitude per value; over a K-long dot product the errors are
-    independent and grow like sqrt(K), not K. Outlier features (a few huge activations) inflate s_x
-    for their whole token and are the classic failure (LLM.int8(), Dettmers 2022); per token, one
-    outlier token cannot spoil the others, as it does with one scale for the whole input (torch.ao).
+    Activations (dynamic, per token): two digits, x = s_x * (hi + lo / 126), s_x = max|x_token| / 63
+    (`quantize_rows`). Then y = (hi @ w_q^T + (lo @ w_q^T) / 126) * s_x * s_w^T + b, each product
+    accumulated exactly in int32. Rounding a weight moves it by at most half a step, a relative
+    error of about 1/254 of its row's largest magnitude; over a K-long dot product these errors are
+    independent and grow like sqrt(K), not K. The activations' digits are 126 times finer than one
+    8-bit value, which leaves the weights' rounding as almost the whole error. Outlier features (a
+    few huge activations) inflate s_x for their whole token and are the classic failure of 8-bit
+    activations (LLM.int8(), Dettmers 2022); per token, one outlier token cannot spoil the others.
 
     Kernels (torch's): on the CPU, CPU_KERNEL above. fbgemm quantizes its input itself, with one
-    scale and zero point for the whole tensor: given zero point 128 (int8 -> uint8) and, for one
-    token, that token's s_x, it rounds exactly as we do; for several tokens it is handed x / s_x row
-    by row with scale 1, and the per-token s_x is applied to its output. Its int32 sums are then
-    exactly ours (tests/test_int8.py). On a GPU with more than 16 rows
-    `torch._int_mm` multiplies x_q and w_q; for fewer (one decoded token) the weight is used
-    dequantized in the activations' dtype.
+    scale and zero point for the whole tensor: handed the digits as floats with scale 1 and zero
+    point 64, it rounds nothing, and its int32 sums are exactly ours (tests/test_int8.py). On a GPU
+    with more than 16 rows `torch._int_mm` multiplies the digits and w_q; for fewer (one decoded
+    token) the weight is used dequantized in the activations' dtype.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -135,18 +161,17 @@ class Int8Linear(nn.Module):
         shape, dtype = x.shape, x.dtype
         x2 = x.reshape(-1, shape[-1])  # (N, in)
         N = x2.shape[0]
-        if self.packed is not None:  # CPU, fbgemm: it rounds x / scale + 128 to uint8 itself
+        if self.packed is not None:  # CPU, fbgemm: both digits as one batch of 2N rows
+            hi, lo, sx = quantize_rows(x2)  # (N, in) each, (N, 1)
             fbgemm = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
-            sx = row_scales(x2)  # (N, 1)
-            if N == 1:  # one token (decoding): fbgemm's one scale for the whole input is the token's own
-                y = fbgemm(x2.float(), sx.item(), 128, self.packed)  # (1, out) = x_q @ w_q^T * s_x * s_w
-            else:  # rows pre-scaled, so its scale is 1 and the per-token s_x comes after
-                y = fbgemm(x2.float() * (1.0 / sx), 1.0, 128, self.packed) * sx  # (N, out)
+            y = combine_digits(fbgemm(torch.cat([hi, lo]), 1.0, DIGIT + 1, self.packed), sx, self.bias)  # (N, out)
+            return y.to(dtype).reshape(*shape[:-1], self.out_features)
         elif x.device.type == "cpu":  # weight-only kernel: bf16 activations, int8 weights, per-row scales
             y = torch._weight_int8pack_mm(x2.bfloat16(), self.weight_int8, self.weight_scale.bfloat16()).float()
         elif N > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0:  # torch._int_mm's rules
-            xq, sx = quantize_rows(x2)  # (N, in), (N, 1)
-            y = torch._int_mm(xq.to(torch.int8), self.weight_int8.t()).float() * sx * self.weight_scale  # (N, out)
+            hi, lo, sx = quantize_rows(x2)  # (N, in) each, (N, 1)
+            digits = torch.cat([hi, lo]).to(torch.int8)  # (2N, in)
+            y = combine_digits(torch._int_mm(digits, self.weight_int8.t()).float() * self.weight_scale, sx)  # (N, out)
         else:
             # GPU decode: the weight is turned into the activations' dtype (exact: bf16 and fp16 hold
             # every integer up to 256) and its per-row scale applied to the output, not the weight, so

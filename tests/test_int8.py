@@ -44,20 +44,53 @@ def test_int8_linear_error_and_memory(kernel, monkeypatch):
     assert int8.weight_bytes(q) < 0.27 * int8.weight_bytes(lin)
 
 
+def test_activation_digits_hold_each_token_to_a_252nd_of_its_step():
+    torch.manual_seed(0)
+    x = torch.randn(6, 300) * torch.tensor([1.0, 1e3, 1e-3, 5.0, 0.1, 1.0])[:, None]
+    x[5] = 0.0  # an all-zero token
+    hi, lo, sx = int8.quantize_rows(x)
+    for d in (hi, lo):
+        assert d.abs().max() <= 63 and torch.equal(d, d.round())
+    assert (hi.abs().amax(dim=1)[:5] == 63).all()  # each token's largest magnitude is the top digit
+    step = x.abs().amax(dim=1, keepdim=True) / 63
+    back = sx * (hi + lo / 126)
+    assert ((back - x).abs() <= step / 252 * 1.001 + 1e-12).all()
+
+
+def exact_product(x, lin):
+    """y of Int8Linear's docstring, worked in float64 from quantize_weight and quantize_rows."""
+    hi, lo, sx = (t.double() for t in int8.quantize_rows(x))
+    wq, sw = (t.double() for t in int8.quantize_weight(lin.weight))
+    return (hi @ wq.t() + (lo @ wq.t()) / 126) * sx * sw + lin.bias.double()
+
+
 @pytest.mark.skipif("fbgemm" not in KERNELS, reason="fbgemm is x86 only")
 def test_fbgemm_computes_exactly_our_per_token_arithmetic(monkeypatch):
-    # the kernel gets x / s_x already rounded, scale 1 and zero point 128: its int32 sums are ours
+    # the kernel gets both digits, scale 1 and zero point 64: its int32 sums are ours
     monkeypatch.setattr(int8, "CPU_KERNEL", "fbgemm")
     torch.manual_seed(0)
     lin = nn.Linear(128, 64)
     q = int8.Int8Linear(lin)
     x = torch.randn(5, 128) * torch.tensor([1.0, 100.0, 0.01, 1.0, 3.0])[:, None]  # an outlier token
-    xq, sx = int8.quantize_rows(x)
-    wq, sw = int8.quantize_weight(lin.weight)
-    exact = (xq.double() @ wq.double().t()) * sx.double() * sw.double() + lin.bias.double()  # (5, 64)
+    exact = exact_product(x, lin)  # (5, 64)
     torch.testing.assert_close(q(x).double(), exact, rtol=1e-5, atol=1e-5)  # several tokens at once
     for i in range(5):  # one token at a time, as decoding runs
         torch.testing.assert_close(q(x[i:i + 1]).double(), exact[i:i + 1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif("fbgemm" not in KERNELS, reason="fbgemm is x86 only")
+def test_fbgemm_is_exact_where_int16_pair_sums_would_saturate(monkeypatch):
+    # every weight +-127 and every activation at its token's maximum, with the weight's sign: with
+    # 8-bit activations fbgemm's AVX2 kernel (no VNNI) would sum pairs past 32767 here
+    monkeypatch.setattr(int8, "CPU_KERNEL", "fbgemm")
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 8)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(8, 256).sign())
+    q = int8.Int8Linear(lin)
+    x = torch.cat([lin.weight[:1], -lin.weight[:1], torch.ones(1, 256)]) * 3.0  # (3, 256)
+    torch.testing.assert_close(q(x).double(), exact_product(x, lin), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(q(x[:1]).double(), exact_product(x[:1], lin), rtol=1e-6, atol=1e-6)
 
 
 def test_moving_off_the_cpu_unpacks_the_weight():
