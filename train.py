@@ -396,7 +396,7 @@ def parse_args(argv=None):
     p.add_argument("--demo-train", type=count, default=560, help="demo scenes for training")
     p.add_argument("--demo-eval", type=count, default=300, help="demo scenes for validation and test, each")
     p.add_argument("--lm-steps", type=count, default=2500, help="stage 0: language-model steps")
-    p.add_argument("--vision-steps", type=count, default=1500, help="stage 0: vision pretraining steps")
+    p.add_argument("--vision-steps", type=count, default=3000, help="stage 0: vision pretraining steps")
     a = p.parse_args(argv)
     if (a.phi2 is None) != (a.blip2 is None):
         p.error("real weights need both --phi2 and --blip2")
