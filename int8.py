@@ -43,8 +43,8 @@ def quantize_weight(w):
 # Phi-2, against 2.1% for the weights alone. The second digit writes the first digit's rounding
 # remainder at 1/126 of its step, so x is held to about 14 bits and the error left is the weights'
 # (2.1%). Both digits go through the same int8 GEMM as one batch of 2N rows, so the weights are
-# still read once; on the CPU a decode step's 2 rows still took about a quarter longer than 1 row
-# (docs/LOG.md, 2026-12-02): the price of the error halved.
+# still read once; on the CPU a decode step still took 5-30% longer than with one digit
+# (docs/LOG.md, 2026-12-02): the price of the lower error.
 DIGIT = 63  # each digit in [-63, 63]: see fbgemm_pack for why not 127
 
 
