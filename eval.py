@@ -398,14 +398,7 @@ def batches(items, size, what):
 
 def pixels(model, samples):
     """Every benchmark at stage 4's size (448 px at full size), as the official eval processor."""
-    param = next(model.llama_proj.parameters())
-    return torch.stack([tg.preprocess(s.image, model.image_size(4)) for s in samples]).to(param.device, param.dtype)
-
-
-def wrap(tok, template, text, answer_ids=()):
-    """A tinygptv.Example for any template (make_example takes a stage's own)."""
-    before, after = template.format(text).split("<ImageHere>")
-    return tg.Example([tok.token_to_id(tg.BOS)] + tg.encode(tok, before), tg.encode(tok, after), list(answer_ids))
+    return model.pixels([s.image for s in samples], 4)
 
 
 @torch.no_grad()
@@ -413,7 +406,7 @@ def generate_raw(model, tok, samples, template):
     """Greedy text after each query wrapped in `template`, up to MAX_NEW_TOKENS or end-of-text,
     as eval_vqa.py generates it: its stop at "###" is commented out, so the text can run on past
     the answer, and its GQA and VSR scores search that too."""
-    examples = [wrap(tok, template, s.query) for s in samples]
+    examples = [tg.make_example(tok, 4, s.query, template=template) for s in samples]
     embeds = model.project(model.encode_queries(pixels(model, samples)))  # (B, n_query, C)
     inputs, mask, _, _ = model.assemble(embeds, examples, pad_left=True)
     out = model.llama_model.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=MAX_NEW_TOKENS,
@@ -447,7 +440,9 @@ def yes_probability(model, tok, samples, template):
     """P(yes) / (P(yes) + P(no)) for the first answer token, each word in four spellings ("yes",
     " yes", "Yes", " Yes"; its first token): the score AUROC needs, which generated text lacks."""
     ids = lambda w: sorted({tg.encode(tok, v)[0] for v in (w, " " + w, w.capitalize(), " " + w.capitalize())})
-    examples = [wrap(tok, template, s.query, ids("yes")[:1]) for s in samples]  # an answer token: its logits are read
+    examples = [tg.make_example(tok, 4, s.query, template=template) for s in samples]
+    for e in examples:
+        e.answer = ids("yes")[:1]  # one answer token, no end marker: its position's logits are read
     logits, _ = model(examples, pixel_values=pixels(model, samples))  # (B, V): the first answer position
     logp = logits.float().log_softmax(-1)
     return torch.sigmoid(logp[:, ids("yes")].logsumexp(-1) - logp[:, ids("no")].logsumexp(-1)).tolist()

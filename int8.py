@@ -63,12 +63,11 @@ def quantize_rows(x):
     return hi, u.sub_(hi).mul_(2 * DIGIT).round_(), scale
 
 
-def combine_digits(y, scale, bias=None):
+def combine_digits(y, scale):
     """The products of both digits, (2N, out) = [hi; lo] @ w_q^T (times s_w), back to (N, out) in x's
-    units, plus the bias: (y_hi + y_lo / 126) * s_x + b."""
+    units: (y_hi + y_lo / 126) * s_x."""
     N = scale.shape[0]
-    y = torch.add(y[:N], y[N:], alpha=1.0 / (2 * DIGIT))
-    return y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale)
+    return torch.add(y[:N], y[N:], alpha=1.0 / (2 * DIGIT)).mul_(scale)
 
 
 # -----------------------------------------------------------------------------
@@ -165,8 +164,7 @@ class Int8Linear(nn.Module):
         if self.packed is not None:  # CPU, fbgemm: both digits as one batch of 2N rows
             hi, lo, sx = quantize_rows(x2)  # (N, in) each, (N, 1)
             fbgemm = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
-            y = combine_digits(fbgemm(torch.cat([hi, lo]), 1.0, DIGIT + 1, self.packed), sx, self.bias)  # (N, out)
-            return y.to(dtype).reshape(*shape[:-1], self.out_features)
+            y = combine_digits(fbgemm(torch.cat([hi, lo]), 1.0, DIGIT + 1, self.packed), sx)  # (N, out)
         elif x.device.type == "cpu":  # weight-only kernel: bf16 activations, int8 weights, per-row scales
             y = torch._weight_int8pack_mm(x2.bfloat16(), self.weight_int8, self.weight_scale.bfloat16()).float()
         elif N > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0:  # torch._int_mm's rules

@@ -231,8 +231,9 @@ class Example:
     answer: list  # answer + end marker; empty when generating
 
 
-def make_example(tok, stage, instruction, answer=None):
-    before, after = TEMPLATES[stage].format(instruction).split("<ImageHere>")
+def make_example(tok, stage, instruction, answer=None, template=None):
+    """template: another prompt around `{}` and `<ImageHere>` (eval.py's official one); default the stage's."""
+    before, after = (template or TEMPLATES[stage]).format(instruction).split("<ImageHere>")
     ids_answer = []
     if answer is not None:  # the end marker is learned too, so the model knows when to stop
         ids_answer = encode(tok, answer)[: MAX_TEXT_TOKENS[stage] - 1] + encode(tok, END_MARKERS[stage])
@@ -267,6 +268,12 @@ class TinyGPTV(nn.Module):
     def image_size(self, stage):
         """Stages 1-3 see the config's size (224); stage 4 twice it (448), as in the paper."""
         return self.config.vision.image_size * (2 if stage == 4 else 1)
+
+    def pixels(self, images, stage):
+        """PIL images -> (B, 3, H, W) at the stage's size, on the model's device and in its dtype."""
+        param = next(self.llama_proj.parameters())
+        size = self.image_size(stage)
+        return torch.stack([preprocess(im, size) for im in images]).to(param.device, param.dtype)
 
     # -- image -> LLM embeddings
     def encode_queries(self, pixel_values):
@@ -341,11 +348,9 @@ class TinyGPTV(nn.Module):
     def generate(self, tok, images, instructions, stage=4, max_new_tokens=20, **sampling):
         """Answer one instruction per image. Greedy by default; `sampling` goes to Phi2.generate
         (temperature, top_k, top_p, repetition_penalty, seed). Returns one string per image."""
-        size = self.image_size(stage)
-        param = next(self.llama_proj.parameters())
-        pixels = torch.stack([preprocess(im, size) for im in images]).to(param.device, param.dtype)
         examples = [make_example(tok, stage, ins) for ins in instructions]
-        inputs, mask, _, _ = self.assemble(self.project(self.encode_queries(pixels)), examples, pad_left=True)
+        inputs, mask, _, _ = self.assemble(self.project(self.encode_queries(self.pixels(images, stage))), examples,
+                                           pad_left=True)
         limit = self.config.llm.max_position_embeddings
         if inputs.shape[1] + max_new_tokens > limit:
             raise ValueError(f"the prompt is {inputs.shape[1]} tokens with the image; with {max_new_tokens} new tokens "
