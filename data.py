@@ -25,7 +25,7 @@ import os
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from PIL import Image, ImageDraw
 
@@ -75,6 +75,21 @@ def make_scene(seed):
     cx = CELL_CENTERS[cell % 3] + rng.randint(-JITTER, JITTER)
     cy = CELL_CENTERS[cell // 3] + rng.randint(-JITTER, JITTER)
     return Scene([Obj(shape, color, size, cell, (cx - h, cy - h, cx + h, cy + h))], seed)
+
+
+def jittered(scene):
+    """The same scene at every offset the jitter allows, (2 * JITTER + 1) ** 2 of them: the same
+    objects, and so the same words, each drawn slightly elsewhere in its cell."""
+    out = []
+    for dx in range(-JITTER, JITTER + 1):
+        for dy in range(-JITTER, JITTER + 1):
+            objects = []
+            for o in scene.objects:
+                h = HALF_SIDE[o.size]
+                cx, cy = CELL_CENTERS[o.cell % 3] + dx, CELL_CENTERS[o.cell // 3] + dy
+                objects.append(replace(o, box=(cx - h, cy - h, cx + h, cy + h)))
+            out.append(replace(scene, objects=objects))
+    return out
 
 
 def signature(scene):

@@ -255,7 +255,11 @@ def pretrain_vision(cfg, scenes, args):
     positions; a tower trained at one size only did not: 0.70 -> 0.07 object accuracy when the size
     doubled). 96 px gets more steps because it generalizes worse: with steps alternating one to one,
     held-out objects had all five words right 97.0% of the time at 48 px and 95.3% at 96 px; with
-    three in four, 96.7% at both (docs/LOG.md)."""
+    three in four, 96.7% at both (docs/LOG.md).
+    Each training scene is drawn at all nine offsets its jitter allows (`data.jittered`), not only
+    its own. At 96 px a cell's center falls on the corner of four 16 px patches, so every object is
+    cut in four, and the one-pixel jitter decides how; seeing every cut of each training object
+    took held-out objects from 96.7% to 98.3% (48 px) and 99.0% (96 px)."""
     torch.manual_seed(args.seed)
     vit, qformer = VisionTransformer(cfg.vision), QFormer(cfg.qformer)
     # Two inits differ from EVA's and BERT's, measured on this task. (1) Linear weights ~ 1/sqrt(fan_in):
@@ -278,6 +282,7 @@ def pretrain_vision(cfg, scenes, args):
     opt = torch.optim.AdamW(params, lr=peak, weight_decay=0.01)
     sizes = (cfg.vision.image_size, 2 * cfg.vision.image_size)
     p = cfg.vision.patch_size
+    scenes = [v for sc in scenes for v in data.jittered(sc)]  # 9 pictures of each scene, same words
     pixels = {s: torch.stack([tg.preprocess(data.render(sc, s), s) for sc in scenes]) for s in sizes}
     patch_y = {s: torch.tensor([patch_labels(sc, s // p) for sc in scenes]) for s in sizes}  # (N, patches)
     word_y = torch.tensor([[SLOT_WORDS.index(w) for w in scene_words(sc)] for sc in scenes])  # (N, 32)

@@ -91,6 +91,21 @@ def test_scenes_follow_the_world_rules(splits):
         assert abs(cx - (17, 50, 83)[o.cell % 3]) <= 1 and abs(cy - (17, 50, 83)[o.cell // 3]) <= 1
 
 
+def test_jittered_draws_one_scene_at_every_allowed_offset(splits):
+    for scene in splits["train"][:20]:
+        (o,) = scene.objects
+        moved = data.jittered(scene)
+        assert len(moved) == 9 and scene in moved  # the scene's own offset is one of the nine
+        centers = set()
+        for m in moved:
+            (p,) = m.objects
+            assert (p.shape, p.color, p.size, p.cell) == (o.shape, o.color, o.size, o.cell)
+            x1, y1, x2, y2 = p.box
+            assert x2 - x1 == y2 - y1 == SIDE[o.size]
+            centers.add(((x1 + x2) // 2 - (17, 50, 83)[o.cell % 3], (y1 + y2) // 2 - (17, 50, 83)[o.cell // 3]))
+        assert centers == set(itertools.product((-1, 0, 1), repeat=2))
+
+
 def test_every_combination_is_a_scene_and_no_more(world):
     # 8 colors x 4 shapes x 3 sizes x 9 cells: drawing that many distinct scenes gives each once
     combos = set(itertools.product(range(9), COLOR_RGB, SHAPES, SIDE))
