@@ -378,7 +378,7 @@ class Phi2(nn.Module):
     # Checkpoints: transformers names <-> ours (docs/PAPER.md section 8 lists the keys)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device="cpu", convert=None, **overrides):
+    def from_pretrained(cls, path, dtype=None, device="cpu", convert=None, report=True, **overrides):
         """Load Phi-2 from a transformers-layout directory (config.json and model.safetensors, or
         shards with model.safetensors.index.json) or from one .safetensors file, whose config comes
         from a config.json beside it if there is one, else from Phi2Config's defaults (the real
@@ -386,7 +386,8 @@ class Phi2(nn.Module):
 
         Strict: a missing, unexpected or mis-shaped tensor is a ValueError naming it. The one
         exception: stabilizer norms turned on by an override (qk_layernorm=True, post_layernorm=True
-        for TinyGPT-V) but absent from the checkpoint start at weight 1, bias 0; one line says so.
+        for TinyGPT-V) but absent from the checkpoint start at weight 1, bias 0; one line says so
+        (`report=False` when a stage checkpoint loaded next brings them trained).
         dtype: float32 (when None), bfloat16 or float16. The model is built on the meta device and
         each tensor is read, converted and placed on `device` in turn, so no second full copy of
         the weights is ever held. convert(name, module), if given, sees each module as soon as its
@@ -426,7 +427,7 @@ class Phi2(nn.Module):
             return reader.take(key, p.shape)
 
         reader.load(model, read, convert)
-        if initialized:
+        if initialized and report:
             print(f"phi2: {len(initialized)} stabilizer norm tensors ({', '.join(sorted(fresh))}) are not in "
                   f"{path}; they start at weight 1, bias 0")
         return model

@@ -469,7 +469,7 @@ def config_from_checkpoint(path):
 
 
 def from_pretrained(phi2_path, vit_path, qformer_path=None, checkpoint=None, dtype=None, device="cpu",
-                    proj_dim=TinyGPTVConfig.proj_dim, int8=False):
+                    proj_dim=TinyGPTVConfig.proj_dim, int8=False, report=True):
     """Assemble TinyGPT-V from what a user can download: a Phi-2 directory, a BLIP-2 directory
     (ViT, ln_vision, Q-Former, query tokens; pass it as `vit_path`, the Q-Former is read from the
     same place unless `qformer_path` says otherwise) and optionally a stage checkpoint of ours.
@@ -479,7 +479,8 @@ def from_pretrained(phi2_path, vit_path, qformer_path=None, checkpoint=None, dty
     int8: Phi-2's Linear layers become Int8Linear while they load, one at a time, with the
     checkpoint's LoRA merged into each first (int8.quantizer), so Phi-2 never exists at full
     precision: the same weights as quantize_int8 after loading, without the 11 GB float32 copy.
-    Everything else loads in `dtype`."""
+    Everything else loads in `dtype`. report=False: the caller loads a stage checkpoint itself, so
+    Phi-2's new stabilizer norms need no word that they start at 1 and 0."""
     stage, ck_tensors, lora, scaling = 0, {}, {}, 1.0
     if checkpoint is not None:
         ck_config, stage = config_from_checkpoint(checkpoint)
@@ -488,8 +489,10 @@ def from_pretrained(phi2_path, vit_path, qformer_path=None, checkpoint=None, dty
             lora = {k.removeprefix("llama_model."): v for k, v in ck_tensors.items() if ".lora_" in k}
             scaling = ck_config.lora_alpha / ck_config.lora_r
     convert = quantizer(lora, scaling) if int8 else None
+    # a stage checkpoint holds the stabilizer norms trained (every stage trains them, checked below):
+    # Phi-2's report that they start at 1 and 0 would then mislead
     llm = Phi2.from_pretrained(phi2_path, dtype=dtype, device=device, convert=convert, qk_layernorm=True,
-                               post_layernorm=True)
+                               post_layernorm=True, report=report and checkpoint is None)
     visual_encoder = VisionTransformer.from_pretrained(vit_path, dtype=dtype, device=device)
     qformer = QFormer.from_pretrained(qformer_path or vit_path, dtype=dtype, device=device)
     config = TinyGPTVConfig(vision=visual_encoder.config, qformer=qformer.config, llm=llm.config, proj_dim=proj_dim)

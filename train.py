@@ -113,14 +113,15 @@ def stage_path(args, stage):
 
 
 def build_model(args, stage):
-    """Backbones (real or the demo's) + the previous stage's checkpoint + LoRA from stage 2 on."""
+    """Backbones (real or the demo's) + the previous stage's checkpoint + LoRA from stage 2 on.
+    Only stage 1 starts Phi-2's stabilizer norms at 1 and 0 (and says so); later stages load them trained."""
     if args.phi2:
-        model, _ = tg.from_pretrained(args.phi2, args.blip2, args.qformer)
+        model, _ = tg.from_pretrained(args.phi2, args.blip2, args.qformer, report=stage == 1)
         tok = tg.load_tokenizer(args.phi2)
     else:
         root = os.path.join(args.out, "backbones")
         model, _ = tg.from_pretrained(os.path.join(root, "phi2"), os.path.join(root, "vit"), os.path.join(root, "qformer"),
-                                      proj_dim=tg.TinyGPTVConfig.tiny().proj_dim)
+                                      proj_dim=tg.TinyGPTVConfig.tiny().proj_dim, report=stage == 1)
         tok = tg.load_tokenizer(root)
     if args.stages[stage].lora:
         model.add_lora()

@@ -5,6 +5,7 @@ the official release's naming, survives int8 with a bounded error, and fails pol
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 import int8
 import tinygptv as tg
 from lora import LoRALinear
+from phi2 import Phi2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = ["a red circle and a blue square", "what color is the circle", "###Human: ###Assistant: [INST] [/INST]",
@@ -348,6 +350,21 @@ def test_assemble_from_downloads_equals_the_model(tok, weights):
     px = torch.stack([tg.preprocess(images(1)[0], 64)])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ex, pixel_values=px)[0], model(ex, pixel_values=px)[0])
+
+
+def test_new_stabilizers_are_reported_unless_a_stage_checkpoint_brings_them(weights, tmp_path, capsys):
+    d, model = weights
+    c = model.llama_model.config  # a download as microsoft/phi-2 is: no stabilizer norms
+    Phi2(replace(c, qk_layernorm=False, post_layernorm=False)).save_pretrained(str(tmp_path / "phi2"))
+    parts = str(tmp_path / "phi2"), str(d / "vit"), str(d / "qformer")
+    capsys.readouterr()
+    tg.from_pretrained(*parts)
+    assert "start at weight 1, bias 0" in capsys.readouterr().out  # untrained: said
+    loaded, _ = tg.from_pretrained(*parts, checkpoint=str(d / "stage4.safetensors"))
+    assert "stabilizer" not in capsys.readouterr().out  # trained ones arrive from the checkpoint
+    trained = model.llama_model.layers[0].self_attn.q_layernorm.weight
+    assert not torch.equal(trained, torch.ones_like(trained))  # (the fixture's norms are not the fresh ones)
+    assert torch.equal(loaded.llama_model.layers[0].self_attn.q_layernorm.weight, trained)
 
 
 def test_cli_errors_are_one_line(weights):
