@@ -444,9 +444,7 @@ def child_inference(spec, device):
     example = prompt_example(config.llm)
 
     def answer(n):  # TinyGPTV.generate without the tokenizer: image -> queries -> splice -> Phi-2
-        inputs, mask, _, _ = model.assemble(model.project(model.encode_queries(pixels)), [example], pad_left=True)
-        return model.llama_model.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=n,
-                                          stop_sequences=[])
+        return model.generate_ids(pixels, [example], n, stop_sequences=[])
 
     with torch.no_grad():  # no warm-up run: at this size one-time costs are small next to a prefill
         t_first, tok_s, _ = timed_generate(lambda: answer(spec["new_tokens"]), model.llama_model.layers[0], device,

@@ -407,10 +407,7 @@ def generate_raw(model, tok, samples, template):
     as eval_vqa.py generates it: its stop at "###" is commented out, so the text can run on past
     the answer, and its GQA and VSR scores search that too."""
     examples = [tg.make_example(tok, 4, s.query, template=template) for s in samples]
-    embeds = model.project(model.encode_queries(pixels(model, samples)))  # (B, n_query, C)
-    inputs, mask, _, _ = model.assemble(embeds, examples, pad_left=True)
-    out = model.llama_model.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=MAX_NEW_TOKENS,
-                                     stop_sequences=[[tok.token_to_id(tg.BOS)]])
+    out = model.generate_ids(pixels(model, samples), examples, MAX_NEW_TOKENS, [[tok.token_to_id(tg.BOS)]])
     return [tok.decode(ids) for ids in out]
 
 

@@ -349,18 +349,23 @@ class TinyGPTV(nn.Module):
         """Answer one instruction per image. Greedy by default; `sampling` goes to Phi2.generate
         (temperature, top_k, top_p, repetition_penalty, seed). Returns one string per image."""
         examples = [make_example(tok, stage, ins) for ins in instructions]
-        inputs, mask, _, _ = self.assemble(self.project(self.encode_queries(self.pixels(images, stage))), examples,
-                                           pad_left=True)
+        end = END_MARKERS[stage]
+        # a marker can tokenize differently after a space, so both spellings stop generation
+        stops = [encode(tok, end), encode(tok, " " + end)]
+        out = self.generate_ids(self.pixels(images, stage), examples, max_new_tokens, stops, **sampling)
+        return [tok.decode(ids).split(end)[0].strip() for ids in out]
+
+    @torch.no_grad()
+    def generate_ids(self, pixel_values, examples, max_new_tokens, stop_sequences, **sampling):
+        """The token ids Phi-2 writes after each example's prompt, its image spliced in: image ->
+        queries -> projections -> prompt, then Phi2.generate. One list per example."""
+        inputs, mask, _, _ = self.assemble(self.project(self.encode_queries(pixel_values)), examples, pad_left=True)
         limit = self.config.llm.max_position_embeddings
         if inputs.shape[1] + max_new_tokens > limit:
             raise ValueError(f"the prompt is {inputs.shape[1]} tokens with the image; with {max_new_tokens} new tokens "
                              f"that exceeds the context of {limit}: lower --max-new-tokens or shorten the prompt")
-        end = END_MARKERS[stage]
-        # a marker can tokenize differently after a space, so both spellings stop generation
-        stops = [encode(tok, end), encode(tok, " " + end)]
-        out = self.llama_model.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                        stop_sequences=stops, **sampling)
-        return [tok.decode(ids).split(end)[0].strip() for ids in out]
+        return self.llama_model.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                         stop_sequences=stop_sequences, **sampling)
 
 
 def answer_logits(lm_head, hidden, labels):
