@@ -350,9 +350,20 @@ def build_backbones(args, root=None):
     vit, qformer = pretrain_vision(cfg, scenes, args)
     vit.save_pretrained(os.path.join(root, "vit"))
     qformer.save_pretrained(os.path.join(root, "qformer"))
-    stamp = {**world_fingerprint(), "seed": args.seed, "lm_steps": args.lm_steps, "vision_steps": args.vision_steps}
+    stamp = {**world_fingerprint(), "seed": args.seed, "demo_train": args.demo_train, "demo_eval": args.demo_eval,
+             "lm_steps": args.lm_steps, "vision_steps": args.vision_steps}
     write_atomically(os.path.join(root, "DONE"), lambda tmp: write_json(stamp, tmp))
     log(f"stage 0 | done in {time.time() - t0:.0f}s")
+
+
+def held_out_seen(stamp, args):
+    """How many of this run's held-out scenes the backbones stamped `stamp` were trained on. Stage 0
+    trains on the training split of its own --seed, --demo-train and --demo-eval, which DONE records
+    (stamps from before it did came from the defaults, 560 and 300). Another seed, or a larger
+    held-out split, would score the stand-ins on pictures they learned."""
+    trained = _demo_scenes(stamp.get("demo_train", 560), stamp.get("demo_eval", 300), stamp.get("seed", 0))["train"]
+    seen = {data.signature(sc) for sc in trained}
+    return sum(data.signature(sc) in seen for sc in demo_scenes(args)["test"])
 
 
 def prepare_backbones(args):
@@ -371,6 +382,14 @@ def prepare_backbones(args):
         if {k: stamp.get(k) for k in world_fingerprint()} != world_fingerprint():
             again = "delete it to use the shipped ones" if where == root else "train them again with `python train.py --stage 0`"
             raise ValueError(f"{where} holds stand-in backbones trained for another demo world: {again}")
+        seen = held_out_seen(stamp, args)
+        if seen:
+            again = ("delete it or choose another --out" if where == root else
+                     f"train them for this split with `python train.py --stage 0 --seed {args.seed} --demo-train "
+                     f"{args.demo_train} --demo-eval {args.demo_eval}` (it rewrites {os.path.relpath(PRETRAINED)})")
+            raise ValueError(f"{where} holds stand-in backbones trained on {seen} of this run's {args.demo_eval} held-out "
+                             f"scenes (--seed {stamp.get('seed', 0)} --demo-train {stamp.get('demo_train', 560)} --demo-eval "
+                             f"{stamp.get('demo_eval', 300)}): its held-out scores would flatter them; {again}")
         if where == PRETRAINED and where != root:
             shutil.copytree(PRETRAINED, root, dirs_exist_ok=True)
             log(f"stage 0 | the stand-in backbones come from {os.path.relpath(PRETRAINED)} "

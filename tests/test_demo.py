@@ -300,6 +300,23 @@ def test_backbones_for_another_world_are_refused(tmp_path, monkeypatch):
         demo.prepare_backbones(args)
 
 
+def test_backbones_trained_on_held_out_scenes_are_refused(tmp_path, monkeypatch):
+    shipped = backbones_dir(tmp_path / "shipped", demo_train=560, demo_eval=300)  # trained on seed 0's split
+    monkeypatch.setattr(demo, "PRETRAINED", str(shipped))
+    run = ["--out", str(tmp_path / "run"), "--device", "cpu"]
+    for extra in (["--seed", "1"], ["--demo-train", "400", "--demo-eval", "400"]):
+        args = train.parse_args(run + extra)
+        with pytest.raises(ValueError) as e:
+            demo.prepare_backbones(args)
+        msg = str(e.value)
+        assert "\n" not in msg and "held-out" in msg and "train.py --stage 0" in msg, msg
+        assert " ".join(extra) in msg.split("train.py --stage 0")[1], msg  # the command for this run's split
+        assert not (tmp_path / "run" / "backbones").exists()
+    # the same seed with fewer held-out scenes holds out a part of the same ones: accepted
+    demo.prepare_backbones(train.parse_args(run + ["--demo-eval", "200"]))
+    assert (tmp_path / "run" / "backbones" / "DONE").exists()
+
+
 def test_matching_backbones_are_copied_into_the_run(tmp_path, monkeypatch, capsys):
     args = train.parse_args(["--out", str(tmp_path / "run"), "--device", "cpu"])
     shipped = backbones_dir(tmp_path / "shipped")
