@@ -79,7 +79,8 @@ def make_scene(seed):
 
 def jittered(scene):
     """The same scene at every offset the jitter allows, (2 * JITTER + 1) ** 2 of them: the same
-    objects, and so the same words, each drawn slightly elsewhere in its cell."""
+    objects, and so the same words, each drawn slightly elsewhere in its cell. (They keep the
+    scene's seed, which rebuilds only the scene's own offset.)"""
     out = []
     for dx in range(-JITTER, JITTER + 1):
         for dy in range(-JITTER, JITTER + 1):

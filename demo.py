@@ -329,7 +329,8 @@ def world_fingerprint():
 
 def build_backbones(args, root=None):
     """Stage 0 (demo only): write {tokenizer.json, phi2/, vit/, qformer/, DONE} into `root`
-    (default: the run's backbones/). DONE holds the world they were trained for."""
+    (default: the run's backbones/). DONE holds the world they were trained for, and the seed and
+    split (--demo-train, --demo-eval) whose training scenes they learned."""
     root = root or os.path.join(args.out, "backbones")
     log(f"stage 0 | training the demo's stand-in backbones into {os.path.relpath(root)} "
         "(real runs use pretrained EVA, BLIP-2, Phi-2)")
@@ -359,37 +360,61 @@ def build_backbones(args, root=None):
 def held_out_seen(stamp, args):
     """How many of this run's held-out scenes the backbones stamped `stamp` were trained on. Stage 0
     trains on the training split of its own --seed, --demo-train and --demo-eval, which DONE records
-    (stamps from before it did came from the defaults, 560 and 300). Another seed, or a larger
-    held-out split, would score the stand-ins on pictures they learned."""
+    (the shipped DONE from before it did was trained on the defaults, 560 and 300). Another seed,
+    or a larger held-out split, would score the stand-ins on pictures they learned."""
     trained = _demo_scenes(stamp.get("demo_train", 560), stamp.get("demo_eval", 300), stamp.get("seed", 0))["train"]
     seen = {data.signature(sc) for sc in trained}
     return sum(data.signature(sc) in seen for sc in demo_scenes(args)["test"])
 
 
+def read_stamp(where):
+    """The DONE stamp of a backbones folder: None if it has none, {} if it is unreadable."""
+    done = os.path.join(where, "DONE")
+    if not os.path.isfile(done):
+        return None
+    try:
+        return read_json(done)
+    except ValueError:
+        return {}
+
+
+def leak(where, stamp, args):
+    """'' or why the backbones in `where` cannot be scored on this run's held-out scenes."""
+    seen = 0 if args.data else held_out_seen(stamp, args)  # real data: no demo table is scored
+    if not seen:
+        return ""
+    return (f"{where} holds stand-in backbones trained on {seen} of this run's {args.demo_eval} held-out scenes "
+            f"(--seed {stamp.get('seed', 0)} --demo-train {stamp.get('demo_train', 560)} --demo-eval "
+            f"{stamp.get('demo_eval', 300)}): its held-out scores would flatter them")
+
+
+def check_held_out(args):
+    """`train.py --evaluate`: refuse to score a run whose backbones learned this run's held-out scenes."""
+    root = os.path.join(args.out, "backbones")
+    stamp = read_stamp(root)
+    why = leak(root, stamp, args) if stamp is not None else ""
+    if why:
+        raise ValueError(f"{why}; evaluate with the --seed, --demo-train and --demo-eval the run was trained with")
+
+
 def prepare_backbones(args):
     """The run's stand-in backbones: already in --out, or copied from PRETRAINED (stage 0 run once
     for longer and shipped with the repository, as a real user starts from downloaded weights), or,
-    without those, trained now."""
+    without those, or when the shipped ones learned scenes this run holds out, trained now."""
     root = os.path.join(args.out, "backbones")
     for where in (root, PRETRAINED):
-        done = os.path.join(where, "DONE")
-        if not os.path.isfile(done):
+        stamp = read_stamp(where)
+        if stamp is None:
             continue
-        try:
-            stamp = read_json(done)
-        except ValueError:
-            stamp = {}
         if {k: stamp.get(k) for k in world_fingerprint()} != world_fingerprint():
             again = "delete it to use the shipped ones" if where == root else "train them again with `python train.py --stage 0`"
             raise ValueError(f"{where} holds stand-in backbones trained for another demo world: {again}")
-        seen = held_out_seen(stamp, args)
-        if seen:
-            again = ("delete it or choose another --out" if where == root else
-                     f"train them for this split with `python train.py --stage 0 --seed {args.seed} --demo-train "
-                     f"{args.demo_train} --demo-eval {args.demo_eval}` (it rewrites {os.path.relpath(PRETRAINED)})")
-            raise ValueError(f"{where} holds stand-in backbones trained on {seen} of this run's {args.demo_eval} held-out "
-                             f"scenes (--seed {stamp.get('seed', 0)} --demo-train {stamp.get('demo_train', 560)} --demo-eval "
-                             f"{stamp.get('demo_eval', 300)}): its held-out scores would flatter them; {again}")
+        why = leak(where, stamp, args)
+        if why and where == root:
+            raise ValueError(f"{why}; delete it or choose another --out")
+        if why:  # another split than the shipped ones': this run trains its own (about 11 minutes)
+            log(f"stage 0 | {why}; training this split's own")
+            break
         if where == PRETRAINED and where != root:
             shutil.copytree(PRETRAINED, root, dirs_exist_ok=True)
             log(f"stage 0 | the stand-in backbones come from {os.path.relpath(PRETRAINED)} "

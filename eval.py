@@ -407,7 +407,8 @@ def generate_raw(model, tok, samples, template):
     as eval_vqa.py generates it: its stop at "###" is commented out, so the text can run on past
     the answer, and its GQA and VSR scores search that too."""
     examples = [tg.make_example(tok, 4, s.query, template=template) for s in samples]
-    out = model.generate_ids(pixels(model, samples), examples, MAX_NEW_TOKENS, [[tok.token_to_id(tg.BOS)]])
+    out = model.generate_ids(pixels(model, samples), examples, MAX_NEW_TOKENS,
+                             stop_sequences=[[tok.token_to_id(tg.BOS)]])
     return [tok.decode(ids) for ids in out]
 
 

@@ -387,7 +387,7 @@ class Phi2(nn.Module):
         Strict: a missing, unexpected or mis-shaped tensor is a ValueError naming it. The one
         exception: stabilizer norms turned on by an override (qk_layernorm=True, post_layernorm=True
         for TinyGPT-V) but absent from the checkpoint start at weight 1, bias 0; one line says so
-        (`report=False` when a stage checkpoint loaded next brings them trained).
+        (`report=False` when a stage checkpoint loaded next brings their weights trained).
         dtype: float32 (when None), bfloat16 or float16. The model is built on the meta device and
         each tensor is read, converted and placed on `device` in turn, so no second full copy of
         the weights is ever held. convert(name, module), if given, sees each module as soon as its

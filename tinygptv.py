@@ -363,7 +363,7 @@ class TinyGPTV(nn.Module):
         limit = self.config.llm.max_position_embeddings
         if inputs.shape[1] + max_new_tokens > limit:
             raise ValueError(f"the prompt is {inputs.shape[1]} tokens with the image; with {max_new_tokens} new tokens "
-                             f"that exceeds the context of {limit}: lower --max-new-tokens or shorten the prompt")
+                             f"that exceeds the context of {limit}: ask for fewer new tokens or a shorter prompt")
         return self.llama_model.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max_new_tokens,
                                          stop_sequences=stop_sequences, **sampling)
 
@@ -494,7 +494,7 @@ def from_pretrained(phi2_path, vit_path, qformer_path=None, checkpoint=None, dty
             lora = {k.removeprefix("llama_model."): v for k, v in ck_tensors.items() if ".lora_" in k}
             scaling = ck_config.lora_alpha / ck_config.lora_r
     convert = quantizer(lora, scaling) if int8 else None
-    # a stage checkpoint holds the stabilizer norms trained (every stage trains them, checked below):
+    # a stage checkpoint holds the stabilizer norm weights trained (every stage trains them, checked below):
     # Phi-2's report that they start at 1 and 0 would then mislead
     llm = Phi2.from_pretrained(phi2_path, dtype=dtype, device=device, convert=convert, qk_layernorm=True,
                                post_layernorm=True, report=report and checkpoint is None)

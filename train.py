@@ -112,16 +112,18 @@ def stage_path(args, stage):
     return os.path.join(args.out, f"stage{stage}.safetensors")
 
 
-def build_model(args, stage):
+def build_model(args, stage, report=True):
     """Backbones (real or the demo's) + the previous stage's checkpoint + LoRA from stage 2 on.
-    Only stage 1 starts Phi-2's stabilizer norms at 1 and 0 (and says so); later stages load them trained."""
+    Only stage 1 starts Phi-2's stabilizer norm weights at 1 (and says so, unless report=False: a
+    resumed or evaluated stage 1 loads them trained); later stages load them trained."""
     if args.phi2:
-        model, _ = tg.from_pretrained(args.phi2, args.blip2, args.qformer, report=stage == 1)
+        model, _ = tg.from_pretrained(args.phi2, args.blip2, args.qformer, report=report and stage == 1)
         tok = tg.load_tokenizer(args.phi2)
     else:
         root = os.path.join(args.out, "backbones")
         model, _ = tg.from_pretrained(os.path.join(root, "phi2"), os.path.join(root, "vit"), os.path.join(root, "qformer"),
-                                      proj_dim=tg.TinyGPTVConfig.tiny().proj_dim, report=stage == 1)
+                                      proj_dim=tg.TinyGPTVConfig.tiny().proj_dim,
+                                      report=report and stage == 1)
         tok = tg.load_tokenizer(root)
     if args.stages[stage].lora:
         model.add_lora()
@@ -200,7 +202,8 @@ def evaluate_stage(args, stage):
         raise TrainingError(f"--evaluate {stage}: the held-out scenes are the demo's; it does not take --data")
     if not os.path.isfile(path):
         raise TrainingError(f"--evaluate {stage}: no checkpoint {path}; train it first: python train.py --stage {stage}")
-    model, tok = build_model(args, stage)
+    demo.check_held_out(args)
+    model, tok = build_model(args, stage, report=False)
     tg.load_checkpoint(model, path)
     demo.print_table(stage, {}, demo.evaluate(model, tok, args, taught=stage))
 
@@ -247,7 +250,7 @@ def train_stage(args, stage):
     state_path = os.path.join(args.out, f"stage{stage}.state.pt")
     st = saved_state(args, stage, state_path)
     torch.manual_seed(args.seed + stage)
-    model, tok = build_model(args, stage)
+    model, tok = build_model(args, stage, report=st is None)
     samples = stage_data(args, stage)
     if not samples:
         raise TrainingError(f"stage {stage}: no training samples")

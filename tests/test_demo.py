@@ -300,21 +300,30 @@ def test_backbones_for_another_world_are_refused(tmp_path, monkeypatch):
         demo.prepare_backbones(args)
 
 
-def test_backbones_trained_on_held_out_scenes_are_refused(tmp_path, monkeypatch):
+def test_backbones_trained_on_held_out_scenes_are_never_scored_on_them(tmp_path, monkeypatch, capsys):
     shipped = backbones_dir(tmp_path / "shipped", demo_train=560, demo_eval=300)  # trained on seed 0's split
     monkeypatch.setattr(demo, "PRETRAINED", str(shipped))
+    built = []
+    monkeypatch.setattr(demo, "build_backbones", lambda args, root: built.append(root))
     run = ["--out", str(tmp_path / "run"), "--device", "cpu"]
+    own = str(tmp_path / "run" / "backbones")
     for extra in (["--seed", "1"], ["--demo-train", "400", "--demo-eval", "400"]):
-        args = train.parse_args(run + extra)
-        with pytest.raises(ValueError) as e:
-            demo.prepare_backbones(args)
-        msg = str(e.value)
-        assert "\n" not in msg and "held-out" in msg and "train.py --stage 0" in msg, msg
-        assert " ".join(extra) in msg.split("train.py --stage 0")[1], msg  # the command for this run's split
-        assert not (tmp_path / "run" / "backbones").exists()
-    # the same seed with fewer held-out scenes holds out a part of the same ones: accepted
+        # the shipped ones learned some of this run's held-out scenes: the run trains its own
+        built.clear()
+        demo.prepare_backbones(train.parse_args(run + extra))
+        assert built == [own] and "held-out" in capsys.readouterr().out
+        assert not os.path.exists(own)  # nothing copied
+    # the same seed with fewer held-out scenes holds out a part of the same ones: the shipped are used
+    built.clear()
     demo.prepare_backbones(train.parse_args(run + ["--demo-eval", "200"]))
-    assert (tmp_path / "run" / "backbones" / "DONE").exists()
+    assert built == [] and os.path.isfile(os.path.join(own, "DONE"))
+    # a run's own backbones that learned them are refused, and so is evaluating on them
+    args = train.parse_args(run + ["--seed", "1"])
+    for call in (demo.prepare_backbones, demo.check_held_out):
+        with pytest.raises(ValueError) as e:
+            call(args)
+        assert "\n" not in str(e.value) and own in str(e.value) and "held-out" in str(e.value)
+    demo.check_held_out(train.parse_args(run))  # the split they were trained for: fine
 
 
 def test_matching_backbones_are_copied_into_the_run(tmp_path, monkeypatch, capsys):

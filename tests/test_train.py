@@ -129,6 +129,7 @@ def test_missing_previous_stage_is_built_first(tmp_path, backbones, capsys):
     train.run(args_for(out, "--stage", "2", "--steps", "2"))
     log = capsys.readouterr().out
     assert "stage 1 | needed by stage 2 and missing: building it first" in log
+    assert log.count("start at weight 1, bias 0") == 1  # stage 1 starts the stabilizers; stage 2 loads them
     assert (out / "stage1.safetensors").exists() and (out / "stage2.safetensors").exists()
     train.run(args_for(out, "--steps", "2"))  # all stages: 1 and 2 are skipped, 3 and 4 run
     log = capsys.readouterr().out
@@ -264,6 +265,7 @@ def test_evaluate_reloads_a_finished_stage_and_scores_it_as_training_did(tmp_pat
     capsys.readouterr()
     train.run(args_for(out, "--evaluate", "1"))  # from the checkpoint on disk, nothing trained
     table = capsys.readouterr().out
+    assert "start at weight 1" not in table  # the checkpoint's trained norms are what is scored
     for task, r in after.items():
         row = next(line for line in table.splitlines() if line.strip().startswith(demo.metric_name(task).strip()))
         assert row.split()[-2:] == [f"{r['image']:.1f}", f"{r['blank']:.1f}"], (task, row)
