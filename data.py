@@ -67,30 +67,28 @@ class Scene:
     seed: int  # make_scene(seed) rebuilds this scene
 
 
+def box_at(cell, size, dx, dy):
+    """The box of an object of `size` in `cell`, its center moved (dx, dy) from the cell's."""
+    h = HALF_SIDE[size]
+    cx, cy = CELL_CENTERS[cell % 3] + dx, CELL_CENTERS[cell // 3] + dy
+    return (cx - h, cy - h, cx + h, cy + h)
+
+
 def make_scene(seed):
     """One scene from its own seed: one object of a random color, shape and size in a random cell."""
     rng = random.Random(seed)
     cell, color, shape, size = rng.randrange(NUM_CELLS), rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(SIZES)
-    h = HALF_SIDE[size]
-    cx = CELL_CENTERS[cell % 3] + rng.randint(-JITTER, JITTER)
-    cy = CELL_CENTERS[cell // 3] + rng.randint(-JITTER, JITTER)
-    return Scene([Obj(shape, color, size, cell, (cx - h, cy - h, cx + h, cy + h))], seed)
+    dx, dy = rng.randint(-JITTER, JITTER), rng.randint(-JITTER, JITTER)
+    return Scene([Obj(shape, color, size, cell, box_at(cell, size, dx, dy))], seed)
 
 
 def jittered(scene):
     """The same scene at every offset the jitter allows, (2 * JITTER + 1) ** 2 of them: the same
     objects, and so the same words, each drawn slightly elsewhere in its cell. (They keep the
     scene's seed, which rebuilds only the scene's own offset.)"""
-    out = []
-    for dx in range(-JITTER, JITTER + 1):
-        for dy in range(-JITTER, JITTER + 1):
-            objects = []
-            for o in scene.objects:
-                h = HALF_SIDE[o.size]
-                cx, cy = CELL_CENTERS[o.cell % 3] + dx, CELL_CENTERS[o.cell // 3] + dy
-                objects.append(replace(o, box=(cx - h, cy - h, cx + h, cy + h)))
-            out.append(replace(scene, objects=objects))
-    return out
+    offsets = range(-JITTER, JITTER + 1)
+    return [replace(scene, objects=[replace(o, box=box_at(o.cell, o.size, dx, dy)) for o in scene.objects])
+            for dx in offsets for dy in offsets]
 
 
 def signature(scene):

@@ -357,16 +357,6 @@ def build_backbones(args, root=None):
     log(f"stage 0 | done in {time.time() - t0:.0f}s")
 
 
-def held_out_seen(stamp, args):
-    """How many of this run's held-out scenes the backbones stamped `stamp` were trained on. Stage 0
-    trains on the training split of its own --seed, --demo-train and --demo-eval, which DONE records
-    (the shipped DONE from before it did was trained on the defaults, 560 and 300). Another seed,
-    or a larger held-out split, would score the stand-ins on pictures they learned."""
-    trained = _demo_scenes(stamp.get("demo_train", 560), stamp.get("demo_eval", 300), stamp.get("seed", 0))["train"]
-    seen = {data.signature(sc) for sc in trained}
-    return sum(data.signature(sc) in seen for sc in demo_scenes(args)["test"])
-
-
 def read_stamp(where):
     """The DONE stamp of a backbones folder: None if it has none, {} if it is unreadable."""
     done = os.path.join(where, "DONE")
@@ -379,13 +369,20 @@ def read_stamp(where):
 
 
 def leak(where, stamp, args):
-    """'' or why the backbones in `where` cannot be scored on this run's held-out scenes."""
-    seen = 0 if args.data else held_out_seen(stamp, args)  # real data: no demo table is scored
+    """'' or why the backbones in `where` cannot be scored on this run's held-out scenes: they were
+    trained on some of them. Stage 0 trains on the training split of its own --seed, --demo-train
+    and --demo-eval, which DONE records (the shipped DONE from before it did was trained on the
+    defaults, 560 and 300). Another seed, or a larger held-out split, would score the stand-ins on
+    pictures they learned."""
+    if args.data:  # real data: no demo table is scored
+        return ""
+    seed, n_train, n_eval = stamp.get("seed", 0), stamp.get("demo_train", 560), stamp.get("demo_eval", 300)
+    trained = {data.signature(sc) for sc in _demo_scenes(n_train, n_eval, seed)["train"]}
+    seen = sum(data.signature(sc) in trained for sc in demo_scenes(args)["test"])
     if not seen:
         return ""
     return (f"{where} holds stand-in backbones trained on {seen} of this run's {args.demo_eval} held-out scenes "
-            f"(--seed {stamp.get('seed', 0)} --demo-train {stamp.get('demo_train', 560)} --demo-eval "
-            f"{stamp.get('demo_eval', 300)}): its held-out scores would flatter them")
+            f"(--seed {seed} --demo-train {n_train} --demo-eval {n_eval}): its held-out scores would flatter them")
 
 
 def check_held_out(args):

@@ -116,14 +116,14 @@ def build_model(args, stage, report=True):
     """Backbones (real or the demo's) + the previous stage's checkpoint + LoRA from stage 2 on.
     Only stage 1 starts Phi-2's stabilizer norm weights at 1 (and says so, unless report=False: a
     resumed or evaluated stage 1 loads them trained); later stages load them trained."""
+    report = report and stage == 1
     if args.phi2:
-        model, _ = tg.from_pretrained(args.phi2, args.blip2, args.qformer, report=report and stage == 1)
+        model, _ = tg.from_pretrained(args.phi2, args.blip2, args.qformer, report=report)
         tok = tg.load_tokenizer(args.phi2)
     else:
         root = os.path.join(args.out, "backbones")
         model, _ = tg.from_pretrained(os.path.join(root, "phi2"), os.path.join(root, "vit"), os.path.join(root, "qformer"),
-                                      proj_dim=tg.TinyGPTVConfig.tiny().proj_dim,
-                                      report=report and stage == 1)
+                                      proj_dim=tg.TinyGPTVConfig.tiny().proj_dim, report=report)
         tok = tg.load_tokenizer(root)
     if args.stages[stage].lora:
         model.add_lora()
