@@ -118,6 +118,13 @@ def bandwidth(device, gib=1.0, repeats=5):
     return x.numel() * 4 / best
 
 
+def higher_bandwidth(bw, args):
+    """The higher of the run's first bandwidth reading and one taken now. A shared machine's memory
+    speed moves by 2x within minutes (8.7-20.2 GB/s in one hour on one AVX2 CPU), and a bound that
+    a measured speed beats is no bound: a ratio is taken against the faster reading."""
+    return max(bw, bandwidth(args.device, args.bandwidth_gib))
+
+
 def peak_memory(device):
     """This process's peak memory in bytes: the GPU allocator's peak, or the peak resident set."""
     if device.type == "cuda":
@@ -348,8 +355,9 @@ def section_int8(args, bw):
                      tok_s["torch.ao int8"], tok_s["fp32"], "tok/s"),
                  Row(2, "decode: int8 (Int8Linear) vs torch.ao int8", tok_s["int8"], tok_s["torch.ao int8"], "tok/s",
                      ">= 1.1x", tok_s["int8"] >= 1.1 * tok_s["torch.ao int8"])]
-    rows += [Row(2, f"decode: int8 vs the bandwidth bound ({decode_bytes(variants['int8']) / GB:.3f} GB read per token)",
-                 tok_s["int8"], bw / decode_bytes(variants["int8"]), "tok/s")]
+    bw = higher_bandwidth(bw, args)
+    rows += [Row(2, f"decode: int8 vs the bandwidth bound ({decode_bytes(variants['int8']) / GB:.3f} GB read per token "
+                    f"at {bw / GB:.1f} GB/s)", tok_s["int8"], bw / decode_bytes(variants["int8"]), "tok/s")]
     rows += [Row(2, f"time to first token ({args.prompt}-token prompt): int8 vs fp32", t_first["int8"],
                  t_first["fp32"], "s", "<= 1x", t_first["int8"] <= t_first["fp32"])]
     if has_ao:
@@ -457,10 +465,13 @@ def child_inference(spec, device):
 
 
 def section_inference(args, bw):
+    runs = {dtype: run_child(args, "infer", dtype=dtype, new_tokens=args.full_new_tokens) for dtype in ("int8", "bf16")}
+    first, bw = bw, higher_bandwidth(bw, args)
     rows = [Row(3, f"{args.preset} preset, random weights, {args.device.type}, one {preset_config(args.preset).vision.image_size}"
-                   f" px image, {args.full_new_tokens} new tokens; bandwidth {bw / GB:.1f} GB/s")]
+                   f" px image, {args.full_new_tokens} new tokens; bandwidth {first / GB:.1f} GB/s before, "
+                   f"{bw / GB:.1f} for the bound")]
     for dtype, label in (("int8", "int8 Phi-2 + bf16 vision"), ("bf16", "bf16")):
-        r = run_child(args, "infer", dtype=dtype, new_tokens=args.full_new_tokens)
+        r = runs[dtype]
         if "error" in r:
             rows.append(Row(3, f"{label}: failed: {r['error']}", passed=False))
             continue
@@ -788,6 +799,7 @@ def parse_args(argv=None):
     a.new_tokens = a.new_tokens or (16 if quick else 64)
     a.prefill = a.prefill or (64 if quick else 256)
     a.repeats = a.repeats or (1 if quick else 3)
+    a.bandwidth_gib = 0.25 if quick else 1.0  # the tensor bandwidth() sums
     a.train_steps = a.train_steps or (2 if quick else 5)
     a.sections = sorted({int(s) for s in a.sections.split(",") if s.strip()})
     if not set(a.sections) <= set(SECTIONS):
@@ -823,7 +835,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     header = f"bench.py on {machine(args.device)}; {args.threads} threads; sections {args.sections}"
     print(header, flush=True)
-    bw = bandwidth(args.device, gib=0.25 if args.quick else 1.0)
+    bw = bandwidth(args.device, args.bandwidth_gib)
     rows = [Row(0, "memory bandwidth (sum of a float32 tensor)", bw / GB, None, "GB/s")]
     for s in args.sections:
         t0 = time.time()

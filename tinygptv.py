@@ -782,7 +782,8 @@ def main(argv=None):
             raise ValueError("--phi2/--blip2 need --checkpoint too: without a trained stage checkpoint (ours, or an "
                              "official one converted with `tinygptv.py convert`) the projections are untrained")
         # --int8: Phi-2 is quantized layer by layer as it loads and the rest is read in bf16 (the
-        # official code runs the ViT in fp16): about 5 GB in all, where float32 would need 15 GB
+        # official code runs the ViT in fp16): about 5 GB in all, where float32 would need 15 GB.
+        # A CPU without fast bf16 matmuls computes the ViT's blocks in float32 (vit.CPU_BF16_MATMUL).
         model, stage = from_pretrained(a.phi2, a.blip2, a.qformer, checkpoint=a.checkpoint, int8=a.int8,
                                        dtype=torch.bfloat16 if a.int8 else None)
         tok = load_tokenizer(a.phi2)

@@ -7,6 +7,7 @@ with its own save_pretrained and read back with VisionTransformer.from_pretraine
 downloaded. The LAVIS-named files are made here by a rename written independently of vit.py's.
 """
 
+import copy
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Model, Blip2VisionConfig,
                           Blip2VisionModel, OPTConfig)
 
+import vit
 from vit import VisionConfig, VisionTransformer, config_from_lavis_shapes
 
 
@@ -95,6 +97,37 @@ def test_the_k_bias_has_no_effect(tiny):
     qkv_bias = ref.vision_model.encoder.layers[0].self_attn.qkv.bias
     torch.testing.assert_close(model.blocks[0].attn.q_bias, qkv_bias[:D], rtol=0, atol=0)
     torch.testing.assert_close(model.blocks[0].attn.v_bias, qkv_bias[2 * D:], rtol=0, atol=0)
+
+
+def test_bf16_tower_computes_its_blocks_in_float32(tiny):
+    # bf16 weights widened block by block: the same as the reference's blocks in float32 with the
+    # weights rounded to bf16, to float32 precision (bf16 arithmetic would be off by about 1e-2)
+    ref, _, model = tiny
+    rounded = copy.deepcopy(ref).to(torch.bfloat16).float()
+    h = torch.randn(2, 17, 48, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = copy.deepcopy(model).to(torch.bfloat16).blocks_in_float32(h)
+        expected = rounded.vision_model.encoder(inputs_embeds=h).last_hidden_state
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_bf16_tower_on_the_cpu_takes_float32_blocks_only_without_fast_bf16(tiny, monkeypatch, fast_bf16):
+    ref, _, model = tiny
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    monkeypatch.setattr(vit, "CPU_BF16_MATMUL", fast_bf16)
+    calls = []
+    widen = model.blocks_in_float32
+    monkeypatch.setattr(model, "blocks_in_float32", lambda x: calls.append(x.dtype) or widen(x))
+    rounded = copy.deepcopy(ref).to(torch.bfloat16).float()
+    x = pixels()
+    with torch.no_grad():
+        out = model(x)
+        expected = rounded.vision_model(x).last_hidden_state
+    assert calls == ([] if fast_bf16 else [torch.bfloat16])
+    assert out.dtype == torch.bfloat16  # what the bf16 Q-Former takes
+    torch.testing.assert_close(out.float(), expected, rtol=0.03, atol=0.03)
 
 
 @pytest.mark.parametrize("cls", [Blip2ForConditionalGeneration, Blip2Model])
