@@ -723,19 +723,30 @@ def child_write_downloads(spec, device):
     return sizes
 
 
+# Linux charges a process's ru_maxrss with the resident set it had when it called exec, so a
+# command started straight from this process would count what this process holds at the time (by
+# section 6, GBs of earlier sections' freed but unreturned memory; measured: `python -c pass` from a
+# parent holding a 4 GB tensor peaked at 4.5 GB). A bare Python in between, which imports nothing
+# large, starts the command and reports the command's own peak from os.wait4.
+LAUNCHER = ("import os, subprocess, sys\n"
+            "p = subprocess.Popen(sys.argv[1:])\n"
+            "_, status, usage = os.wait4(p.pid, 0)\n"
+            "print('PEAK', usage.ru_maxrss, os.waitstatus_to_exitcode(status))")
+
+
 def peak_rss_of(cmd, threads):
-    """Run cmd to its end; -> (exit status, its peak resident set in bytes, seconds, its output).
-    os.wait4 gives that one child's own resource usage (ru_maxrss: KiB on Linux)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))  # torch's thread count in the child
+    """Run cmd to its end; -> (exit status, its peak resident set in bytes, seconds, its output)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))  # torch's thread count in the command
     with tempfile.TemporaryFile("w+") as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                cwd=os.path.dirname(os.path.abspath(__file__)))
-        _, status, usage = os.wait4(proc.pid, 0)
+        subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], stdout=out, stderr=subprocess.STDOUT, env=env,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
         seconds = time.perf_counter() - t0
         out.seek(0)
         text = out.read()
-    return os.waitstatus_to_exitcode(status), usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024), seconds, text
+    text, _, peak = text.rpartition("PEAK ")  # the launcher's line comes last
+    maxrss, code = peak.split()
+    return int(code), int(maxrss) * (1 if sys.platform == "darwin" else 1024), seconds, text
 
 
 def section_downloads(args, bw):
