@@ -82,7 +82,9 @@ def combine_digits(y, scale):
 # Why fbgemm: one token through Phi-2's matrices, weights not in cache, on a 2-core AMD EPYC with
 # AVX-512 and VNNI but no AMX, it read the weights at 30-34 GB/s. oneDNN's int8 GEMM
 # (torch.ops.onednn.qlinear_pointwise) read them at 30-33, a torch.compile'd dequantize-and-reduce at
-# 32 (K = 2560) or 12 (K = 10240), and _weight_int8pack_mm at 25 (docs/LOG.md, 2026-12-02).
+# 32 (K = 2560) or 12 (K = 10240), and _weight_int8pack_mm at 25 (docs/LOG.md, 2026-12-02). On a
+# 2-core AMD EPYC with AVX2 only: fbgemm 12-13 GB/s, _weight_int8pack_mm 6.5-13, a torch.compile'd
+# dequantize-and-reduce 1.3, so fbgemm there too (docs/LOG.md, 2026-12-02, third session).
 
 
 def cpu_kernel():
