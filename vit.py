@@ -13,6 +13,7 @@ Notable parts, top to bottom:
 - any image size that is a multiple of the patch: the position embedding is resized bicubically
   (224 -> 448 px for TinyGPT-V's stage 4), as transformers' `interpolate_pos_encoding=True` does;
 - 39 blocks, not EVA's 40: BLIP-2 takes the penultimate block's features;
+- a bf16 tower on a CPU without fast bf16 matmuls (AVX2) computes its blocks in float32;
 - `from_pretrained` / `save_pretrained`: strict loading of transformers BLIP-2 directories, LAVIS
   safetensors and our own directories, tensor by tensor (every missing, unexpected or mis-shaped
   tensor is an error; the one exception, a 40-block EVA file, says what it does).
@@ -225,7 +226,8 @@ class VisionTransformer(nn.Module):
         """The blocks of a bf16 tower, computed in float32: (B, T, D) -> (B, T, D) float32. The
         weights stay bf16 in memory (2 GB, not float32's 4) and each block's are widened for its own
         call only, about 100 MB at a time. On a CPU whose torch has no fast bf16 matmul (AVX2; see
-        CPU_BF16_MATMUL) a 448 px block ran 8x faster this way than in bf16 (docs/LOG.md, 2026-12-02)."""
+        CPU_BF16_MATMUL) a 448 px block ran 8x faster this way than in bf16 (docs/LOG.md,
+        2026-12-02, third session)."""
         x = x.float()
         for block in self.blocks:
             weights = {k: v.float() if v.is_floating_point() else v for k, v in block.state_dict().items()}
