@@ -53,6 +53,8 @@ import torch.utils.checkpoint
 
 import int8
 import tinygptv as tg
+from fastpaths import decoder_for
+from layouts import save_pretrained
 from phi2 import Phi2, Phi2Config
 from train import DEMO_STAGES, param_groups
 
@@ -232,7 +234,7 @@ def section_phi2(args, bw):
     torch.manual_seed(0)
     ours = Phi2(Phi2Config.phi2(num_hidden_layers=L)).eval()  # random N(0, 0.02) weights, plain Phi-2
     with tempfile.TemporaryDirectory() as d:
-        ours.save_pretrained(d)
+        save_pretrained(ours, d)
         dtype_arg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         ref = PhiForCausalLM.from_pretrained(d, **{dtype_arg: torch.float32}).to(dev).eval()
     ours = ours.to(dev)
@@ -240,9 +242,10 @@ def section_phi2(args, bw):
     ids = torch.randint(0, 51200, (1, args.prompt), generator=torch.Generator().manual_seed(1)).to(dev)
     long_ids = torch.randint(0, 51200, (1, args.prefill), generator=torch.Generator().manual_seed(2)).to(dev)
 
-    runs = {"ours": (ours, ours.layers[0], greedy_ours), "ref": (ref, ref.model.layers[0], greedy_transformers)}
-    if dev.type == "cuda":  # ours decodes through a CUDA graph by default there; also time it without
-        runs["ours, eager"] = (ours, ours.layers[0], functools.partial(greedy_ours, static_cache=False))
+    runs = {"ours": (ours, ours.layers[0], functools.partial(greedy_ours, decoder=decoder_for(dev))),
+            "ref": (ref, ref.model.layers[0], greedy_transformers)}
+    if dev.type == "cuda":  # ours decodes through a CUDA graph there (fastpaths.py); also time it without
+        runs["ours, eager"] = (ours, ours.layers[0], greedy_ours)
     decode, prefill, tokens = {k: [] for k in runs}, {k: [] for k in runs}, {}
     with torch.no_grad():
         for model, _, greedy in runs.values():  # warm-up: first calls allocate and pick kernels

@@ -1,16 +1,16 @@
-"""Reading and writing safetensors checkpoints, shared by phi2.py, vit.py and qformer.py.
+"""Reading and writing files strictly and safely: the leaf every other module reads weights through.
 
-The three components import nothing of each other; each imports this leaf module instead of keeping
-its own copy of the same loader. Its jobs:
+A reader of the paper may skip this file. Its jobs:
 - `open_safetensors`: open a checkpoint lazily (one file, a directory, or a sharded directory as
   transformers writes real downloads), so a loader can check names and shapes before reading data;
-- `StrictReader`: hand out a checkpoint's tensors one at a time, checking each name and shape, and
-  refuse whatever is left over, so a renamed or missing key is an error naming it and never a
-  silently random weight (the official code's users met that: docs/PAPER.md section 10); its
-  `load` fills a model module by module and can convert each one as it arrives (int8.py quantizes
-  Phi-2's Linear layers that way, so no full-precision copy of them is ever held);
-- `read_json` and `check_overrides`: the config side of the same strictness;
-- `write_atomically`: write a file so that an interruption never leaves a half-written checkpoint.
+- `StrictReader`: hand out a checkpoint's tensors one at a time, checking each name, shape and
+  dtype, and refuse whatever is left over, so a renamed or missing key is an error naming it and
+  never a silently random weight (the official code's users met that: docs/PAPER.md section 10).
+  Its `load` fills a model built on the meta device module by module and can convert each module
+  as it arrives (int8.py quantizes Phi-2's Linear layers that way). It is the one strictness check:
+  downloads, stage checkpoints and a resumed run's saved weights all go through it;
+- `read_json`: a config, a data file or JSON lines, with one-line errors naming the file;
+- `write_atomically`, `write_json`: a write that an interruption never leaves half done.
 """
 
 import ctypes
@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -41,11 +40,7 @@ def open_safetensors(path):
         if os.path.isfile(single):
             files = [single]
         elif os.path.isfile(index):
-            try:
-                with open(index) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
+            weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise ValueError(f"{index}: its weight_map should map each tensor name to a shard file name")
             files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
@@ -84,45 +79,40 @@ def free_promptly():
 
 
 class StrictReader:
-    """The tensors of an opened checkpoint ({key: (handle, file)}, as open_safetensors returns),
-    read one by one: `take(key, shape)` reads one tensor, converted to `dtype` on `device`, and
-    removes it from the pool; `finish()` then refuses any tensor nobody took. Reading tensor by
-    tensor into a model built on the meta device means no second copy of the weights is held.
+    """Tensors read one by one: `take(key, shape)` returns one, converted to `dtype` (None: as
+    stored) on `device`, and removes it from the pool; `finish()` then refuses any tensor nobody
+    took. The pool is an opened checkpoint ({key: (handle, file)}, as open_safetensors returns) or
+    tensors already in memory ({key: tensor}); `path` names it in errors.
 
-    The bytes are read with plain file reads, not through safetensors' memory map: the pages of a
-    mapped file count in the process's resident set for as long as the file stays open, so every
+    A file's bytes are read with plain file reads, not through safetensors' memory map: the pages of
+    a mapped file count in the process's resident set for as long as the file stays open, so every
     shard read through the map would add its whole size to the peak memory (1.0 GB for a 1 GB file,
     measured), on top of the weights it was read into."""
 
-    def __init__(self, tensors, path, dtype, device):
+    def __init__(self, tensors, path, dtype=None, device="cpu"):
         self.tensors, self.path, self.dtype, self.device = dict(tensors), path, dtype, device
         self.headers = {}  # file -> (where its data starts, its JSON header)
 
     def __contains__(self, key):
         return key in self.tensors
 
-    def keys(self):
-        return list(self.tensors)
-
-    def drop(self, keys):
-        """Leave these tensors unread (another part of the model reads them, or nothing does)."""
-        for k in keys:
-            del self.tensors[k]
-
-    def shape(self, key):
-        return tuple(self.tensors[key][0].get_slice(key).get_shape())
-
     def take(self, key, shape, hint=""):
         if key not in self.tensors:
             raise ValueError(f"{self.path}: missing tensor '{key}'{hint}")
-        handle, file = self.tensors.pop(key)
-        try:
-            found = tuple(handle.get_slice(key).get_shape())
-            if found != tuple(shape):
-                raise ValueError(f"{file}: tensor '{key}' has shape {found}, expected {tuple(shape)}")
-            return self.read(file, key).to(device=self.device, dtype=self.dtype)
-        except (SafetensorError, OSError, KeyError) as e:
-            raise ValueError(f"{file}: cannot read tensor '{key}' ({str(e).splitlines()[0]})") from None
+        source = self.tensors.pop(key)
+        if isinstance(source, torch.Tensor):
+            t, where = source, self.path
+        else:
+            handle, where = source
+            try:
+                t = self.read(where, key)
+            except (SafetensorError, OSError, KeyError) as e:
+                raise ValueError(f"{where}: cannot read tensor '{key}' ({str(e).splitlines()[0]})") from None
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{where}: tensor '{key}' has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if not t.is_floating_point():  # weights are floats: an integer tensor is some other file's
+            raise ValueError(f"{where}: tensor '{key}' is {t.dtype}, not a floating-point tensor")
+        return t.to(device=self.device, dtype=self.dtype or t.dtype)
 
     def read(self, file, key):
         """One tensor as stored: the safetensors layout is 8 bytes of header length, a JSON header
@@ -159,24 +149,15 @@ class StrictReader:
                 parent, _, child = prefix.rpartition(".")
                 setattr(model.get_submodule(parent), child, new)
         self.finish()
+        return model
 
     def finish(self):
         if self.tensors:
             names = sorted(self.tensors)
-            raise ValueError(f"{self.tensors[names[0]][1]}: unexpected tensor '{names[0]}' ({len(names)} unexpected "
+            first = self.tensors[names[0]]
+            where = self.path if isinstance(first, torch.Tensor) else first[1]
+            raise ValueError(f"{where}: unexpected tensor '{names[0]}' ({len(names)} unexpected "
                              f"in all: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
-
-
-def read_json(file):
-    """A config file as a dict, or a one-line ValueError naming the file."""
-    try:
-        with open(file) as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{file}: expected a JSON object")
-    return d
 
 
 def check_overrides(overrides, config_class):
@@ -186,45 +167,45 @@ def check_overrides(overrides, config_class):
         raise ValueError(f"unknown {config_class.__name__} fields in overrides: {', '.join(sorted(unknown))}")
 
 
-def read_state(path, settings, device="cpu"):
-    """A training state file (torch.save of tensors and plain containers, read weights-only, never
-    code), checked: its fields are there and the settings it was trained with ({option: value})
-    equal `settings`. -> the state dict, or a one-line ValueError naming the file or the option."""
+def read_json(path, kind=dict):
+    """The `kind` (dict or list; None: either) a JSON file holds, or, for JSON lines (a .jsonl file,
+    or several lines of which the first is a whole object), a list of (line number, record). One-line
+    errors name the file, and the line of bad JSON."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
     try:
-        st = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated, garbage, or not a state file at all
-        raise ValueError(f"{path}: cannot read the saved state ({str(e).splitlines()[0][:120]}); "
-                         "--restart starts the stage over") from None
-    keys = ("model", "optimizer", "scaler", "rng", "step")
-    if not isinstance(st, dict) or any(k not in st for k in keys) or not isinstance(st["model"], dict):
-        raise ValueError(f"{path}: not a train.py state file (expected {', '.join(keys)}); "
-                         "--restart starts the stage over")
-    for option, value in settings.items():
-        was = st.get("settings", {}).get(option, value)
-        if was != value:
-            raise ValueError(f"--resume: {option} is {value} now but was {was} in the interrupted run; "
-                             f"resume with the same {option}, or --restart")
-    return st
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    filled = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if path.endswith(".jsonl") or (len(filled) > 1 and _is_json_object(filled[0][1])):
+        records = []
+        for n, line in filled:
+            try:
+                records.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n}: bad JSON ({e.msg}, column {e.colno})") from None
+        return records
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}: bad JSON ({e.msg}, column {e.colno})") from None
+    if kind is not None and not isinstance(obj, kind):
+        raise ValueError(f"{path}: expected a JSON {'object' if kind is dict else 'list'}, found {type(obj).__name__}")
+    return obj
+
+
+def _is_json_object(line):
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def write_json(d, file):
     with open(file, "w") as f:
         json.dump(d, f, indent=2)
-
-
-def remove_stale_temporaries(folder, alive):
-    """Delete the temporaries a killed write left: write_atomically's (their names end in the
-    writer's PID, whose process `alive(pid)` says is gone) and safetensors' own `.tmpXXXXXX`, which
-    save_file writes beside its target. Call it holding the folder's lock. -> the paths removed."""
-    removed = []
-    for root, _, files in os.walk(folder):
-        for name in files:
-            m = re.fullmatch(r"\..+\.tmp(\d+)", name)
-            ours = m and int(m.group(1)) != os.getpid() and not alive(int(m.group(1)))
-            if ours or re.fullmatch(r"\.tmp[A-Za-z0-9]{6}", name):  # the second: safetensors' own temporary
-                os.remove(os.path.join(root, name))
-                removed.append(os.path.join(root, name))
-    return removed
 
 
 def write_atomically(final, write):
@@ -236,36 +217,3 @@ def write_atomically(final, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def take_lock(out):
-    """One writer per run directory: two train.py processes on one --out would each overwrite the
-    other's checkpoints. The lock file `.lock` holds the PID; a lock whose process is gone is taken
-    over, and so are the temporaries its killed writes left behind. -> the lock's path, to remove."""
-    path = os.path.join(out, ".lock")
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            with open(path) as f:
-                text = f.read().strip()
-            if text.isdigit() and pid_alive(int(text)):
-                raise ValueError(f"{out} is in use by another train.py (pid {text}); wait for it to finish, "
-                                    "or train into another --out") from None
-            os.remove(path)  # its process is gone
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    for tmp in remove_stale_temporaries(out, pid_alive):
-        print(f"removed {tmp}, left by an interrupted write", flush=True)
-    return path
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True

@@ -13,9 +13,10 @@ paper's four stages on them unchanged:
 - stage 0 (`build_backbones`): a byte-level BPE tokenizer in which each of those words is one
   token; a tiny Phi-2 trained as a language model on every stage's prompt with the 32 words where
   the image goes; a tiny ViT + Q-Former trained to say the words from the pictures;
-- the held-out evaluation after each stage (`evaluate`, `print_table`): each task scored with the
-  image and with a blank image, the baseline that shows how much the model uses the picture;
+- the held-out samples scored after each stage (`evaluate`, with scoring.py's metrics): each task
+  with the image and with a blank one, the baseline that shows how much the model uses the picture;
 - `load_demo`: the trained demo run, which tinygptv.py's command line answers from by default.
+A reader of the paper may skip this file: train.py runs the paper's stages on what it gives.
 
 The world itself (scenes, rendering, every stage's texts) is data.py's: the same `Sample`s a
 real data file gives.
@@ -25,11 +26,10 @@ Shapes: the stand-in ViT sees 48 px images (96 px in stage 4) in 16 px patches, 
 """
 
 import functools
-import json
 import os
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -37,8 +37,10 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import data
+import scoring
 import tinygptv as tg
 from checkpoints import read_json, write_atomically, write_json
+from layouts import load_model, load_phi2, save_pretrained
 from phi2 import Phi2
 from qformer import QFormer
 from vit import VisionTransformer
@@ -57,8 +59,15 @@ def log(*a):
 # The scenes, and the 32 words a scene is to the stand-in backbones
 
 
-def demo_scenes(args):
-    return _demo_scenes(args.demo_train, args.demo_eval, args.seed)
+@dataclass(frozen=True)
+class Split:
+    """Which scenes a run trains on and holds out: train.py's --seed, --demo-train, --demo-eval."""
+    seed: int = 0
+    n_train: int = 560
+    n_eval: int = 300
+
+    def scenes(self):
+        return _demo_scenes(self.n_train, self.n_eval, self.seed)
 
 
 @functools.lru_cache(maxsize=2)
@@ -66,10 +75,10 @@ def _demo_scenes(n_train, n_eval, seed):
     return data.demo_splits(n_train=n_train, n_val=0, n_test=n_eval, seed=seed)
 
 
-def stage_samples(args, stage, split="train"):
-    """The demo's samples of one stage for one split, with images drawn at the stage's size."""
-    size = IMAGE_SIZE * (2 if stage == 4 else 1)
-    return data.stage_samples(demo_scenes(args)[split], stage, size, args.seed + (0 if split == "train" else 1))
+def stage_samples(split, stage, part="train"):
+    """The demo's samples of one stage for `part` ("train" or "test"), drawn at the stage's size."""
+    scenes = split.scenes()[part]
+    return data.stage_samples(scenes, stage, tg.image_size(IMAGE_SIZE, stage), split.seed + (part != "train"))
 
 
 def text_corpus(scenes, seed=0):
@@ -169,9 +178,10 @@ def train_tokenizer(texts, path):
     return tok
 
 
-def pretrain_language_model(cfg, tok, texts, args):
-    """The demo's Phi-2: a plain Phi-2 (no stabilizers, like microsoft/phi-2) trained on the text."""
-    torch.manual_seed(args.seed)
+def pretrain_language_model(cfg, tok, texts, seed, steps, schedule):
+    """The demo's Phi-2: a plain Phi-2 (no stabilizers, like microsoft/phi-2) trained on the text.
+    schedule(step, steps, peak, warmup) -> the learning rate: train.py's warm-up and cosine."""
+    torch.manual_seed(seed)
     # no dropout: a few thousand steps over a small world leave little to regularize
     llm_cfg = replace(cfg.llm, vocab_size=tok.get_vocab_size(), qk_layernorm=False, post_layernorm=False,
                       resid_pdrop=0.0)
@@ -179,8 +189,8 @@ def pretrain_language_model(cfg, tok, texts, args):
     bos = tok.token_to_id(tg.BOS)
     seqs = [([bos] + tg.encode(tok, q), tg.encode(tok, a)) for q, a in texts]  # (prompt ids, answer ids)
     opt = torch.optim.AdamW(model.parameters(), weight_decay=0.01)
-    g = torch.Generator().manual_seed(args.seed)
-    steps, bs, T = args.lm_steps, 16, 160  # a row holds two stage-4 texts (about 70 tokens each)
+    g = torch.Generator().manual_seed(seed)
+    bs, T = 16, 160  # a row holds two stage-4 texts (about 70 tokens each)
     t0 = time.time()
     for step in range(steps):
         # Each row packs whole texts drawn at random until the next one would not fit: no text is
@@ -198,7 +208,7 @@ def pretrain_language_model(cfg, tok, texts, args):
                 labels[r, n + len(prompt):n + len(seq)] = torch.tensor(seq[len(prompt):])  # the answer only
                 n += len(seq)
         for group in opt.param_groups:
-            group["lr"] = tg.warmup_cosine(step, steps, peak=3e-3, warmup=30)
+            group["lr"] = schedule(step, steps, peak=3e-3, warmup=30)
         loss = tg.lm_loss(*tg.answer_logits(model.lm_head, model.hidden_states(ids), labels))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -208,13 +218,13 @@ def pretrain_language_model(cfg, tok, texts, args):
     return model
 
 
-def language_model_alone(llm, tok, args, n=300):
+def language_model_alone(llm, tok, split, n=300):
     """Held-out stage-4 VQA answered by the stand-in language model on its own, each image replaced
     by its scene's 32 words: how well the model that stages 1-4 start from can read a scene it is
     handed perfectly, before any image is involved, and so the demo's ceiling.
     -> ({question type: % exact}, questions asked), with "all" for every type together."""
-    scenes = {sc.seed: sc for sc in demo_scenes(args)["test"]}
-    samples = [s for s in data.stage_samples(list(scenes.values()), 4, None, args.seed + 1) if s.task == "vqa"][:n]
+    scenes = {sc.seed: sc for sc in split.scenes()["test"]}
+    samples = [s for s in data.stage_samples(list(scenes.values()), 4, None, split.seed + 1) if s.task == "vqa"][:n]
     bos = tok.token_to_id(tg.BOS)
     prompts = [[bos] + tg.encode(tok, word_prompt(4, s, scenes[s.meta["scene"]])) for s in samples]
     T = max(map(len, prompts))
@@ -222,18 +232,8 @@ def language_model_alone(llm, tok, args, n=300):
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
     llm.eval()
     answers = llm.generate(ids, attention_mask=mask, max_new_tokens=8, stop_sequences=[[bos]])
-    hits = [exact(tok.decode(a), s.answer) for a, s in zip(answers, samples)]
-    return {"all": 100.0 * sum(hits) / len(hits), **by_question_type(hits, samples)}, len(samples)
-
-
-def by_question_type(hits, samples):
-    """{VQA question type: % of its samples right}, for the types present."""
-    scores = {}
-    for qtype in data.VQA_TYPES:
-        mine = [h for h, s in zip(hits, samples) if s.meta["qtype"] == qtype]
-        if mine:
-            scores[qtype] = 100.0 * sum(mine) / len(mine)
-    return scores
+    hits = [scoring.exact(tok.decode(a), s.answer) for a, s in zip(answers, samples)]
+    return {"all": scoring.percent(hits), **scoring.by_question_type(hits, samples)}, len(samples)
 
 
 def sincos_positions(grid, dim):
@@ -244,7 +244,7 @@ def sincos_positions(grid, dim):
     return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
 
 
-def pretrain_vision(cfg, scenes, args):
+def pretrain_vision(cfg, scenes, seed, steps, schedule):
     """The demo's EVA ViT + Q-Former, trained on two supervised targets at once:
     - every patch token of the ViT says which object covers it (`patch_labels`), a dense
       signal that trains the ViT's features quickly;
@@ -260,7 +260,7 @@ def pretrain_vision(cfg, scenes, args):
     its own. At 96 px a cell's center falls on the corner of four 16 px patches, so every object is
     cut in four, and the one-pixel jitter decides how; seeing every cut of each training object
     took held-out objects from 96.7% to 98.3% (48 px) and 99.0% (96 px)."""
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     vit, qformer = VisionTransformer(cfg.vision), QFormer(cfg.qformer)
     # Two inits differ from EVA's and BERT's, measured on this task. (1) Linear weights ~ 1/sqrt(fan_in):
     # std 0.02 was set for widths 768-1408; at width 96 it left the Q-Former's output almost
@@ -286,14 +286,14 @@ def pretrain_vision(cfg, scenes, args):
     pixels = {s: torch.stack([tg.preprocess(data.render(sc, s), s) for sc in scenes]) for s in sizes}
     patch_y = {s: torch.tensor([patch_labels(sc, s // p) for sc in scenes]) for s in sizes}  # (N, patches)
     word_y = torch.tensor([[SLOT_WORDS.index(w) for w in scene_words(sc)] for sc in scenes])  # (N, 32)
-    g = torch.Generator().manual_seed(args.seed)
-    steps, bs = args.vision_steps, 32
+    g = torch.Generator().manual_seed(seed)
+    bs = 32
     t0 = time.time()
     for step in range(steps):
         s = sizes[0] if step % 4 == 3 else sizes[1]
         idx = torch.randint(len(scenes), (bs,), generator=g)
         for group in opt.param_groups:
-            group["lr"] = tg.warmup_cosine(step, steps, peak=peak, warmup=50)
+            group["lr"] = schedule(step, steps, peak=peak, warmup=50)
         feats = vit(pixels[s][idx])  # (B, 1 + patches, D)
         patch_logits = patch_head(feats[:, 1:])  # (B, patches, classes)
         word_logits = word_head(qformer(feats))  # (B, 32, words)
@@ -310,10 +310,10 @@ def pretrain_vision(cfg, scenes, args):
     return vit, qformer
 
 
-def report_language_model(llm, tok, args):
+def report_language_model(llm, tok, split):
     """Stage 0's check, printed: the demo's ceiling, the stand-in language model reading each held-out
     scene as its 32 words."""
-    scores, asked = language_model_alone(llm, tok, args)
+    scores, asked = language_model_alone(llm, tok, split)
     by_type = ", ".join(f"{t} {v:.0f}" for t, v in scores.items() if t != "all")
     log(f"stage 0 | the language model alone, each test image replaced by its 32 words: VQA exact match "
         f"{scores['all']:.1f}% of {asked} questions ({by_type})")
@@ -327,78 +327,79 @@ def world_fingerprint():
             "cell_centers": list(data.CELL_CENTERS), "jitter": data.JITTER, "num_queries": NUM_QUERIES}
 
 
-def build_backbones(args, root=None):
-    """Stage 0 (demo only): write {tokenizer.json, phi2/, vit/, qformer/, DONE} into `root`
-    (default: the run's backbones/). DONE holds the world they were trained for, and the seed and
-    split (--demo-train, --demo-eval) whose training scenes they learned."""
-    root = root or os.path.join(args.out, "backbones")
+def build_backbones(split, root, schedule, lm_steps=2500, vision_steps=3000, report=True):
+    """Stage 0 (demo only): write {tokenizer.json, phi2/, vit/, qformer/, DONE} into `root`. DONE
+    holds the world they were trained for, and the split whose training scenes they learned.
+    schedule: the learning rate by step (train.warmup_cosine); report: print the language model's
+    own check (language_model_alone)."""
     log(f"stage 0 | training the demo's stand-in backbones into {os.path.relpath(root)} "
         "(real runs use pretrained EVA, BLIP-2, Phi-2)")
     t0 = time.time()
     os.makedirs(root, exist_ok=True)
-    scenes = demo_scenes(args)["train"]
-    texts = lm_texts(scenes, args.seed)
+    scenes = split.scenes()["train"]
+    texts = lm_texts(scenes, split.seed)
     tok = train_tokenizer(text_corpus(scenes) + [q + a for q, a in texts], os.path.join(root, "tokenizer.json"))
-    split = [w for w in SLOT_WORDS if len(tg.encode(tok, " " + w)) != 1]
-    if split:  # query j must line up with word j of the text the language model learned
-        raise ValueError(f"stage 0: the demo tokenizer splits the scene words {split}; each must be one token")
+    broken = [w for w in SLOT_WORDS if len(tg.encode(tok, " " + w)) != 1]
+    if broken:  # query j must line up with word j of the text the language model learned
+        raise ValueError(f"stage 0: the demo tokenizer splits the scene words {broken}; each must be one token")
     cfg = tg.TinyGPTVConfig.tiny(vocab_size=tok.get_vocab_size())
-    llm = pretrain_language_model(cfg, tok, texts, args)
+    llm = pretrain_language_model(cfg, tok, texts, split.seed, lm_steps, schedule)
     llm.config = replace(llm.config, resid_pdrop=cfg.llm.resid_pdrop)  # saved as Phi-2's own dropout
-    llm.save_pretrained(os.path.join(root, "phi2"))
-    if args.eval:
-        report_language_model(llm, tok, args)
-    vit, qformer = pretrain_vision(cfg, scenes, args)
-    vit.save_pretrained(os.path.join(root, "vit"))
-    qformer.save_pretrained(os.path.join(root, "qformer"))
-    stamp = {**world_fingerprint(), "seed": args.seed, "demo_train": args.demo_train, "demo_eval": args.demo_eval,
-             "lm_steps": args.lm_steps, "vision_steps": args.vision_steps}
+    save_pretrained(llm, os.path.join(root, "phi2"))
+    if report:
+        report_language_model(llm, tok, split)
+    vit, qformer = pretrain_vision(cfg, scenes, split.seed, vision_steps, schedule)
+    save_pretrained(vit, os.path.join(root, "vit"))
+    save_pretrained(qformer, os.path.join(root, "qformer"))
+    stamp = {**world_fingerprint(), "seed": split.seed, "demo_train": split.n_train, "demo_eval": split.n_eval,
+             "lm_steps": lm_steps, "vision_steps": vision_steps}
     write_atomically(os.path.join(root, "DONE"), lambda tmp: write_json(stamp, tmp))
     log(f"stage 0 | done in {time.time() - t0:.0f}s")
 
 
 def read_stamp(where):
-    """The DONE stamp of a backbones folder: None if it has none, {} if it is unreadable."""
+    """The DONE stamp of a backbones folder: None if it has none, {} if it is unreadable or does not
+    say which split its backbones learned (then no world matches it: it is refused)."""
     done = os.path.join(where, "DONE")
     if not os.path.isfile(done):
         return None
     try:
-        return read_json(done)
+        stamp = read_json(done)
     except ValueError:
         return {}
+    return stamp if {"seed", "demo_train", "demo_eval"} <= set(stamp) else {}
 
 
-def leak(where, stamp, args):
+def leak(where, stamp, split):
     """'' or why the backbones in `where` cannot be scored on this run's held-out scenes: they were
     trained on some of them. Stage 0 trains on the training split of its own --seed, --demo-train
-    and --demo-eval, which DONE records (the shipped DONE from before it did was trained on the
-    defaults, 560 and 300). Another seed, or a larger held-out split, would score the stand-ins on
-    pictures they learned."""
-    if args.data:  # real data: no demo table is scored
-        return ""
-    seed, n_train, n_eval = stamp.get("seed", 0), stamp.get("demo_train", 560), stamp.get("demo_eval", 300)
-    trained = {data.signature(sc) for sc in _demo_scenes(n_train, n_eval, seed)["train"]}
-    seen = sum(data.signature(sc) in trained for sc in demo_scenes(args)["test"])
+    and --demo-eval, which DONE records. Another seed, or a larger held-out split, would score the
+    stand-ins on pictures they learned."""
+    trained = Split(stamp["seed"], stamp["demo_train"], stamp["demo_eval"])
+    learned = {data.signature(sc) for sc in trained.scenes()["train"]}
+    seen = sum(data.signature(sc) in learned for sc in split.scenes()["test"])
     if not seen:
         return ""
-    return (f"{where} holds stand-in backbones trained on {seen} of this run's {args.demo_eval} held-out scenes "
-            f"(--seed {seed} --demo-train {n_train} --demo-eval {n_eval}): its held-out scores would flatter them")
+    return (f"{where} holds stand-in backbones trained on {seen} of this run's {split.n_eval} held-out scenes "
+            f"(--seed {trained.seed} --demo-train {trained.n_train} --demo-eval {trained.n_eval}): its held-out "
+            "scores would flatter them")
 
 
-def check_held_out(args):
+def check_held_out(out, split):
     """`train.py --evaluate`: refuse to score a run whose backbones learned this run's held-out scenes."""
-    root = os.path.join(args.out, "backbones")
+    root = os.path.join(out, "backbones")
     stamp = read_stamp(root)
-    why = leak(root, stamp, args) if stamp is not None else ""
+    why = leak(root, stamp, split) if stamp else ""
     if why:
         raise ValueError(f"{why}; evaluate with the --seed, --demo-train and --demo-eval the run was trained with")
 
 
-def prepare_backbones(args):
-    """The run's stand-in backbones: already in --out, or copied from PRETRAINED (stage 0 run once
+def prepare_backbones(out, split, schedule, held_out=True, report=True, lm_steps=2500, vision_steps=3000):
+    """The run's stand-in backbones: already in `out`, or copied from PRETRAINED (stage 0 run once
     for longer and shipped with the repository, as a real user starts from downloaded weights), or,
-    without those, or when the shipped ones learned scenes this run holds out, trained now."""
-    root = os.path.join(args.out, "backbones")
+    without those, or when the shipped ones learned scenes this run holds out, trained now.
+    held_out=False: the run scores no demo table (it trains on a user's --data), so any split will do."""
+    root = os.path.join(out, "backbones")
     for where in (root, PRETRAINED):
         stamp = read_stamp(where)
         if stamp is None:
@@ -406,7 +407,7 @@ def prepare_backbones(args):
         if {k: stamp.get(k) for k in world_fingerprint()} != world_fingerprint():
             again = "delete it to use the shipped ones" if where == root else "train them again with `python train.py --stage 0`"
             raise ValueError(f"{where} holds stand-in backbones trained for another demo world: {again}")
-        why = leak(where, stamp, args)
+        why = leak(where, stamp, split) if held_out else ""
         if why and where == root:
             raise ValueError(f"{why}; delete it or choose another --out")
         if why:  # another split than the shipped ones': this run trains its own (about 11 minutes)
@@ -416,111 +417,65 @@ def prepare_backbones(args):
             shutil.copytree(PRETRAINED, root, dirs_exist_ok=True)
             log(f"stage 0 | the stand-in backbones come from {os.path.relpath(PRETRAINED)} "
                 f"(stage 0 trained once: `python train.py --stage 0` trains them again)")
-            if args.eval and os.path.isdir(os.path.join(root, "phi2")):  # (building the model says if it is missing)
-                report_language_model(Phi2.from_pretrained(os.path.join(root, "phi2")), tg.load_tokenizer(root), args)
+            if report and os.path.isdir(os.path.join(root, "phi2")):  # (building the model says if it is missing)
+                report_language_model(load_phi2(os.path.join(root, "phi2")), tg.load_tokenizer(root), split)
         return
-    build_backbones(args, root)
+    build_backbones(split, root, schedule, lm_steps, vision_steps, report)
+
+
+def load_backbones(out, report=True):
+    """TinyGPT-V on the run's stand-in backbones, with new projections, and the demo tokenizer."""
+    root = os.path.join(out, "backbones")
+    model, _ = load_model(os.path.join(root, "phi2"), os.path.join(root, "vit"), os.path.join(root, "qformer"),
+                          proj_dim=tg.TinyGPTVConfig.tiny().proj_dim, report=report)
+    return model, tg.load_tokenizer(root)
 
 
 # -----------------------------------------------------------------------------
 # Held-out evaluation: each task with the image, and with a blank one
 
 
-def exact(a, b):
-    return a.strip().lower() == b.strip().lower()
-
-
-def sentence_f1(answer, reference):
-    """F1 between the sentences of two descriptions (each says one thing about the object):
-    partial credit for a long answer, where exact match is all or nothing."""
-    split = lambda text: {t.strip().lower() for t in text.split(".") if t.strip()}
-    got, want = split(answer), split(reference)
-    right = len(got & want)
-    return 2 * right / (len(got) + len(want)) if got or want else 1.0
-
-
-def evaluate(model, tok, args, taught=4, n=None):
-    """Each metric on held-out scenes, with the prompt the model was last taught for it: captions
-    and descriptions with stage 1's and 3's prompts until stage 4, which teaches both in its own
-    `[INST]` format (a `[caption]` task and untagged descriptions, as the paper's mixture has them);
-    the stage-4 tasks with stage 4's. VQA is also scored by question type ("vqa color", ...), from the
-    same answers. -> {metric: {"image": %, "blank": %}}, "blank" answering for a blank picture."""
-    n = n or args.eval_samples
-    model.eval()
-    rows = {}
-    scenes = demo_scenes(args)["test"]
+def evaluate(model, tok, split, taught=4, n=300):
+    """Each metric on `n` held-out samples per task (a score's standard error is then about 3
+    points), with the prompt the model was last taught for it: captions and descriptions with
+    stage 1's and 3's prompts until stage 4, which teaches both in its own `[INST]` format (a
+    `[caption]` task and untagged descriptions, as the paper's mixture has them); the stage-4 tasks
+    with stage 4's. -> scoring.score's {metric: {"image": %, "blank": %}}."""
     plan = (("caption", 4 if taught >= 4 else 1), ("describe", 4 if taught >= 4 else 3),
             ("vqa", 4), ("refer", 4), ("identify", 4))
-    drawn = {}  # stage -> its samples, each picture drawn once for all of that stage's tasks
+    drawn, rows = {}, {}  # stage -> its samples, each picture drawn once for all of that stage's tasks
     for task, stage in plan:
         if stage not in drawn:
-            drawn[stage] = data.stage_samples(scenes, stage, IMAGE_SIZE * (2 if stage == 4 else 1), args.seed + 1)
+            drawn[stage] = stage_samples(split, stage, "test")
         picked = [s for s in drawn[stage] if s.task == task][:n]
-        if not picked:
-            continue
-        for column in ("image", "blank"):
-            images = [data.blank_image(s.image.size[0]) if column == "blank" else s.image for s in picked]
-            answers = []
-            for i in range(0, len(picked), 64):
-                answers += model.generate(tok, images[i:i + 64], [tg.stage_instruction(stage, s) for s in picked[i:i + 64]],
-                                          stage=stage, max_new_tokens=64 if task == "describe" else 24)
-            if task == "refer":
-                hits = [data.iou(data.parse_box(a) or (0, 0, 0, 0), s.meta["box"]) >= 0.5 for a, s in zip(answers, picked)]
-            elif task == "describe":
-                hits = [sentence_f1(a, s.answer) for a, s in zip(answers, picked)]
-            else:
-                hits = [exact(a, s.answer) for a, s in zip(answers, picked)]
-            rows.setdefault(task, {})[column] = 100.0 * sum(hits) / len(hits)
-            if task == "vqa":
-                for qtype, score in by_question_type(hits, picked).items():
-                    rows.setdefault(f"vqa {qtype}", {})[column] = score
-    model.train()
+        rows.update(scoring.score(model, tok, picked, stage))
     return rows
 
 
-def previous_evaluation(args, stage):
+def previous_evaluation(out, stage, eval_set):
     """Stage N starts as stage N-1 ended (new LoRA adapters have B = 0, so they change nothing):
     its "before" column is stage N-1's "after", when that was measured on the same test set."""
-    path = os.path.join(args.out, f"stage{stage - 1}.eval.json")
+    path = os.path.join(out, f"stage{stage - 1}.eval.json")
     if stage == 1 or not os.path.isfile(path):
         return None
     try:
-        with open(path) as f:
-            saved = json.load(f)
-        return saved["after"] if saved.get("eval_set") == eval_set(args) else None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        saved = read_json(path)
+        return saved["after"] if saved.get("eval_set") == eval_set else None
+    except (ValueError, KeyError, TypeError, AttributeError):
         log(f"stage {stage} | {path} is unreadable; measuring the \"before\" column again")
         return None
 
 
-def eval_set(args):
-    return [args.eval_samples, args.demo_eval, args.demo_train, args.seed]
+def eval_set(split, n):
+    return [n, split.n_eval, split.n_train, split.seed]
 
 
-METRIC_NAMES = {"caption": "caption exact match", "describe": "description sentence F1", "vqa": "VQA exact match",
-                "refer": "[refer] IoU >= 0.5", "identify": "[identify] exact match"}
-
-
-def metric_name(task):
-    """A table row's name: METRIC_NAMES', or a VQA question type ("vqa color"), indented under VQA."""
-    return METRIC_NAMES.get(task) or "  " + task.removeprefix("vqa ")
-
-
-def print_table(stage, before, after):
-    log(f"\nstage {stage} | held-out evaluation (% of test samples)")
-    log(f"  {'metric':26s} {'before':>8s} {'after':>8s} {'blank img':>10s}")
-    for task, r in after.items():
-        b = f"{before[task]['image']:8.1f}" if task in before else f"{'-':>8s}"
-        log(f"  {metric_name(task):26s} {b} {r['image']:8.1f} {r['blank']:10.1f}")
-    log("")
-
-
-def write_example(args):
+def write_example(out, split):
     """A held-out picture to ask questions about, and the command that asks one."""
-    example = os.path.join(args.out, "example.png")
-    scene = demo_scenes(args)["test"][0]
+    example = os.path.join(out, "example.png")
+    scene = split.scenes()["test"][0]
     data.render(scene, 2 * IMAGE_SIZE).save(example)
-    run = "" if os.path.abspath(args.out) == DEMO_RUN else f" --run {os.path.relpath(args.out)}"
+    run = "" if os.path.abspath(out) == DEMO_RUN else f" --run {os.path.relpath(out)}"
     log(f"try: python tinygptv.py --image {os.path.relpath(example)}{run} "
         f"--prompt \"[vqa] what color is the {scene.objects[0].shape}?\"")
 
@@ -538,6 +493,6 @@ def load_demo(run_dir=DEMO_RUN, stage=None):
         stage = done[0]
     ckpt = os.path.join(run_dir, f"stage{stage}.safetensors")
     backbones = os.path.join(run_dir, "backbones")
-    model, stage = tg.from_pretrained(os.path.join(backbones, "phi2"), os.path.join(backbones, "vit"),
-                                      os.path.join(backbones, "qformer"), ckpt)
+    model, stage = load_model(os.path.join(backbones, "phi2"), os.path.join(backbones, "vit"),
+                              os.path.join(backbones, "qformer"), ckpt)
     return model, tg.load_tokenizer(backbones), stage

@@ -49,28 +49,28 @@ The files, as each benchmark releases them:
       python -c "import json, pickle; json.dump(pickle.load(open('refs(unc).p', 'rb')), open('refs.json', 'w'))"
   Every sentence is scored, one score per split but train (or only --split), as eval_ref.py scores
   val, testA and testB;
-- ours, --task vqa | refer | caption: any file data.load_dataset reads, scored as the demo's table
-  is (exact match; IoU >= 0.5 of the 0-100 box) with a blank image as the baseline column;
-  `evaluate_samples` does the same for train.py --eval-data.
+- ours, --task vqa | refer | caption | describe | identify: any file data.load_dataset reads, scored
+  as the demo's table and train.py --eval-data are, by scoring.py, with a blank image as the
+  baseline column.
 
 A missing or unreadable image skips its record, counted and printed; a record without a field it
 needs is a one-line error naming the file and the record.
 """
 
 import argparse
-import json
 import os
 import re
-import sys
-import time
 from collections import Counter
 
 import torch
 
 import data
+import scoring
 import tinygptv as tg
-from checkpoints import write_atomically, write_json
-from int8 import quantize_int8
+from checkpoints import read_json, write_atomically, write_json
+from cli import ArgumentParser, add_weight_options, at_least, device_option, load_for_inference, run_cli
+from fastpaths import decoder_for
+from scoring import batches, percent
 
 MAX_NEW_TOKENS = 20  # every dataset's in the official eval_configs/benchmark_evaluation.yaml
 # eval_vqa.py and eval_ref.py wrap each text with prepare_texts in TinyGPT-V's CONV_VISION_minigptv2
@@ -212,41 +212,10 @@ def refcoco_hits(raw, answer, box_xywh, width, height):
     return official, box is not None and data.iou(to_px(box), gt) >= 0.5
 
 
-def percent(values):
-    values = list(values)
-    return 100.0 * sum(values) / len(values)
-
-
 # -----------------------------------------------------------------------------
 # Reading each benchmark's released files into `data.Sample`s: the image path, the benchmark as
-# task, the full instruction as query, the label as answer, and what scoring needs in meta.
-
-def read_json(path, kind=list):
-    """A JSON file holding a `kind` (dict or list), or a .jsonl file as a list of (line number,
-    record); one-line errors naming the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if path.endswith(".jsonl"):
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {n}: bad JSON ({e.msg})") from None
-        return records
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: line {e.lineno}: bad JSON ({e.msg})") from None
-    if not isinstance(obj, kind):
-        expected = "object" if kind is dict else "list"
-        raise ValueError(f"{path}: expected a JSON {expected}, found {type(obj).__name__}")
-    return obj
-
+# task, the full instruction as query, the label as answer, and what scoring needs in meta. A
+# .jsonl file reads as (line number, record) pairs (checkpoints.read_json).
 
 def need(path, where, record, name, types=str):
     if not isinstance(record, dict) or name not in record:
@@ -273,7 +242,7 @@ def read_gqa(path, root, args):
 
 def read_vsr(path, root, args):
     out = []
-    for n, r in read_json(path):
+    for n, r in read_json(path, list):
         image, caption = need(path, f"line {n}", r, "image"), need(path, f"line {n}", r, "caption")
         label = "true" if need(path, f"line {n}", r, "label", int) == 1 else "false"  # as the official code
         image = first_file(root, image, os.path.join("train2017", image), os.path.join("val2017", image))
@@ -283,7 +252,7 @@ def read_vsr(path, root, args):
 
 def read_vizwiz(path, root, args):
     out = []
-    for i, r in enumerate(read_json(path)):
+    for i, r in enumerate(read_json(path, list)):
         where = f"entry [{i}]"
         image, question = need(path, where, r, "image"), need(path, where, r, "question")
         humans = [need(path, where, a, "answer") for a in need(path, where, r, "answers", list)]
@@ -308,7 +277,7 @@ def read_iconqa(path, root, args):
 
 def read_hm(path, root, args):
     out = []
-    for n, r in read_json(path):
+    for n, r in read_json(path, list):
         where = f"line {n}"
         image, text = need(path, where, r, "img"), need(path, where, r, "text")
         label = need(path, where, r, "label", int)
@@ -350,7 +319,7 @@ def read_refcoco(path, root, args):
 
     anns = companion(instances, "COCO's instances format", boxes)
     out = []
-    for i, ref in enumerate(read_json(path)):
+    for i, ref in enumerate(read_json(path, list)):
         where = f"ref [{i}]"
         split, ann_id = need(path, where, ref, "split"), need(path, where, ref, "ann_id", int)
         if split == "train" or (args.split and split != args.split):
@@ -377,24 +346,10 @@ METRICS = {
                "VQA accuracy (VizWiz's own)": lambda r, a, s: vqa_accuracy(a, s.meta["answers"])},
     "okvqa": {"VQA accuracy (official = OK-VQA's own)": lambda r, a, s: vqa_accuracy(a, s.meta["answers"])},
 }
-# our own tasks, named as in the demo's table
-OWN_METRICS = {"vqa": "VQA exact match", "refer": "[refer] IoU >= 0.5", "caption": "caption exact match"}
 
 
 # -----------------------------------------------------------------------------
 # Running the model: the official wrapping, raw greedy text, the loss of each choice, P(yes)
-
-def batches(items, size, what):
-    """Yield items in batches, with a progress line (and ETA) on stderr at most every 10 s."""
-    t0 = last = time.time()
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-        done, now = min(i + size, len(items)), time.time()
-        if done == len(items) or now - last > 10:
-            last, rate = now, done / max(now - t0, 1e-9)
-            print(f"{what}: {done}/{len(items)} | {rate:.1f}/s | ETA {(len(items) - done) / rate:.0f}s",
-                  file=sys.stderr, flush=True)
-
 
 def pixels(model, samples):
     """Every benchmark at stage 4's size (448 px at full size), as the official eval processor."""
@@ -408,7 +363,7 @@ def generate_raw(model, tok, samples, template):
     the answer, and its GQA and VSR scores search that too."""
     examples = [tg.make_example(tok, 4, s.query, template=template) for s in samples]
     out = model.generate_ids(pixels(model, samples), examples, MAX_NEW_TOKENS,
-                             stop_sequences=[[tok.token_to_id(tg.BOS)]])
+                             stop_sequences=[[tok.token_to_id(tg.BOS)]], decoder=decoder_for(model.llama_proj.weight.device))
     return [tok.decode(ids) for ids in out]
 
 
@@ -481,99 +436,36 @@ def run_benchmark(task, model, tok, samples, batch_size, template=OFFICIAL_TEMPL
     return {k: percent(v) for k, v in sorted(hits.items())}, preds
 
 
-def own_hit(answer, sample):
-    """The demo's table: [refer] by IoU >= 0.5 of the first box in 0-100, the rest by exact match."""
-    if sample.task == "refer":
-        return data.iou(data.parse_box(answer) or (0, 0, 0, 0), sample.meta["box"]) >= 0.5
-    return answer.strip().lower() == sample.answer.strip().lower()
-
-
-def evaluate_samples(model, tok, samples, stage, batch_size=64, predictions=None):
-    """Held-out scores of our own samples (data.load_dataset's) as the demo's table scores them:
-    -> {task: {"image": %, "blank": %}} for each of vqa, refer, caption present, the "blank" column
-    with a blank image instead of each sample's own. Other tasks have no metric here and are left
-    out. Per-sample answers are appended to `predictions` if a list is given."""
-    was_training, rows = model.training, {}
-    model.eval()
-    for task in OWN_METRICS:
-        picked = [s for s in samples if s.task == task]
-        if not picked:
-            continue
-        for column in ("image", "blank"):
-            answers = []
-            for b in batches(picked, batch_size, f"{task} ({column})"):
-                images = [data.blank_image(model.image_size(stage)) if column == "blank" else s.image for s in b]
-                answers += model.generate(tok, images, [tg.stage_instruction(stage, s) for s in b], stage=stage,
-                                          max_new_tokens=64 if stage == 3 else 24)  # the demo table's lengths
-            rows.setdefault(task, {})[column] = percent(own_hit(a, s) for a, s in zip(answers, picked))
-            if predictions is not None:
-                predictions += [{"task": task, "column": column, "answer": a, "label": s.answer}
-                                for a, s in zip(answers, picked)]
-    model.train(was_training)
-    skipped = Counter(s.task for s in samples if s.task not in OWN_METRICS)
-    if skipped:
-        print(f"not scored (no metric for these tasks): {dict(skipped)}", flush=True)
-    return rows
-
-
-def print_table(title, scores):
-    """A benchmark's {metric: %}, or our own {task: {"image", "blank"}} in the demo's columns."""
+def print_scores(title, scores):
+    """A benchmark's {metric: %}."""
     print(f"\n{title}")
-    if all(isinstance(v, dict) for v in scores.values()):
-        print(f"  {'metric':26s} {'image':>8s} {'blank img':>10s}")
-        for task, r in scores.items():
-            print(f"  {OWN_METRICS[task]:26s} {r['image']:8.1f} {r['blank']:10.1f}")
-    else:
-        width = max(len(k) for k in scores)
-        for name, v in scores.items():
-            print(f"  {name:{width}s} {v:6.1f}")
+    width = max(len(k) for k in scores)
+    for name, v in scores.items():
+        print(f"  {name:{width}s} {v:6.1f}")
     print(flush=True)
 
 
 # -----------------------------------------------------------------------------
 # Command line
 
-def load_model(args):
-    """The demo run by default, or real weights (--phi2, --blip2, and a --checkpoint of ours)."""
-    if args.phi2 or args.blip2:
-        if not (args.phi2 and args.blip2):
-            raise ValueError("real weights need both --phi2 and --blip2")
-        model, stage = tg.from_pretrained(args.phi2, args.blip2, args.qformer, args.checkpoint, device=args.device)
-        tok = tg.load_tokenizer(args.phi2)
-    elif args.checkpoint:
-        raise ValueError("--checkpoint needs --phi2 and --blip2 (the frozen weights it builds on)")
-    else:
-        import demo  # only here: the metrics above work without the demo
-        model, tok, stage = demo.load_demo(args.run or demo.DEMO_RUN)
-    if args.int8:
-        quantize_int8(model)
-    return model.to(args.device).eval(), tok, max(stage, 1)
-
-
 def main(argv=None):
-    p = tg.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, help=f"one of {', '.join([*READERS, *OWN_METRICS])}")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, help=f"one of {', '.join([*READERS, *scoring.METRICS])}")
     p.add_argument("--data", required=True, help="the benchmark's file (see above), or one of our data files")
     p.add_argument("--images", help="the folder image names are relative to (default: the data file's)")
     p.add_argument("--annotations", help="okvqa: the annotations file; refcoco: instances.json")
     p.add_argument("--split", help="iconqa: the split (default val); refcoco: only this split")
-    p.add_argument("--limit", type=tg.at_least(1), help="score only the first N records")
-    p.add_argument("--batch-size", type=tg.at_least(1), default=16)
+    p.add_argument("--limit", type=at_least(1), help="score only the first N records")
+    p.add_argument("--batch-size", type=at_least(1), default=16)
     p.add_argument("--template", choices=("official", "stage4"), default="official", help="benchmarks: the "
                    "official code's ###Human wrapping, or the [INST] one this project's stage 4 trains on")
     p.add_argument("--out", help="the results JSON (default: eval_TASK.json)")
-    p.add_argument("--run", help="the demo run train.py wrote (default: runs/demo)")
-    p.add_argument("--checkpoint", help="a stage checkpoint (.safetensors) of this project")
-    p.add_argument("--phi2", help="a Phi-2 directory (with tokenizer.json)")
-    p.add_argument("--blip2", help="a BLIP-2 directory or LAVIS safetensors (ViT + Q-Former)")
-    p.add_argument("--qformer", help="the Q-Former, if not in the --blip2 path")
-    p.add_argument("--int8", action="store_true", help="int8 weights for the language model")
-    p.add_argument("--device", type=tg.device_option, default="cuda" if torch.cuda.is_available() else "cpu")
+    add_weight_options(p)
+    p.add_argument("--device", type=device_option, default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     task, root = args.task, args.images or os.path.dirname(os.path.abspath(args.data))
-    if task not in READERS and task not in OWN_METRICS:
-        raise ValueError(f"unknown task '{task}': expected one of {', '.join([*READERS, *OWN_METRICS])}")
+    if task not in READERS and task not in scoring.METRICS:
+        raise ValueError(f"unknown task '{task}': expected one of {', '.join([*READERS, *scoring.METRICS])}")
     skipped = 0  # (our own loaders skip and count bad images themselves)
     if task in READERS:  # a missing or undecodable image is skipped and counted, as in training
         records = READERS[task](args.data, root, args)[:args.limit]
@@ -592,9 +484,10 @@ def main(argv=None):
     if task in READERS:
         template = OFFICIAL_TEMPLATE if args.template == "official" else tg.TEMPLATES[4]
         scores, preds = run_benchmark(task, model, tok, samples, args.batch_size, template)
+        print_scores(f"{task} | {len(samples)} scored, {skipped} skipped | {args.data}", scores)
     else:
-        scores = evaluate_samples(model, tok, samples, stage, args.batch_size, preds)
-    print_table(f"{task} | {len(samples)} scored, {skipped} skipped | {args.data}", scores)
+        scores = scoring.score(model, tok, samples, stage, args.batch_size, preds, progress=True)
+        scoring.print_table(f"{task} | {len(samples)} scored, {skipped} skipped | {args.data}", scores)
     out = args.out or f"eval_{task}.json"
     result = {"task": task, "data": args.data, "scored": len(samples), "skipped": skipped, "stage": stage,
               "weights": args.checkpoint or (args.run or "demo"), "scores": scores, "predictions": preds}
@@ -603,5 +496,9 @@ def main(argv=None):
     return result
 
 
+def load_model(args):
+    return load_for_inference(args)
+
+
 if __name__ == "__main__":
-    tg.run_cli(main)
+    run_cli(main)

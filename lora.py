@@ -115,45 +115,7 @@ def mark_trainable(model: nn.Module, is_trainable):
     return names
 
 
-def mark_only_lora_as_trainable(model: nn.Module):
-    return mark_trainable(model, lambda name: ".lora_" in name or name.startswith("lora_"))
-
-
-def lora_state_dict(model: nn.Module):
-    """Only the adapters: {name.lora_A: (r, in), name.lora_B: (out, r)}."""
-    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
-
-
-def load_lora_state_dict(model: nn.Module, state: dict):
-    """Load adapters strictly: every LoRA tensor of the model must be in `state` with its shape,
-    and `state` may hold nothing else. Errors name the key."""
-    own = lora_state_dict(model)
-    for k in state:
-        if k not in own:
-            raise ValueError(f"unexpected LoRA tensor '{k}' (the model has no such adapter)")
-    for k, t in own.items():
-        if k not in state:
-            raise ValueError(f"missing LoRA tensor '{k}'")
-        if tuple(state[k].shape) != tuple(t.shape):
-            raise ValueError(f"LoRA tensor '{k}' has shape {tuple(state[k].shape)}, expected {tuple(t.shape)}")
-    merged = [m for m in model.modules() if isinstance(m, LoRALinear) and m.merged]
-    for m in merged:  # the merged weight holds the old adapter: take it out before replacing it
-        m.unmerge()
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for k, v in state.items():
-            params[k].copy_(v)
-    for m in merged:
-        m.merge()
-
-
 def merge_lora(model: nn.Module):
     for m in model.modules():
         if isinstance(m, LoRALinear):
             m.merge()
-
-
-def unmerge_lora(model: nn.Module):
-    for m in model.modules():
-        if isinstance(m, LoRALinear):
-            m.unmerge()

@@ -13,9 +13,8 @@ Notable parts, top to bottom:
   `post_layernorm` on the attention branch, each behind a config flag (off = plain Phi-2);
 - `KVCache` and `generate`: greedy or seeded sampling (temperature, top-k, top-p, repetition
   penalty), stop sequences, left-padded batches that decode exactly like single prompts;
-- `StaticKVCache` and `GraphedDecodeStep`: on a GPU each decode step is replayed as a CUDA graph;
-- `from_pretrained` / `save_pretrained`: strict loading of transformers-layout and legacy-fused
-  checkpoints (every missing, unexpected or mis-shaped tensor is an error), tensor by tensor.
+- `from_pretrained`: strict loading of a transformers-layout download (every missing, unexpected
+  or mis-shaped tensor is an error), tensor by tensor. Older layouts are layouts.py's.
 """
 
 import os
@@ -24,9 +23,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
-
-from checkpoints import StrictReader, check_overrides, open_safetensors, read_json, write_atomically, write_json
+from checkpoints import StrictReader, check_overrides, open_safetensors, read_json
 
 
 @dataclass
@@ -159,10 +156,8 @@ class Phi2Attention(nn.Module):
         super().__init__()
         C, self.nh, self.hd = config.hidden_size, config.num_attention_heads, config.head_dim
         # One fused projection, because TinyGPT-V puts LoRA on it. Its weight (3C, C) stacks the rows
-        # [q_proj; k_proj; v_proj] of transformers >= 4.37 checkpoints: q = rows 0:C, k = C:2C,
-        # v = 2C:3C, and inside each, head h owns rows h*hd:(h+1)*hd. The legacy fused layout
-        # (TinyGPT-V, transformers 4.36) runs head by head instead, [h0: q,k,v][h1: q,k,v]...;
-        # `legacy_qkv_to_ours` turns it into this one. The bias follows the same row order.
+        # [q_proj; k_proj; v_proj] of transformers' checkpoints: q = rows 0:C, k = C:2C, v = 2C:3C,
+        # and inside each, head h owns rows h*hd:(h+1)*hd. The bias follows the same row order.
         self.query_key_value = nn.Linear(C, 3 * C)
         self.dense = nn.Linear(C, C)
         if config.qk_layernorm:
@@ -288,7 +283,7 @@ class Phi2(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens=20,
                  temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0, stop_sequences=None, seed=None,
-                 static_cache=None):
+                 decoder=None):
         """Continue each prompt; returns per row only the new token ids, stop sequence removed.
 
         Prompts in a batch are left-padded (attention_mask 0 on the left), so every row's next token
@@ -299,9 +294,9 @@ class Phi2(nn.Module):
         only, not padding) or generated, positive logits are divided by it, negative multiplied.
         seed: each row samples from its own torch.Generator seeded with it (one prompt gives the same
         tokens alone or in any batch); None uses torch's global generator.
-        static_cache: decode with a fixed-size cache, each step replayed as a CUDA graph on a GPU
-        (`GraphedDecodeStep`). None means yes on a GPU outside autocast (graphs and autocast's cast
-        cache do not mix), no elsewhere: on the CPU it gains nothing.
+        decoder: what runs each step after the prompt, decoder(model, token, cache, attention_mask,
+        capacity) -> logits (B, vocab); None is the plain step below (fastpaths.py replays it as a
+        CUDA graph).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -322,9 +317,6 @@ class Phi2(nn.Module):
             cache = KVCache()
             last = self.hidden_states(input_ids, inputs_embeds, attention_mask, kv_cache=cache)[:, -1]  # (B, C)
             logits = self.lm_head(last)  # (B, vocab): the prompt's last position only
-            if static_cache is None:
-                static_cache = x.is_cuda and not torch.is_autocast_enabled("cuda")
-            graphed = None  # made at the first decode step, so a one-token answer skips it
             for step in range(max_new_tokens):
                 token = self._next_token(logits.float(), seen, temperature, top_k, top_p, repetition_penalty,
                                          generators)  # (B,)
@@ -340,15 +332,12 @@ class Phi2(nn.Module):
                             break
                 if all(done) or step == max_new_tokens - 1:
                     break
-                if static_cache:
-                    if graphed is None:  # the prompt's keys and values move into a fixed-size cache
-                        graphed = GraphedDecodeStep(self, cache, attention_mask, T + max_new_tokens)
-                        del cache
-                    logits = graphed(token)  # (B, vocab)
-                else:
-                    attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)  # (B, S + 1)
-                    last = self.hidden_states(token[:, None], attention_mask=attention_mask, kv_cache=cache)[:, -1]  # (B, C)
-                    logits = self.lm_head(last)  # (B, vocab)
+                if decoder is not None:
+                    logits = decoder(self, token, cache, attention_mask, T + max_new_tokens)  # (B, vocab)
+                    continue
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)  # (B, S + 1)
+                last = self.hidden_states(token[:, None], attention_mask=attention_mask, kv_cache=cache)[:, -1]  # (B, C)
+                logits = self.lm_head(last)  # (B, vocab)
         finally:
             self.train(was_training)
         return out
@@ -378,9 +367,9 @@ class Phi2(nn.Module):
     # Checkpoints: transformers names <-> ours (docs/PAPER.md section 8 lists the keys)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device="cpu", convert=None, report=True, **overrides):
-        """Load Phi-2 from a transformers-layout directory (config.json and model.safetensors, or
-        shards with model.safetensors.index.json) or from one .safetensors file, whose config comes
+    def from_pretrained(cls, path, dtype=None, device="cpu", convert=None, report=True, reader=None, **overrides):
+        """Load Phi-2 as transformers saves it: a directory with config.json and model.safetensors (or
+        shards listed in model.safetensors.index.json), or one .safetensors file, whose config comes
         from a config.json beside it if there is one, else from Phi2Config's defaults (the real
         Phi-2 sizes); `overrides` (Phi2Config fields) apply on top of either.
 
@@ -391,8 +380,9 @@ class Phi2(nn.Module):
         dtype: float32 (when None), bfloat16 or float16. The model is built on the meta device and
         each tensor is read, converted and placed on `device` in turn, so no second full copy of
         the weights is ever held. convert(name, module), if given, sees each module as soon as its
-        tensors are read and returns what replaces it (int8.quantizer turns each Linear into int8
-        there, so Phi-2 never exists at full precision: checkpoints.StrictReader.load).
+        tensors are read and returns what replaces it (int8.quantizer: Phi-2 never exists at full
+        precision). reader: a StrictReader that hands out another layout's tensors under these
+        names (layouts.py's); by default the files at `path`.
         """
         dtype = dtype or torch.float32
         if not os.path.exists(path):
@@ -406,21 +396,18 @@ class Phi2(nn.Module):
             raise FileNotFoundError(f"{config_file} not found: a checkpoint directory needs its config.json")
         check_overrides(overrides, Phi2Config)
         config = Phi2Config(**{**file_config, **overrides})
-        reader = StrictReader(open_safetensors(path), path, dtype, device)
+        reader = reader or StrictReader(open_safetensors(path), path, dtype, device)
         with torch.device("meta"):  # shapes only, no memory: the real tensors are assigned below
             model = cls(config)
         fresh = {"qk_layernorm": ("q_layernorm", "k_layernorm"), "post_layernorm": ("post_layernorm",)}
         fresh = {m for flag, mods in fresh.items() if overrides.get(flag) and not file_config.get(flag) for m in mods}
-
         initialized = []
 
         def read(name, p):  # our tensor `name` from the checkpoint
             key = name if name.startswith("lm_head.") else "model." + name  # transformers' PhiModel is .model
-            if "query_key_value" in name and key not in reader:  # transformers >= 4.37: q, k, v apart
+            if "query_key_value" in name:  # transformers keeps q, k and v apart: stack them
                 parts = [key.replace("query_key_value", proj) for proj in ("q_proj", "k_proj", "v_proj")]
                 return torch.cat([reader.take(k, (p.shape[0] // 3, *p.shape[1:])) for k in parts])  # (3C, ...)
-            if "query_key_value" in name:  # legacy fused layout, rows head by head
-                return legacy_qkv_to_ours(reader.take(key, p.shape), config.num_attention_heads)
             if key not in reader and name.split(".")[-2] in fresh:  # a stabilizer new to this checkpoint
                 initialized.append(name)
                 return (torch.ones if name.endswith("weight") else torch.zeros)(p.shape, dtype=dtype, device=device)
@@ -432,134 +419,9 @@ class Phi2(nn.Module):
                   f"{path}; they start at weight 1, bias 0")
         return model
 
-    def save_pretrained(self, directory):
-        """Write config.json (transformers' PhiConfig fields plus our "post_layernorm") and
-        model.safetensors with transformers' names, each atomically. transformers loads the result
-        when post_layernorm is off (it has no such norm); Phi2.from_pretrained always does."""
-        c = self.config
-        config = dict(architectures=["PhiForCausalLM"], model_type="phi", vocab_size=c.vocab_size,
-                      hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                      num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                      num_key_value_heads=c.num_attention_heads, hidden_act="gelu_new",
-                      partial_rotary_factor=c.partial_rotary_factor, rope_theta=c.rope_theta,
-                      layer_norm_eps=c.layer_norm_eps, max_position_embeddings=c.max_position_embeddings,
-                      resid_pdrop=c.resid_pdrop, embd_pdrop=0.0, attention_dropout=0.0,
-                      qk_layernorm=c.qk_layernorm, post_layernorm=c.post_layernorm, rms_norm_eps=c.rms_norm_eps,
-                      bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, tie_word_embeddings=False,
-                      torch_dtype=str(self.lm_head.weight.dtype).removeprefix("torch."))
-        tensors = {}
-        for name, t in self.state_dict().items():
-            key = name if name.startswith("lm_head.") else "model." + name
-            t = t.detach().cpu()
-            if "query_key_value" in name:
-                for proj, part in zip(("q_proj", "k_proj", "v_proj"), t.chunk(3)):
-                    tensors[key.replace("query_key_value", proj)] = part.contiguous()
-            else:
-                tensors[key] = t.contiguous()
-        os.makedirs(directory, exist_ok=True)
-        write_atomically(os.path.join(directory, "model.safetensors"),
-                         lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        write_atomically(os.path.join(directory, "config.json"), lambda tmp: write_json(config, tmp))
-
 
 # -----------------------------------------------------------------------------
-# The GPU decode path: one CUDA graph per decode step
-
-
-class StaticKVCache:
-    """A cache of fixed size, for decode steps replayed as a CUDA graph (`GraphedDecodeStep`).
-
-    A graph replays the same kernels on the same addresses and shapes, so nothing here may grow or
-    move: storage for the whole generation is allocated once, the new key and value go to the slot
-    held in the tensor `slot` (a replay writes wherever it points), and attention always reads all
-    `capacity` slots while the attention mask hides the ones not written yet. Zeros rather than
-    empty memory there: a hidden slot's value is still multiplied by probability 0, and 0 * NaN is NaN."""
-
-    def __init__(self, cache: KVCache, capacity):
-        n = cache.length  # the prompt, from the prefill's ordinary cache
-        self.keys, self.values = [], []
-        for k, v in zip(cache.keys, cache.values):
-            for src, store in ((k, self.keys), (v, self.values)):
-                buf = src.new_zeros(*src.shape[:2], capacity, src.shape[3])  # (B, nh, capacity, hd)
-                buf[:, :, :n] = src[:, :, :n]
-                store.append(buf)
-        self.slot = torch.tensor([n], device=self.keys[0].device)  # where the next token's key goes
-        self.capacity = capacity
-
-    @property
-    def length(self):
-        return self.capacity - 1  # what Phi2.hidden_states sees: one new token, every other slot is "past"
-
-    def update(self, layer, k, v):
-        """Write k, v (B, nh, 1, hd) at `slot`; return all slots (B, nh, capacity, hd)."""
-        if k.shape[2] != 1:
-            raise ValueError("a StaticKVCache takes one token per step; prefill with a KVCache")
-        self.keys[layer].index_copy_(2, self.slot, k)
-        self.values[layer].index_copy_(2, self.slot, v)
-        return self.keys[layer], self.values[layer]
-
-
-class GraphedDecodeStep:
-    """One decode step, token (B,) -> next-token logits (B, vocab), recorded as a CUDA graph.
-
-    Why: a batch-1 decode step of Phi-2 is a few hundred small kernels, and on a GPU launching them
-    one by one from Python takes longer than running them (bench.py section 1). A CUDA graph records
-    the launches once; each replay() issues them all in one call. Every input of the step lives in a
-    buffer that is overwritten in place before a replay: the token, its position, the attention mask
-    over all the cache's slots, and the cache's write slot. Without a GPU the same step runs eagerly,
-    which is how the CPU tests check the fixed-size cache and the mask bookkeeping."""
-
-    def __init__(self, model, cache: KVCache, attention_mask, capacity):
-        B, S = attention_mask.shape
-        self.model, self.cache = model, StaticKVCache(cache, capacity)
-        self.token = attention_mask.new_zeros(B, 1)  # (B, 1)
-        self.mask = attention_mask.new_zeros(B, capacity)  # (B, capacity): 1 = a real, written slot
-        self.mask[:, :S] = attention_mask
-        self.position = attention_mask.sum(-1, keepdim=True) - 1  # (B, 1): real tokens so far, minus 1
-        self.filled = S
-        self.graph = None
-        if attention_mask.is_cuda:
-            # Warm up on a side stream before capturing, as torch.cuda.graphs asks: first calls do
-            # one-time work (cuBLAS handles, workspaces) that must not be recorded. The warm-up writes
-            # slot S, which the first real step overwrites; the mask hides it meanwhile.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._step()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._step()  # (B, vocab), rewritten by every replay
-
-    def _step(self):
-        h = self.model.hidden_states(self.token, attention_mask=self.mask, position_ids=self.position,
-                                     kv_cache=self.cache)  # (B, 1, C)
-        return self.model.lm_head(h[:, -1])  # (B, vocab)
-
-    def __call__(self, token):
-        if self.filled == self.cache.capacity:
-            raise ValueError(f"the decode cache is full ({self.cache.capacity} slots)")
-        self.token.copy_(token[:, None])
-        self.cache.slot.fill_(self.filled)
-        self.mask[:, self.filled] = 1
-        self.position += 1
-        self.filled += 1
-        if self.graph is None:
-            return self._step()
-        self.graph.replay()
-        return self.logits.clone()  # the next replay overwrites the buffer
-
-
-# -----------------------------------------------------------------------------
-# Checkpoint names and configs
-
-
-def legacy_qkv_to_ours(t, num_heads):
-    """Legacy fused query_key_value rows [h0: q,k,v][h1: q,k,v]... (3C, C) or (3C,) -> ours [q; k; v]."""
-    rest = t.shape[1:]
-    t = t.reshape(num_heads, 3, -1, *rest)  # (nh, 3, hd, ...)
-    return t.transpose(0, 1).reshape(-1, *rest)  # (3, nh, hd, ...) -> (3C, ...)
+# The config of a transformers download
 
 
 def config_from_json(file):

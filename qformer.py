@@ -16,32 +16,29 @@ Notable parts, top to bottom:
   delete it, because only the queries go on to the language model. Its tensors, found in LAVIS
   checkpoints, are skipped with a one-line report;
 - no dropout: TinyGPT-V keeps the Q-Former frozen in eval mode, where BERT's dropout is the identity;
-- `from_pretrained` / `save_pretrained`: strict loading of transformers BLIP-2 directories, LAVIS
-  (MiniGPT-4, TinyGPT-V) safetensors files and our own directories, tensor by tensor.
+- `from_pretrained`: strict loading of a transformers BLIP-2 download, tensor by tensor. LAVIS's
+  names (MiniGPT-4's and TinyGPT-V's files) are layouts.py's.
 
-Our names and the two checkpoint layouts (N is the layer; `crossattention` is named as `attention`):
+Our names and transformers' (N is the layer; `crossattention` is named as `attention`):
 
-    ours                      transformers BLIP-2                LAVIS
-    query_tokens              query_tokens                       query_tokens
-    layernorm                 qformer.layernorm                  Qformer.bert.embeddings.LayerNorm
-    layers.N.                 qformer.encoder.layer.N.           Qformer.bert.encoder.layer.N.
-      attention.query           attention.attention.query          attention.self.query     (key, value alike)
-      attention.output.{dense,LayerNorm}, intermediate_query.dense, output_query.{dense,LayerNorm}: same in all
+    ours                      transformers BLIP-2
+    query_tokens              query_tokens
+    layernorm                 qformer.layernorm
+    layers.N.                 qformer.encoder.layer.N.
+      attention.query           attention.attention.query          (key, value alike)
+      attention.output.{dense,LayerNorm}, intermediate_query.dense, output_query.{dense,LayerNorm}: the same
 
-That is: the prefixes differ, and the q/k/v projections sit one module deeper, in `attention`
-(transformers) or `self` (LAVIS). `checkpoint_name` below is this table as code.
+`transformers_key` below is this table as code.
 """
 
 import os
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
-
-from checkpoints import StrictReader, check_overrides, open_safetensors, read_json, write_atomically, write_json
+from checkpoints import StrictReader, check_overrides, open_safetensors, read_json
 
 
 @dataclass
@@ -204,52 +201,38 @@ class QFormer(nn.Module):
         return x
 
     # -------------------------------------------------------------------------
-    # Checkpoints
+    # Loading a transformers BLIP-2 download
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu", **overrides):
-        """Load the Q-Former and its query tokens from
-        (a) a transformers BLIP-2 directory (`Blip2ForConditionalGeneration` or `Blip2Model`
-            `save_pretrained`: config.json and model.safetensors or shards): the config is its
-            `qformer_config` plus `num_query_tokens`; the tensors `qformer.*` and `query_tokens`;
-        (b) a LAVIS-named .safetensors file (`Qformer.bert.*`, `query_tokens`; tinygptv.py's
-            `convert` writes one from a LAVIS / MiniGPT-4 .pth): the config is a config.json beside
-            it if there is one, else BLIP-2's (`QFormerConfig.blip2()`), the only Q-Former LAVIS ships;
-        (c) a directory written by `save_pretrained` (our names, our config.json).
-        `overrides` (QFormerConfig fields) apply on top of the config found.
-
-        Tensors of other parts (vision_model.*, language_model.*, visual_encoder.*, ln_vision.*,
-        llama_proj.*, ...) are ignored: vit.py and the rest read them. Within the Q-Former it is
-        strict: a missing, unexpected or mis-shaped tensor is a ValueError naming it. Only the text
-        branch (see the module docstring) is skipped, and one line says how many tensors that was.
-        dtype: float32 (when None), bfloat16 or float16. The model is built on the meta device and
-        each tensor is read, converted and placed on `device` in turn.
-        """
-        dtype = dtype or torch.float32
+        """Load the Q-Former and its query tokens from a transformers BLIP-2 directory
+        (`Blip2ForConditionalGeneration` or `Blip2Model` saved: config.json and model.safetensors or
+        shards): the config is its `qformer_config` plus `num_query_tokens`, the tensors `qformer.*`
+        and `query_tokens`; `overrides` (QFormerConfig fields) apply on top. Tensors of other parts
+        (vision_model.*, language_model.*) are vit.py's and Phi-2's. dtype: float32 (when None),
+        bfloat16 or float16; each tensor is read, converted and placed on `device` in turn."""
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
-        config_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)),
-                                   "config.json")
-        file_config = {}
-        if os.path.isfile(config_file):
-            file_config = config_from_json(config_file)
-        elif os.path.isdir(path):
+        config_file = os.path.join(path, "config.json")
+        if not os.path.isfile(config_file):
             raise FileNotFoundError(f"{config_file} not found: a checkpoint directory needs its config.json")
         check_overrides(overrides, QFormerConfig)
-        config = QFormerConfig(**{**file_config, **overrides})
+        config = QFormerConfig(**{**config_from_json(config_file), **overrides})
+        tensors = {k: v for k, v in open_safetensors(path).items() if k.startswith(("qformer.", "embeddings.", "query_tokens"))}
+        return cls.load(config, StrictReader(tensors, path, dtype or torch.float32, device), transformers_key,
+                        TEXT_BRANCH, path)
 
-        tensors = open_safetensors(path)  # checkpoint key -> (open file, its path)
-        layout = ("lavis" if any(k.startswith("Qformer.") for k in tensors) else
-                  "transformers" if any(k.startswith("qformer.") for k in tensors) else "ours")
-        if layout != "ours":  # keep the Q-Former's keys; the other parts' are not ours to check
-            prefix = "Qformer." if layout == "lavis" else ("qformer.", "embeddings.")
-            tensors = {k: v for k, v in tensors.items() if k.startswith(prefix) or k == "query_tokens"}
-        text = sorted(k for k in tensors if layout in TEXT_BRANCH and TEXT_BRANCH[layout].match(k))
-        reader = StrictReader({k: v for k, v in tensors.items() if k not in text}, path, dtype, device)
-
+    @classmethod
+    def load(cls, config, reader, key, text_branch, path):
+        """A model of `config` filled from `reader` (a checkpoints.StrictReader), our tensor `name`
+        read as `key(name)`. The text branch (the module docstring; tensors matching `text_branch`)
+        is skipped, and one line says how many tensors that was; anything else left over is refused."""
+        text = [k for k in reader.tensors if text_branch.match(k)]
+        for k in text:
+            del reader.tensors[k]
         with torch.device("meta"):  # shapes only, no memory: the real tensors are assigned below
             model = cls(config)
-        state = {name: reader.take(checkpoint_name(name, layout), p.shape) for name, p in model.state_dict().items()}
+        state = {name: reader.take(key(name), p.shape) for name, p in model.state_dict().items()}
         reader.finish()
         model.load_state_dict(state, strict=True, assign=True)
         if text:
@@ -257,62 +240,37 @@ class QFormer(nn.Module):
                   f"intermediate/output, LM head); the query path does not use them")
         return model
 
-    def save_pretrained(self, directory):
-        """Write config.json (QFormerConfig's fields, so QFormerConfig(**json) rebuilds it) and
-        model.safetensors with our names, each atomically. QFormer.from_pretrained reads it back."""
-        tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
-        os.makedirs(directory, exist_ok=True)
-        write_atomically(os.path.join(directory, "model.safetensors"),
-                         lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        write_atomically(os.path.join(directory, "config.json"),
-                         lambda tmp: write_json(asdict(self.config), tmp))
+
+# The text branch's tensors in a transformers download: BERT word / position embeddings (written
+# only for use_qformer_text_input, Blip2ForImageTextRetrieval, as `embeddings.*` at the top) and
+# the text FFN of each layer.
+TEXT_BRANCH = re.compile(r"embeddings\.|qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")
 
 
-# Where each layout keeps the Q-Former's norm and layers, and the q/k/v projections' extra level
-LAYOUTS = {
-    "transformers": ("qformer.layernorm", "qformer.encoder.layer.", "attention"),
-    "lavis": ("Qformer.bert.embeddings.LayerNorm", "Qformer.bert.encoder.layer.", "self"),
-}
-
-# The text branch's tensors: BERT word / position embeddings, the text FFN, the LM head. transformers
-# writes them only for use_qformer_text_input (Blip2ForImageTextRetrieval, its `embeddings.*` at the top).
-TEXT_BRANCH = {
-    "transformers": re.compile(r"embeddings\.|qformer\.encoder\.layer\.\d+\.(intermediate|output)\."),
-    "lavis": re.compile(r"Qformer\.(cls\.|bert\.embeddings\.(word_embeddings|position_embeddings|position_ids)"
-                        r"|bert\.encoder\.layer\.\d+\.(intermediate|output)\.)"),
-}
-
-
-def checkpoint_name(name, layout):
-    """Our parameter name -> its key in a "transformers" or "lavis" checkpoint ("ours": unchanged).
-    E.g. layers.2.crossattention.key.weight -> qformer.encoder.layer.2.crossattention.attention.key.weight
-    (transformers), Qformer.bert.encoder.layer.2.crossattention.self.key.weight (LAVIS)."""
-    if layout == "ours" or name == "query_tokens":
+def transformers_key(name):
+    """Our parameter name -> its key in a transformers BLIP-2 checkpoint, e.g.
+    layers.2.crossattention.key.weight -> qformer.encoder.layer.2.crossattention.attention.key.weight."""
+    if name == "query_tokens":
         return name
-    norm, layer, qkv = LAYOUTS[layout]
     if name.startswith("layernorm."):
-        return norm + name[len("layernorm"):]
-    name = re.sub(r"attention\.(query|key|value)\.", rf"attention.{qkv}.\1.", name)  # also crossattention
-    return layer + name[len("layers."):]
+        return "qformer." + name
+    name = re.sub(r"attention\.(query|key|value)\.", r"attention.attention.\1.", name)  # also crossattention
+    return "qformer.encoder.layer." + name[len("layers."):]
 
 
 def config_from_json(file):
-    """QFormerConfig fields from a transformers Blip2Config config.json (its qformer_config plus
-    num_query_tokens) or from one save_pretrained wrote (our fields, flat)."""
+    """QFormerConfig fields from a transformers Blip2Config config.json: its qformer_config plus
+    num_query_tokens (and encoder_hidden_size from vision_config, as Blip2Config sets it)."""
     d = read_json(file)
+    if "qformer_config" not in d and d.get("model_type") != "blip-2":
+        raise ValueError(f"{file}: not a BLIP-2 config (no qformer_config)")
     names = {f.name for f in fields(QFormerConfig)}
-    if "qformer_config" in d or d.get("model_type") == "blip-2":
-        q = d.get("qformer_config") or {}
-        if q.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"{file}: qformer_config hidden_act {q['hidden_act']!r} is not BERT's exact gelu")
-        out = {k: v for k, v in q.items() if k in names}
-        if "encoder_hidden_size" not in out and "hidden_size" in (d.get("vision_config") or {}):
-            out["encoder_hidden_size"] = d["vision_config"]["hidden_size"]  # what Blip2Config sets it to
-        if "num_query_tokens" in d:
-            out["num_query_tokens"] = d["num_query_tokens"]
-        return out
-    unknown = set(d) - names
-    if unknown:
-        raise ValueError(f"{file}: not a Q-Former config: neither BLIP-2's (no qformer_config) nor a "
-                         f"QFormerConfig (unknown fields: {', '.join(sorted(unknown))})")
-    return d
+    q = d.get("qformer_config") or {}
+    if q.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"{file}: qformer_config hidden_act {q['hidden_act']!r} is not BERT's exact gelu")
+    out = {k: v for k, v in q.items() if k in names}
+    if "encoder_hidden_size" not in out and "hidden_size" in (d.get("vision_config") or {}):
+        out["encoder_hidden_size"] = d["vision_config"]["hidden_size"]  # what Blip2Config sets it to
+    if "num_query_tokens" in d:
+        out["num_query_tokens"] = d["num_query_tokens"]
+    return out

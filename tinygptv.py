@@ -17,22 +17,17 @@ Notable parts of this file, top to bottom:
 - the prompt templates of the four stages and the stage-4 task tags, in one place;
 - image preprocessing (Pillow, bicubic, CLIP mean/std) and the tokenizer (`tokenizers`);
 - `TinyGPTV`: image encoding, splicing image embeddings into the prompt, the loss, generation;
-- checkpoints holding only what trains, and assembly from real Phi-2 / BLIP-2 downloads;
-- conversion of the official TinyGPT-V and LAVIS `.pth` releases to safetensors;
-- `--int8`: the language model in int8 (int8.py);
-- a command line: `python tinygptv.py --image cat.png --prompt "[vqa] what is this?"`.
+- what trains, checkpoints holding only that, and assembly from real Phi-2 / BLIP-2 downloads.
+Its command line, `python tinygptv.py --image cat.png --prompt "[vqa] what is this?"`, is cli.py's.
 
 The names (`visual_encoder`, `qformer`, `llama_proj`, `llama_proj2`, `llama_model`) are the
 official code's, so its checkpoint keys can be held against ours. `llama_model` is Phi-2: the
 official code kept MiniGPT-4's name when it swapped LLaMA for Phi-2.
 """
 
-import argparse
 import json
-import math
 import os
 import re
-import sys
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -44,8 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from checkpoints import write_atomically
-from int8 import quantize_int8, quantizer
+from checkpoints import StrictReader, write_atomically
 from lora import LoRALinear, add_lora
 from phi2 import Phi2, Phi2Config
 from qformer import QFormer, QFormerConfig
@@ -78,8 +72,8 @@ class TinyGPTVConfig:
             # 48 px in 16 px patches: a 3x3 patch grid, one patch per cell of the demo's 3x3 world
             # (stage 4's 96 px is 6x6). Cross-attention in both Q-Former layers, not every other
             # one: with only two layers, one cross-attention left the stand-in tower binding
-            # colours to cells slowly (stage-0 measurements in train.py). 32 queries as in BLIP-2: the
-            # demo's tower says one word of `data.scene_words` per query.
+            # colours to cells slowly (docs/LOG.md). 32 queries as in BLIP-2: the demo's tower says
+            # one word of `demo.scene_words` per query.
             vision=VisionConfig.tiny(image_size=48, patch_size=16, hidden_size=96, num_hidden_layers=4,
                                      num_attention_heads=4, intermediate_size=384),
             qformer=QFormerConfig.tiny(hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -132,6 +126,11 @@ TASK_INSTRUCTIONS = {
     "describe": "{}",
 }
 BOS = "<|endoftext|>"  # Phi-2's bos = eos = 50256; the demo tokenizer has the same token
+
+
+def image_size(base, stage):
+    """Stages 1-3 see the vision config's size (224); stage 4 twice it (448), as in the paper."""
+    return base * (2 if stage == 4 else 1)
 
 
 def instruction_for(task, query):
@@ -266,8 +265,7 @@ class TinyGPTV(nn.Module):
         self.llama_model = Phi2(config.llm)
 
     def image_size(self, stage):
-        """Stages 1-3 see the config's size (224); stage 4 twice it (448), as in the paper."""
-        return self.config.vision.image_size * (2 if stage == 4 else 1)
+        return image_size(self.config.vision.image_size, stage)
 
     def pixels(self, images, stage):
         """PIL images -> (B, 3, H, W) at the stage's size, on the model's device and in its dtype."""
@@ -301,14 +299,13 @@ class TinyGPTV(nn.Module):
         """Build the LLM input for a batch.
 
         image_embeds: (B, n_query, C) after the projections; examples: B `Example`s.
-        Returns inputs_embeds (B, T, C), attention_mask (B, T), labels (B, T) (-100 but on answers),
-        and image_start (B,), the position of each row's first image embedding.
+        Returns inputs_embeds (B, T, C), attention_mask (B, T) and labels (B, T) (-100 but on answers).
         Rows are right-padded for training and left-padded for generation, so that every row's
         last prompt token sits at the same position when decoding starts.
         """
         embed = self.llama_model.embed_tokens
         device, n_img = image_embeds.device, image_embeds.shape[1]
-        rows, labels, starts = [], [], []
+        rows, labels = [], []
         for img, ex in zip(image_embeds, examples):
             ids = torch.tensor(ex.before + ex.after + ex.answer, dtype=torch.long, device=device)
             tok = embed(ids).to(img.dtype)  # (L, C)
@@ -318,20 +315,16 @@ class TinyGPTV(nn.Module):
             if ex.answer:
                 lab[-len(ex.answer):] = ids[-len(ex.answer):]
             labels.append(lab)
-            starts.append(nb)
         T = max(r.shape[0] for r in rows)
         B, C = len(rows), image_embeds.shape[-1]
         inputs = image_embeds.new_zeros(B, T, C)
         mask = torch.zeros(B, T, dtype=torch.long, device=device)
         lab_out = torch.full((B, T), -100, dtype=torch.long, device=device)
-        image_start = torch.tensor(starts, device=device)
         for i, (r, lab) in enumerate(zip(rows, labels)):
             L = r.shape[0]
             sl = slice(T - L, T) if pad_left else slice(0, L)
             inputs[i, sl], mask[i, sl], lab_out[i, sl] = r, 1, lab
-            if pad_left:
-                image_start[i] += T - L
-        return inputs, mask, lab_out, image_start
+        return inputs, mask, lab_out
 
     def forward(self, examples, pixel_values=None, queries=None):
         """Training forward: returns (logits (N, V), targets (N,)) for the N positions whose next
@@ -340,7 +333,7 @@ class TinyGPTV(nn.Module):
         changes)."""
         if queries is None:
             queries = self.encode_queries(pixel_values)
-        inputs, mask, labels, _ = self.assemble(self.project(queries), examples)
+        inputs, mask, labels = self.assemble(self.project(queries), examples)
         hidden = self.llama_model.hidden_states(inputs_embeds=inputs, attention_mask=mask)  # (B, T, C)
         return answer_logits(self.llama_model.lm_head, hidden, labels)
 
@@ -359,7 +352,7 @@ class TinyGPTV(nn.Module):
     def generate_ids(self, pixel_values, examples, max_new_tokens, stop_sequences, **sampling):
         """The token ids Phi-2 writes after each example's prompt, its image spliced in: image ->
         queries -> projections -> prompt, then Phi2.generate. One list per example."""
-        inputs, mask, _, _ = self.assemble(self.project(self.encode_queries(pixel_values)), examples, pad_left=True)
+        inputs, mask, _ = self.assemble(self.project(self.encode_queries(pixel_values)), examples, pad_left=True)
         limit = self.config.llm.max_position_embeddings
         if inputs.shape[1] + max_new_tokens > limit:
             raise ValueError(f"the prompt is {inputs.shape[1]} tokens with the image; with {max_new_tokens} new tokens "
@@ -397,15 +390,6 @@ def is_trainable(name):
             or (name.startswith("llama_model.") and name.endswith(NORM_WEIGHTS)))
 
 
-def warmup_cosine(step, steps, peak, warmup, end=0.0, start=0.0):
-    """The learning rate at `step`: linear warm-up from `start` to `peak`, then a cosine from `peak`
-    to `end` at `steps`, stepped per iteration as the official configs do (docs/PAPER.md section 7)."""
-    if step < warmup:
-        return start + (peak - start) * step / warmup
-    t = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * t))
-
-
 def trainable_state_dict(model):
     return {k: v.detach() for k, v in model.state_dict().items() if is_trainable(k)}
 
@@ -431,30 +415,22 @@ def read_checkpoint(path):
     return tensors, meta
 
 
-def check_tensors(expected, tensors, where, optional=()):
-    """Strictness over a set of tensors: every expected name present (but those in `optional`),
-    none unexpected, each with the expected shape and a floating-point dtype. Errors name the tensor."""
-    missing = sorted(set(expected) - set(tensors) - set(optional))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing:
-        raise ValueError(f"{where}: missing key {missing[0]} ({len(missing)} missing)")
-    if unexpected:
-        raise ValueError(f"{where}: unexpected key {unexpected[0]} ({len(unexpected)} unexpected)")
-    for k, v in tensors.items():
-        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
-            raise ValueError(f"{where}: {k} is {getattr(v, 'dtype', type(v).__name__)}, not a floating-point tensor")
-        if v.shape != expected[k].shape:
-            raise ValueError(f"{where}: {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
+def load_trained(model, tensors, where, fresh_lora=False):
+    """Strictly load what trains ({name: tensor}, as trainable_state_dict gives) into `model`: every
+    trained tensor of the model present with its shape, nothing else. fresh_lora: a file without
+    LoRA leaves the model's adapters as they start (stage 2 starts from stage 1's file, B = 0)."""
+    keep_fresh = fresh_lora and not any(".lora_" in k for k in tensors)
+    reader = StrictReader(tensors, where)
+    state = {k: reader.take(k, v.shape) for k, v in trainable_state_dict(model).items()
+             if not (keep_fresh and ".lora_" in k)}
+    reader.finish()
+    model.load_state_dict(state, strict=False)  # strictness checked above, over the trained subset
 
 
 def load_checkpoint(model, path):
-    """Strictly load a stage checkpoint into `model`. A stage-1 file (no LoRA) into a model with fresh
-    LoRA is allowed: stage 2 starts its adapters from zero. Every other difference is an error."""
+    """Strictly load a stage checkpoint into `model`; a stage-1 file into a model with fresh LoRA too."""
     tensors, meta = read_checkpoint(path)
-    expected = trainable_state_dict(model)
-    file_has_lora = any(".lora_" in k for k in tensors)
-    check_tensors(expected, tensors, path, optional=() if file_has_lora else [k for k in expected if ".lora_" in k])
-    model.load_state_dict(tensors, strict=False)  # strictness checked above, over the trained subset
+    load_trained(model, tensors, path, fresh_lora=True)
     return meta
 
 
@@ -473,341 +449,43 @@ def config_from_checkpoint(path):
         raise ValueError(f"{path}: its config metadata is not a TinyGPT-V config ({type(e).__name__}: {e})") from None
 
 
-def from_pretrained(phi2_path, vit_path, qformer_path=None, checkpoint=None, dtype=None, device="cpu",
-                    proj_dim=TinyGPTVConfig.proj_dim, int8=False, report=True):
-    """Assemble TinyGPT-V from what a user can download: a Phi-2 directory, a BLIP-2 directory
-    (ViT, ln_vision, Q-Former, query tokens; pass it as `vit_path`, the Q-Former is read from the
-    same place unless `qformer_path` says otherwise) and optionally a stage checkpoint of ours.
-    proj_dim is llama_proj's width for new projections (the paper's 4096; the demo's tiny
-    backbones take `TinyGPTVConfig.tiny().proj_dim`); a checkpoint's own config overrides it.
+# -----------------------------------------------------------------------------
+# Assembly from the downloads: Phi-2 and BLIP-2 as transformers saves them
 
-    int8: Phi-2's Linear layers become Int8Linear while they load, one at a time, with the
-    checkpoint's LoRA merged into each first (int8.quantizer), so Phi-2 never exists at full
-    precision: the same weights as quantize_int8 after loading, without the 11 GB float32 copy.
-    Everything else loads in `dtype`. report=False: the caller loads a stage checkpoint itself, so
-    Phi-2's new stabilizer norms need no word that they start at 1 and 0."""
-    stage, ck_tensors, lora, scaling = 0, {}, {}, 1.0
+
+def from_pretrained(phi2_path, blip2_path, checkpoint=None, dtype=None, device="cpu"):
+    """TinyGPT-V from a `microsoft/phi-2` directory, a `Salesforce/blip2-*` directory (ViT, ln_vision,
+    Q-Former, query tokens) and optionally a stage checkpoint of ours. -> (model, its stage or 0).
+    Phi-2 gets TinyGPT-V's stabilizer norms, which start at weight 1, bias 0 until a checkpoint
+    brings them trained (so only without one are they reported). dtype: float32 when None."""
+    llm = Phi2.from_pretrained(phi2_path, dtype=dtype, device=device, qk_layernorm=True, post_layernorm=True,
+                               report=checkpoint is None)
+    visual_encoder = VisionTransformer.from_pretrained(blip2_path, dtype=dtype, device=device)
+    qformer = QFormer.from_pretrained(blip2_path, dtype=dtype, device=device)
+    return build(visual_encoder, qformer, llm, checkpoint, dtype=dtype, device=device)
+
+
+def build(visual_encoder, qformer, llm, checkpoint=None, proj_dim=TinyGPTVConfig.proj_dim, dtype=None, device="cpu"):
+    """The model around loaded backbones: new projections (llama_proj `proj_dim` wide: the paper's
+    4096), or a stage checkpoint's, with its LoRA from stage 2 on. -> (model in eval mode, the
+    checkpoint's stage or 0)."""
+    stage, config = 0, TinyGPTVConfig(vision=visual_encoder.config, qformer=qformer.config, llm=llm.config,
+                                      proj_dim=proj_dim)
     if checkpoint is not None:
         ck_config, stage = config_from_checkpoint(checkpoint)
-        if int8:
-            ck_tensors, _ = read_checkpoint(checkpoint)
-            lora = {k.removeprefix("llama_model."): v for k, v in ck_tensors.items() if ".lora_" in k}
-            scaling = ck_config.lora_alpha / ck_config.lora_r
-    convert = quantizer(lora, scaling) if int8 else None
-    # a stage checkpoint holds the stabilizer norm weights trained (every stage trains them, checked below):
-    # Phi-2's report that they start at 1 and 0 would then mislead
-    llm = Phi2.from_pretrained(phi2_path, dtype=dtype, device=device, convert=convert, qk_layernorm=True,
-                               post_layernorm=True, report=report and checkpoint is None)
-    visual_encoder = VisionTransformer.from_pretrained(vit_path, dtype=dtype, device=device)
-    qformer = QFormer.from_pretrained(qformer_path or vit_path, dtype=dtype, device=device)
-    config = TinyGPTVConfig(vision=visual_encoder.config, qformer=qformer.config, llm=llm.config, proj_dim=proj_dim)
-    if checkpoint is not None:
         config.proj_dim, config.lora_r, config.lora_alpha = ck_config.proj_dim, ck_config.lora_r, ck_config.lora_alpha
-    with torch.device("meta"):  # the big parts come from the downloads: build only the shell
+    with torch.device("meta"):  # the big parts are loaded already: build only the shell
         model = TinyGPTV(config)
-        if checkpoint is not None and stage >= 2:
-            model.add_lora()
-        expected = trainable_state_dict(model)  # what a checkpoint of this stage holds
     model.visual_encoder, model.qformer, model.llama_model = visual_encoder, qformer, llm
     model.llama_proj = nn.Linear(config.qformer.hidden_size, config.proj_dim, device=device, dtype=dtype)
     model.llama_proj2 = nn.Linear(config.proj_dim, config.llm.hidden_size, device=device, dtype=dtype)
-    if checkpoint is not None and int8:  # as load_checkpoint, but the adapters are already merged in
-        check_tensors(expected, ck_tensors, checkpoint, optional=() if lora else [k for k in expected if ".lora_" in k])
-        model.load_state_dict({k: v for k, v in ck_tensors.items() if ".lora_" not in k}, strict=False)
-    elif checkpoint is not None:
+    if checkpoint is not None:
         if stage >= 2:
             model.add_lora()
         load_checkpoint(model, checkpoint)
     return model.eval(), stage
 
 
-# -----------------------------------------------------------------------------
-# Converting the official releases (torch .pth pickles) to safetensors, never unpickling code
-
-OFFICIAL_PREFIX = "llama_model.base_model.model.model."  # peft wrapper + PhiForCausalLM's .model
-
-
-def _torch_load(path):
-    """A .pth's state dict, read with weights_only (tensors and plain containers, never code)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file" + (" (a directory)" if os.path.isdir(path) else ""))
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    if magic not in (b"PK", b"\x80\x02"):  # torch.save's zip archive, or the legacy pickle protocol 2
-        raise ValueError(f"{path}: not a torch .pth file (is the order `convert SOURCE... DESTINATION`?)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch's own message suggests weights_only=False: never relay that advice
-        why = "it holds objects other than tensors and plain containers" if "weights_only" in str(e) \
-            else str(e).splitlines()[0]
-        raise ValueError(f"{path}: refused: {why} (this project never unpickles code)") from None
-    sd = obj.get("model", obj) if isinstance(obj, dict) else obj
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: holds a {type(sd).__name__}, not a state dict (a dict of tensors)")
-    for k, v in sd.items():
-        if not isinstance(k, str):
-            raise ValueError(f"{path}: key {k!r} is not a tensor name")
-        if not isinstance(v, torch.Tensor):
-            raise ValueError(f"{path}: '{k}' holds a {type(v).__name__}, not a tensor")
-    return sd
-
-
-def convert_official_stage(state_dict, num_heads):
-    """Official TinyGPT-V stage state dict -> our names. Returns (converted, unknown keys).
-
-    The official Phi-2 fuses q, k, v in one `query_key_value` whose output rows run head by head,
-    [h0: q k v][h1: q k v]...; ours are [q (all heads); k; v]. LoRA's B (out, r) indexes output
-    rows, so it is permuted the same way; A (r, in) indexes input columns and is unchanged.
-    """
-    out, unknown = {}, []
-    for k, v in state_dict.items():
-        if k.startswith(("llama_proj.", "llama_proj2.")):
-            out[k] = v
-            continue
-        if not k.startswith(OFFICIAL_PREFIX):
-            unknown.append(k)
-            continue
-        name = "llama_model." + k[len(OFFICIAL_PREFIX):]
-        m = re.fullmatch(r"(.*\.(?:query_key_value|dense))\.lora_([AB])\.weight", name)
-        if m:
-            if name.endswith("query_key_value.lora_B.weight"):
-                if v.dim() != 2 or v.shape[0] % (3 * num_heads):
-                    raise ValueError(f"{k}: shape {tuple(v.shape)} is not (3 x {num_heads} heads x head_dim, r): "
-                                     "check --num-heads")
-                r = v.shape[1]
-                v = v.reshape(num_heads, 3, -1, r).transpose(0, 1).reshape(-1, r)  # (3*H*hd, r)
-            out[f"{m.group(1)}.lora_{m.group(2)}"] = v
-        elif name.endswith(NORM_WEIGHTS):
-            out[name] = v
-        else:
-            unknown.append(k)
-    return out, unknown
-
-
-def convert_lavis(state_dict):
-    """LAVIS EVA / BLIP-2 pickles -> the LAVIS names vit.py and qformer.py read from safetensors.
-    A raw `eva_vit_g.pth` has no `visual_encoder.` prefix; it gets one."""
-    out, unknown = {}, []
-    ours = ("visual_encoder.", "ln_vision.", "Qformer.", "query_tokens")
-    eva = ("cls_token", "pos_embed", "patch_embed.", "blocks.")
-    for k, v in state_dict.items():
-        if k.startswith(ours):
-            out[k] = v
-        elif k.startswith(eva):
-            out["visual_encoder." + k] = v
-        else:
-            unknown.append(k)
-    return out, unknown
-
-
-def official_config(tensors, stage):
-    """The config a converted official stage checkpoint carries, so that `--checkpoint` can use it:
-    the paper's model, with the projection width and LoRA rank read from the tensors (LoRA's alpha
-    is not in the file: the official 16, docs/PAPER.md section 5)."""
-    config = TinyGPTVConfig.full()
-    if "llama_proj.weight" in tensors:
-        config.proj_dim = tensors["llama_proj.weight"].shape[0]  # (proj_dim, 768)
-    ranks = {v.shape[0] for k, v in tensors.items() if k.endswith(".lora_A")}  # (r, in)
-    if len(ranks) > 1:
-        raise ValueError(f"LoRA ranks differ between layers: {sorted(ranks)}")
-    if ranks:
-        config.lora_r = ranks.pop()
-    elif stage >= 2:
-        raise ValueError(f"a stage-{stage} checkpoint must hold LoRA adapters; this one has none")
-    return config
-
-
-def convert(sources, dst, num_heads=32, stage=None, force=False):
-    """Official .pth files -> one safetensors file. A TinyGPT-V stage checkpoint becomes a stage
-    checkpoint of ours, with its config; EVA and BLIP-2 pickles (e.g. `eva_vit_g.pth` for the ViT
-    and a BLIP-2 `.pth` for ln_vision and the Q-Former) merge into one file that `--blip2` reads."""
-    sources = [sources] if isinstance(sources, str) else sources
-    if num_heads < 1:
-        raise ValueError(f"--num-heads {num_heads}: must be at least 1")
-    if os.path.isdir(dst):
-        raise ValueError(f"{dst}: is a directory; give the file to write")
-    folder = os.path.dirname(os.path.abspath(dst))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: no such directory for {os.path.basename(dst)}")
-    state_dicts = [_torch_load(src) for src in sources]  # first: a swapped pair is named as such
-    if os.path.exists(dst) and not force:
-        raise ValueError(f"{dst} exists; pass --force to replace it")
-    out, unknown, official = {}, [], False
-    for src, sd in zip(sources, state_dicts):
-        if any(k.startswith((OFFICIAL_PREFIX, "llama_proj")) for k in sd):
-            part, skipped = convert_official_stage(sd, num_heads)
-            official = True
-        else:
-            part, skipped = convert_lavis(sd)
-        twice = sorted(set(part) & set(out))
-        if twice:
-            raise ValueError(f"{src}: '{twice[0]}' is also in an earlier source")
-        out.update(part)
-        unknown += skipped
-    if not out:
-        raise ValueError(f"{', '.join(sources)}: no TinyGPT-V, EVA or BLIP-2 weights found")
-    if official and len(sources) > 1:
-        raise ValueError("a TinyGPT-V stage checkpoint converts on its own, not merged with other files")
-    meta = {"converted_from": ", ".join(os.path.basename(s) for s in sources)}
-    if official:
-        if stage is None:
-            m = re.search(r"stage[_-]?(\d)", os.path.basename(sources[0]), re.I)
-            if m is None:
-                raise ValueError(f"{sources[0]}: the file name does not say its stage; pass --stage 1-4")
-            stage = int(m.group(1))
-        if stage not in (1, 2, 3, 4):
-            raise ValueError(f"stage {stage}: expected 1, 2, 3 or 4")
-        meta.update(config=json.dumps(official_config(out, stage).to_dict()), stage=str(stage))
-    if unknown:  # reported, never dropped silently
-        print(f"convert: {len(unknown)} keys not used: {', '.join(unknown[:8])}" + (" ..." if len(unknown) > 8 else ""))
-    try:
-        write_atomically(dst, lambda tmp: save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata=meta))
-    except SafetensorError as e:  # safetensors reports a failed write (read-only, full disk) in its own type
-        raise ValueError(f"{dst}: cannot write ({e})") from None
-    print(f"convert: wrote {len(out)} tensors to {dst}" + (f" (a stage-{stage} checkpoint)" if official else ""))
-    return out, unknown
-
-
-# -----------------------------------------------------------------------------
-# Command line
-
-def count_parameters(config):
-    with torch.device("meta"):
-        model = TinyGPTV(config)  # meta tensors: shapes only, no memory
-        model.add_lora()
-    parts = {"visual_encoder (ViT + ln_vision)": model.visual_encoder, "qformer (+ query_tokens)": model.qformer,
-             "llama_proj + llama_proj2": nn.ModuleList([model.llama_proj, model.llama_proj2]),
-             "llama_model (Phi-2 + stabilizers + LoRA)": model.llama_model}
-    rows = [(k, sum(p.numel() for p in m.parameters())) for k, m in parts.items()]
-    lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
-    trainable = sum(p.numel() for n, p in model.named_parameters() if is_trainable(n))
-    rows += [("  of which LoRA", lora), ("total", sum(p.numel() for p in model.parameters())),
-             ("trainable in stages 2-4", trainable)]
-    return rows
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad option is a one-line `error: ...` like every other expected failure."""
-
-    def error(self, message):
-        raise ValueError(message)
-
-
-def at_least(low, kind=int):
-    """An argparse type: a number >= low (a finite one, for floats)."""
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        if not math.isfinite(v) or v < low:
-            raise argparse.ArgumentTypeError(f"{text} must be at least {low}")
-        return v
-    return parse
-
-
-def probability(text):
-    """An argparse type for top-p: a number in (0, 1]."""
-    v = at_least(0.0, float)(text)
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
-    return v
-
-
-def device_option(text):
-    """An argparse type: a torch device this machine has."""
-    if text.startswith("cuda") and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device; use cpu")
-    try:
-        return str(torch.device(text))
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)") from None
-
-
-def run_cli(main, interrupted="interrupted"):
-    """Run an entry point: an expected failure (bad input, a missing or unreadable file, a full
-    disk) is one line on stderr and exit code 2, Ctrl-C one line and 130. A bug still shows its
-    traceback."""
-    try:
-        main()
-    except KeyboardInterrupt:
-        print(f"\n{interrupted}", file=sys.stderr)
-        sys.exit(130)
-    except (ValueError, OSError) as e:  # FileNotFoundError and PermissionError are OSErrors
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        sys.exit(2)
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["convert"]:
-        p = ArgumentParser(prog="tinygptv.py convert", description="Convert official .pth files (a TinyGPT-V "
-                           "stage; LAVIS EVA and BLIP-2, merged into one) to safetensors")
-        p.add_argument("sources", nargs="+", metavar="SOURCE", help="one or more .pth files")
-        p.add_argument("dst", metavar="DESTINATION", help="the .safetensors file to write")
-        p.add_argument("--num-heads", type=at_least(1), default=32, help="Phi-2's heads, to un-interleave the fused qkv")
-        p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), help="a TinyGPT-V checkpoint's stage, if its "
-                       "file name does not say it")
-        p.add_argument("--force", action="store_true", help="replace DESTINATION if it exists")
-        a = p.parse_args(argv[1:])
-        convert(a.sources, a.dst, a.num_heads, stage=a.stage, force=a.force)
-        return
-    if argv[:1] == ["params"]:
-        for name, n in count_parameters(TinyGPTVConfig.full()):
-            print(f"{name:45s} {n:>15,d}")
-        return
-    p = ArgumentParser(description="Ask TinyGPT-V about an image. Without weight options it "
-                       "answers from the demo that `python train.py` trains.")
-    p.add_argument("--image", required=True)
-    p.add_argument("--prompt", required=True, help='e.g. "[vqa] what color is the circle" or "[refer] the red square"')
-    p.add_argument("--checkpoint", help="a stage checkpoint (.safetensors) of this project, or a converted official one")
-    p.add_argument("--run", help="the demo run directory train.py wrote (default: runs/demo)")
-    p.add_argument("--phi2", help="a Phi-2 directory (transformers layout, with tokenizer.json)")
-    p.add_argument("--blip2", help="a BLIP-2 directory or LAVIS safetensors (ViT + Q-Former)")
-    p.add_argument("--qformer", help="the Q-Former, if not in the --blip2 path")
-    p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), help="prompt template (default: the checkpoint's stage)")
-    p.add_argument("--int8", action="store_true", help="int8 weights for the language model")
-    p.add_argument("--device", type=device_option, default="cpu")
-    p.add_argument("--max-new-tokens", type=at_least(1), default=40)
-    p.add_argument("--temperature", type=at_least(0.0, float), default=0.0, help="0 (the default) is greedy")
-    p.add_argument("--top-p", type=probability, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    if not a.prompt.strip():
-        raise ValueError('--prompt is empty: ask something, e.g. --prompt "[vqa] what color is the circle"')
-    if a.phi2 or a.blip2:
-        if not (a.phi2 and a.blip2):
-            raise ValueError("real weights need both --phi2 and --blip2")
-        if not a.checkpoint:  # the projections would be random: every answer garbage
-            raise ValueError("--phi2/--blip2 need --checkpoint too: without a trained stage checkpoint (ours, or an "
-                             "official one converted with `tinygptv.py convert`) the projections are untrained")
-        # --int8: Phi-2 is quantized layer by layer as it loads and the rest is read in bf16 (the
-        # official code runs the ViT in fp16): about 5 GB in all, where float32 would need 15 GB.
-        # A CPU without fast bf16 matmuls computes the ViT's blocks in float32 (vit.CPU_BF16_MATMUL).
-        model, stage = from_pretrained(a.phi2, a.blip2, a.qformer, checkpoint=a.checkpoint, int8=a.int8,
-                                       dtype=torch.bfloat16 if a.int8 else None)
-        tok = load_tokenizer(a.phi2)
-    elif a.checkpoint:
-        raise ValueError("--checkpoint needs --phi2 and --blip2 (the frozen weights it builds on)")
-    else:  # the demo is the default; demo.py builds on this file, so it is imported only here
-        import demo
-        model, tok, stage = demo.load_demo(a.run or demo.DEMO_RUN)
-    if tok.get_vocab_size() > model.config.llm.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens but the language model only "
-                         f"{model.config.llm.vocab_size} embeddings: they do not belong together")
-    if a.max_new_tokens >= model.config.llm.max_position_embeddings:
-        raise ValueError(f"--max-new-tokens {a.max_new_tokens}: the model's context is "
-                         f"{model.config.llm.max_position_embeddings} tokens, prompt and image included")
-    stage = a.stage or max(stage, 1)
-    instruction = parse_user_prompt(a.prompt) if stage >= 3 else ""
-    image = load_image(a.image)
-    if a.int8 and not a.phi2:  # the demo's small model: quantized after it is built
-        quantize_int8(model)
-    model.to(a.device)
-    answer = model.generate(tok, [image], [instruction], stage=stage, max_new_tokens=a.max_new_tokens,
-                            temperature=a.temperature, top_p=a.top_p, seed=a.seed)[0]
-    print(answer)
-
-
-if __name__ == "__main__":
-    run_cli(main)
+if __name__ == "__main__":  # the command line is cli.py's; the model above never imports it
+    import cli
+    cli.run_cli(cli.main)

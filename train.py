@@ -20,8 +20,8 @@ Without --phi2/--blip2 the stages run on the built-in demo, from demo.py's stand
 
 Notable features: AdamW with decay only on >= 2-D tensors, linear warm-up then cosine per step,
 gradient accumulation and clipping, bf16 autocast on CUDA (fp16 + GradScaler where bf16 is
-missing), atomic checkpoints with exact resume (weights, optimizer, step, data order, RNG) that
-refuse to be discarded or mixed up silently, a NaN guard, a progress line, and held-out tables.
+missing), exact resume (weights, optimizer, step, data order, RNG; runs.py keeps it safe), a NaN
+guard, a progress line, and a held-out table after each stage.
 """
 
 import argparse
@@ -36,13 +36,16 @@ import torch.nn as nn
 
 import data
 import demo
+import runs
+import scoring
 import tinygptv as tg
-from checkpoints import read_state, take_lock, write_atomically, write_json
-from eval import evaluate_samples
+from checkpoints import write_atomically, write_json
+from cli import ArgumentParser, at_least, check_real_weights, device_option, run_cli
+from layouts import load_model
 from lora import mark_trainable
 
 # -----------------------------------------------------------------------------
-# The stage table
+# The stage table and the learning-rate schedule
 
 
 @dataclass
@@ -78,13 +81,17 @@ DEMO_STAGES = {
 }
 
 
+def warmup_cosine(step, steps, peak, warmup, end=0.0, start=0.0):
+    """The learning rate at `step`: linear warm-up from `start` to `peak`, then a cosine from `peak`
+    to `end` at `steps`, stepped per iteration as the official configs do (docs/PAPER.md section 7)."""
+    if step < warmup:
+        return start + (peak - start) * step / warmup
+    t = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * t))
+
+
 def lr_at(step, sc: StageConfig):
-    """Linear warm-up from warmup_start_lr to lr, then cosine from lr to min_lr (stepped per iteration)."""
-    return tg.warmup_cosine(step, sc.steps, sc.lr, sc.warmup, end=sc.min_lr, start=sc.warmup_start_lr)
-
-
-# -----------------------------------------------------------------------------
-# Small utilities: process group, atomic saves, errors
+    return warmup_cosine(step, sc.steps, sc.lr, sc.warmup, end=sc.min_lr, start=sc.warmup_start_lr)
 
 
 def world():
@@ -96,16 +103,8 @@ def log(*a):
         print(*a, flush=True)
 
 
-def atomic_torch_save(obj, path):
-    write_atomically(path, lambda tmp: torch.save(obj, tmp))  # an interruption leaves the previous file whole
-
-
-class TrainingError(ValueError):
-    """An expected failure (NaN loss, missing stage): reported in one line by main()."""
-
-
 # -----------------------------------------------------------------------------
-# Building the model for a stage
+# The model and the data of a stage
 
 
 def stage_path(args, stage):
@@ -118,13 +117,10 @@ def build_model(args, stage, report=True):
     resumed or evaluated stage 1 loads them trained); later stages load them trained."""
     report = report and stage == 1
     if args.phi2:
-        model, _ = tg.from_pretrained(args.phi2, args.blip2, args.qformer, report=report)
+        model, _ = load_model(args.phi2, args.blip2, args.qformer, report=report)
         tok = tg.load_tokenizer(args.phi2)
     else:
-        root = os.path.join(args.out, "backbones")
-        model, _ = tg.from_pretrained(os.path.join(root, "phi2"), os.path.join(root, "vit"), os.path.join(root, "qformer"),
-                                      proj_dim=tg.TinyGPTVConfig.tiny().proj_dim, report=report)
-        tok = tg.load_tokenizer(root)
+        model, tok = demo.load_backbones(args.out, report=report)
     if args.stages[stage].lora:
         model.add_lora()
     if stage > 1:  # a stage-1 file has no LoRA: stage 2's adapters then start fresh (B = 0)
@@ -138,15 +134,11 @@ def build_model(args, stage, report=True):
     return model.to(args.device), tok
 
 
-# -----------------------------------------------------------------------------
-# Data for a stage
-
-
 def stage_data(args, stage):
     """The stage's training samples: a user's file via --data, or the demo's."""
     if args.data:
         return data.load_dataset(args.data, args.image_root)
-    return demo.stage_samples(args, stage)
+    return demo.stage_samples(args.split, stage)
 
 
 def batch_indices(step, n, batch_size, seed):
@@ -177,35 +169,34 @@ def encode_all(model, samples, stage, device, batch_size=256):
     """Q-Former outputs of every distinct image, once, since the whole vision tower is frozen:
     (images, n_query, d), and each sample's row in it (N,). Stage 4 asks ~14 questions per scene:
     one row per sample instead would hold 14 copies (0.85 GB at the demo's size)."""
-    size = model.image_size(stage)
     row, images = {}, []
     for s in samples:
         if id(s.image) not in row:
             row[id(s.image)] = len(images)
             images.append(s.image)
-    out = []
-    for i in range(0, len(images), batch_size):
-        px = torch.stack([tg.preprocess(im, size) for im in images[i:i + batch_size]]).to(device)
-        out.append(model.encode_queries(px))  # (b, n_query, d)
+    out = [model.encode_queries(model.pixels(images[i:i + batch_size], stage).to(device))
+           for i in range(0, len(images), batch_size)]  # (b, n_query, d) each
     return torch.cat(out), torch.tensor([row[id(s.image)] for s in samples], device=device)
 
 
-# -----------------------------------------------------------------------------
-# Evaluation: held-out accuracy per task, and the same with a blank image
+def param_groups(model, weight_decay):
+    """Weight decay on matrices only (nanoGPT, BLIP-2): decay pulls a weight toward zero, which
+    regularizes a matrix, but a norm's weight at zero would switch its feature off and a bias has no
+    scale to keep small, so biases and norm weights (1-D) are not decayed."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for n, p in trainable if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def evaluate_stage(args, stage):
-    """`--evaluate N`: the held-out table of stage N's finished checkpoint, nothing trained (300
-    samples per task by default: a score's standard error is then about 3 points)."""
-    path = stage_path(args, stage)
-    if args.data:
-        raise TrainingError(f"--evaluate {stage}: the held-out scenes are the demo's; it does not take --data")
-    if not os.path.isfile(path):
-        raise TrainingError(f"--evaluate {stage}: no checkpoint {path}; train it first: python train.py --stage {stage}")
-    demo.check_held_out(args)
-    model, tok = build_model(args, stage, report=False)
-    tg.load_checkpoint(model, path)
-    demo.print_table(stage, {}, demo.evaluate(model, tok, args, taught=stage))
+def mixed_precision(args):
+    """-> (autocast dtype or None, GradScaler). CUDA: bf16 autocast where the GPU has it, else fp16
+    with a GradScaler (fp16's narrow range underflows small gradients unless the loss is scaled up
+    first); the CPU trains in fp32."""
+    if not args.device.startswith("cuda") or args.amp == "off":
+        return None, torch.amp.GradScaler("cuda", enabled=False)
+    bf16 = args.amp == "bf16" or (args.amp == "auto" and torch.cuda.is_bf16_supported())
+    return (torch.bfloat16, torch.amp.GradScaler("cuda", enabled=False)) if bf16 else \
+        (torch.float16, torch.amp.GradScaler("cuda"))
 
 
 # -----------------------------------------------------------------------------
@@ -219,92 +210,59 @@ def run_settings(args, stage):
             "--batch-size": sc.batch_size}
 
 
-def saved_state(args, stage, path):
-    """The interrupted stage's saved state to continue from, or None to start the stage fresh. A
-    state file is never discarded without --restart, nor a fresh start taken for a resume."""
-    if not os.path.isfile(path):
-        if args.resume:
-            raise TrainingError(f"--resume: nothing to resume for stage {stage} ({path} does not exist); "
-                                "run without --resume")
-        return None
-    if not (args.resume or args.restart):
-        raise TrainingError(f"stage {stage} has an interrupted run's state ({path}): pass --resume to continue it "
-                            "or --restart to start the stage over")
-    return None if args.restart else read_state(path, run_settings(args, stage), args.device)
-
-
-def param_groups(model, weight_decay):
-    """Weight decay on matrices only; biases and norm weights (1-D) are not decayed (nanoGPT, BLIP-2)."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{"params": [p for n, p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for n, p in trainable if p.dim() < 2], "weight_decay": 0.0}]
-
-
 def train_stage(args, stage):
     """Train one stage; returns (the loss of each step run here, whether the stage finished)."""
     sc = args.stages[stage]
     rank, nproc = world()
     if sc.batch_size // nproc < args.grad_accum:
-        raise TrainingError(f"--grad-accum {args.grad_accum}: more micro-batches than the {sc.batch_size // nproc} "
-                            f"samples each of {nproc} process(es) gets per step; lower it or raise --batch-size")
+        raise ValueError(f"--grad-accum {args.grad_accum}: more micro-batches than the {sc.batch_size // nproc} "
+                         f"samples each of {nproc} process(es) gets per step; lower it or raise --batch-size")
     state_path = os.path.join(args.out, f"stage{stage}.state.pt")
-    st = saved_state(args, stage, state_path)
+    st = runs.saved_state(state_path, stage, run_settings(args, stage), args.resume, args.restart, args.device)
     torch.manual_seed(args.seed + stage)
     model, tok = build_model(args, stage, report=st is None)
     samples = stage_data(args, stage)
     if not samples:
-        raise TrainingError(f"stage {stage}: no training samples")
+        raise ValueError(f"stage {stage}: no training samples")
     held_out = data.load_dataset(args.eval_data, args.image_root) if args.eval_data else None  # bad files fail now
     examples = [tg.make_example(tok, stage, tg.stage_instruction(stage, s), s.answer) for s in samples]
     lengths = [len(e.before) + len(e.after) + len(e.answer) for e in examples]  # text tokens
     queries, image_row = encode_all(model, samples, stage, args.device) if args.cache_features else (None, None)
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
-    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"stage {stage} | {len(samples)} samples | training {n_trained:,} parameters in {len(trained)} tensors "
-        f"({'projections, norms, LoRA' if model.has_lora else 'projections, norms'})")
+    log(f"stage {stage} | {len(samples)} samples | training {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
+        f"parameters in {len(trained)} tensors ({'projections, norms, LoRA' if model.has_lora else 'projections, norms'})")
 
     opt = torch.optim.AdamW(param_groups(model, sc.weight_decay), lr=sc.lr, betas=(0.9, 0.999))
-    # CUDA: bf16 autocast where the GPU has it, else fp16 with a GradScaler (fp16's narrow range
-    # underflows small gradients unless the loss is scaled up first); the CPU trains in fp32.
-    use_amp = args.device.startswith("cuda") and args.amp != "off"
-    amp_dtype = torch.bfloat16 if args.amp == "bf16" or (args.amp == "auto" and use_amp and torch.cuda.is_bf16_supported()) \
-        else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    net = model
-    if nproc > 1:  # each rank computes its share of the global batch; DDP all-reduces the gradients
-        net = nn.parallel.DistributedDataParallel(model)
-
+    amp_dtype, scaler = mixed_precision(args)
+    net = nn.parallel.DistributedDataParallel(model) if nproc > 1 else model  # DDP all-reduces the gradients
     step = 0
     if st is not None:
-        tg.check_tensors(tg.trainable_state_dict(model), st["model"], state_path)  # as strict as weights
-        model.load_state_dict(st["model"], strict=False)
+        tg.load_trained(model, st["model"], state_path)  # as strict as loading weights
         try:
             opt.load_state_dict(st["optimizer"])
             scaler.load_state_dict(st["scaler"])
             torch.set_rng_state(st["rng"])  # dropout continues as if never stopped
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise TrainingError(f"{state_path}: its optimizer state does not fit this model ({e}); "
-                                "--restart starts the stage over") from None
+            raise ValueError(f"{state_path}: its optimizer state does not fit this model ({e}); "
+                             "--restart starts the stage over") from None
         step = st["step"]
         log(f"stage {stage} | resumed at step {step} from {state_path}")
 
     def save_state():
         if rank == 0:
-            atomic_torch_save({"model": tg.trainable_state_dict(model), "optimizer": opt.state_dict(),
-                               "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                               "stage_config": asdict(sc), "settings": run_settings(args, stage)}, state_path)
+            runs.save_state(state_path, {"model": tg.trainable_state_dict(model), "optimizer": opt.state_dict(),
+                                         "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "step": step,
+                                         "stage_config": asdict(sc), "settings": run_settings(args, stage)})
 
-    before = {}
-    if args.eval and not args.data and rank == 0:
-        before = demo.previous_evaluation(args, stage) or demo.evaluate(model, tok, args, stage - 1)
+    before = evaluate_before(args, model, tok, stage) if rank == 0 else {}
     model.train()
     t0, done_here, seen, losses = time.time(), 0, 0, []
     while step < sc.steps:
+        # -- one optimizer step: this rank's share of the batch, in micro-batches, then AdamW --
         lr = lr_at(step, sc)
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = batch_indices(step, len(samples), sc.batch_size, args.seed + stage)
-        idx = idx[rank::nproc]  # this rank's share
+        idx = batch_indices(step, len(samples), sc.batch_size, args.seed + stage)[rank::nproc]
         n_answer = torch.tensor(float(sum(len(examples[i].answer) for i in idx)))
         if nproc > 1:  # normalize by the whole global batch's answer tokens, as one process would
             dist.all_reduce(n_answer)
@@ -314,32 +272,32 @@ def train_stage(args, stage):
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for m in micro:
-            with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
+            with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
                 if queries is not None:
                     logits, targets = net([examples[i] for i in m], queries=queries[image_row[m]])
                 else:
-                    px = torch.stack([tg.preprocess(samples[i].image, model.image_size(stage)) for i in m]).to(args.device)
+                    px = model.pixels([samples[i].image for i in m], stage).to(args.device)
                     logits, targets = net([examples[i] for i in m], pixel_values=px)
                 # sum over tokens / global count: DDP averages over ranks, so scale by nproc
                 loss = tg.lm_loss(logits, targets, reduction="sum") / n_answer * nproc
             scaler.scale(loss).backward()
             total += loss.item() / nproc
         if not math.isfinite(total):
-            raise TrainingError(f"stage {stage}: loss is {total} at step {step}; stopped without saving, the "
-                                f"last good checkpoint ({state_path if os.path.isfile(state_path) else 'none yet'}) is intact")
+            raise ValueError(f"stage {stage}: loss is {total} at step {step}; stopped without saving, the "
+                             f"last good checkpoint ({state_path if os.path.isfile(state_path) else 'none yet'}) is intact")
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], sc.grad_clip)
         scaler.step(opt)
         scaler.update()
-        losses.append(total)
         step += 1
+        # -- the step's bookkeeping --
+        losses.append(total)
         done_here += 1
         seen += len(idx) * nproc
         if step % args.log_every == 0 or step == sc.steps:
             dt = time.time() - t0
-            eta = dt / done_here * (sc.steps - step)
             log(f"stage {stage} | step {step:5d}/{sc.steps} | loss {total:.4f} | lr {lr:.2e} | "
-                f"{seen / dt:.1f} samples/s | ETA {eta:.0f}s")
+                f"{seen / dt:.1f} samples/s | ETA {dt / done_here * (sc.steps - step):.0f}s")
         if step % args.ckpt_every == 0 or step == sc.steps:
             save_state()
         if args.stop_after and done_here >= args.stop_after and step < sc.steps:
@@ -349,25 +307,87 @@ def train_stage(args, stage):
     if rank == 0:
         tg.save_checkpoint(model, stage_path(args, stage), stage)
         log(f"stage {stage} | wrote {stage_path(args, stage)}")
-        result = None
-        if held_out is not None:  # the user's held-out split, scored as the demo's table is
-            result = {"after": evaluate_samples(model, tok, held_out, stage), "eval_data": args.eval_data}
-        elif args.eval and not args.data:
-            after = demo.evaluate(model, tok, args, stage)
-            result = {"before": before, "after": after, "eval_set": demo.eval_set(args)}
-        if result is not None:
-            demo.print_table(stage, result.get("before", {}), result["after"])
-            write_atomically(os.path.join(args.out, f"stage{stage}.eval.json"), lambda tmp: write_json(result, tmp))
+        evaluate_after(args, model, tok, stage, before, held_out)
     return losses, True
 
 
 # -----------------------------------------------------------------------------
-# Main
+# The held-out table: before and after a stage, each task with the image and with a blank one
+
+
+def evaluate_before(args, model, tok, stage):
+    """The demo's table of the model a stage starts from: the previous stage's "after" if it was
+    scored on the same held-out samples, or scored now. Nothing for a user's data."""
+    if not args.eval or args.data:
+        return {}
+    eval_set = demo.eval_set(args.split, args.eval_samples)
+    return (demo.previous_evaluation(args.out, stage, eval_set)
+            or demo.evaluate(model, tok, args.split, stage - 1, args.eval_samples))
+
+
+def evaluate_after(args, model, tok, stage, before, held_out):
+    """The finished stage's table, printed and written to stageN.eval.json: on --eval-data's file
+    if given, else the demo's held-out scenes."""
+    if held_out is not None:
+        result = {"after": scoring.score(model, tok, held_out, stage, progress=True), "eval_data": args.eval_data}
+    elif args.eval and not args.data:
+        result = {"before": before, "after": demo.evaluate(model, tok, args.split, stage, args.eval_samples),
+                  "eval_set": demo.eval_set(args.split, args.eval_samples)}
+    else:
+        return
+    scoring.print_table(f"stage {stage} | held-out evaluation (% of test samples)", result["after"],
+                        result.get("before", {}))
+    write_atomically(os.path.join(args.out, f"stage{stage}.eval.json"), lambda tmp: write_json(result, tmp))
+
+
+def evaluate_stage(args, stage):
+    """`--evaluate N`: the held-out table of stage N's finished checkpoint, nothing trained."""
+    path = stage_path(args, stage)
+    if args.data:
+        raise ValueError(f"--evaluate {stage}: the held-out scenes are the demo's; it does not take --data")
+    if not os.path.isfile(path):
+        raise ValueError(f"--evaluate {stage}: no checkpoint {path}; train it first: python train.py --stage {stage}")
+    demo.check_held_out(args.out, args.split)
+    model, tok = build_model(args, stage, report=False)
+    tg.load_checkpoint(model, path)
+    scoring.print_table(f"stage {stage} | held-out evaluation (% of test samples)",
+                        demo.evaluate(model, tok, args.split, stage, args.eval_samples), {})
+
+
+# -----------------------------------------------------------------------------
+# The stages in order, and the command line
+
+
+def train_stages(args):
+    if args.stage == 0:  # regenerate the demo's shipped stand-in backbones
+        return demo.build_backbones(args.split, demo.PRETRAINED, warmup_cosine, args.lm_steps, args.vision_steps,
+                                    args.eval)
+    if not args.phi2 and world()[0] == 0:
+        demo.prepare_backbones(args.out, args.split, warmup_cosine, not args.data, args.eval, args.lm_steps,
+                               args.vision_steps)
+    if dist.is_initialized():
+        dist.barrier()
+    wanted = [args.stage] if args.stage else [1, 2, 3, 4]
+    for stage in range(1, max(wanted) + 1):
+        finished = os.path.isfile(stage_path(args, stage))
+        if finished and (stage not in wanted or not args.stage):
+            log(f"stage {stage} | already finished: {stage_path(args, stage)}")
+            continue
+        if finished and not args.restart:
+            raise ValueError(f"stage {stage} is finished ({stage_path(args, stage)}); --restart trains it again")
+        if stage not in wanted:
+            log(f"stage {stage} | needed by stage {args.stage} and missing: building it first")
+        _, finished = train_stage(args, stage)
+        args.resume = args.restart = False  # they speak of the interrupted stage; the next ones start fresh
+        if not finished:  # stopped early on purpose (--stop-after)
+            return
+    if not args.data and world()[0] == 0:
+        demo.write_example(args.out, args.split)
 
 
 def parse_args(argv=None):
-    count, pos = tg.at_least(1), tg.at_least(0.0, float)
-    p = tg.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    count, pos = at_least(1), at_least(0.0, float)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", type=int, choices=(0, 1, 2, 3, 4), help="run only this stage (default: all; "
                    "0 trains the demo's stand-in backbones again, into demo_backbones/)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted stage from its last step checkpoint")
@@ -391,7 +411,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-samples", type=count, default=300, help="held-out samples per task in each table")
     p.add_argument("--evaluate", type=int, choices=(1, 2, 3, 4), help="only print the held-out table of this "
                    "finished stage's checkpoint (train nothing)")
-    p.add_argument("--device", type=tg.device_option, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_option, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dropout", type=pos, help="set every dropout (Phi-2 residual, LoRA) to this (the demo's "
                    "stages use 0, the paper's the model's own); 0 makes runs with different process counts comparable")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
@@ -402,8 +422,7 @@ def parse_args(argv=None):
     p.add_argument("--lm-steps", type=count, default=2500, help="stage 0: language-model steps")
     p.add_argument("--vision-steps", type=count, default=3000, help="stage 0: vision pretraining steps")
     a = p.parse_args(argv)
-    if (a.phi2 is None) != (a.blip2 is None):
-        p.error("real weights need both --phi2 and --blip2")
+    check_real_weights(a)
     if a.stage == 0 and a.phi2:
         p.error("--stage 0 trains the demo's stand-ins; real runs start from --phi2 and --blip2 instead")
     if a.resume and a.restart:
@@ -413,6 +432,7 @@ def parse_args(argv=None):
     stages = PAPER_STAGES if a.paper else DEMO_STAGES
     a.stages = {k: replace(v, **({"steps": a.steps} if a.steps else {}), **({"batch_size": a.batch_size} if a.batch_size else {}))
                 for k, v in stages.items()}
+    a.split = demo.Split(a.seed, a.demo_train, a.demo_eval)
     a.cache_features = a.data is None  # the demo's images fit in memory; real data is streamed
     return a
 
@@ -425,7 +445,7 @@ def run(args):
     if args.evaluate:
         return evaluate_stage(args, args.evaluate)
     os.makedirs(args.out, exist_ok=True)
-    lock = take_lock(args.out) if world()[0] == 0 else None
+    lock = runs.take_lock(args.out) if world()[0] == 0 else None
     try:
         train_stages(args)
     finally:
@@ -433,35 +453,10 @@ def run(args):
             os.remove(lock)
 
 
-def train_stages(args):
-    if args.stage == 0:  # regenerate the demo's shipped stand-in backbones
-        return demo.build_backbones(args, demo.PRETRAINED)
-    if not args.phi2 and world()[0] == 0:
-        demo.prepare_backbones(args)
-    if dist.is_initialized():
-        dist.barrier()
-    wanted = [args.stage] if args.stage else [1, 2, 3, 4]
-    for stage in range(1, max(wanted) + 1):
-        finished = os.path.isfile(stage_path(args, stage))
-        if finished and (stage not in wanted or not args.stage):
-            log(f"stage {stage} | already finished: {stage_path(args, stage)}")
-            continue
-        if finished and not args.restart:
-            raise TrainingError(f"stage {stage} is finished ({stage_path(args, stage)}); --restart trains it again")
-        if stage not in wanted:
-            log(f"stage {stage} | needed by stage {args.stage} and missing: building it first")
-        _, finished = train_stage(args, stage)
-        args.resume = args.restart = False  # they speak of the interrupted stage; the next ones start fresh
-        if not finished:  # stopped early on purpose (--stop-after)
-            return
-    if not args.data and world()[0] == 0:
-        demo.write_example(args)
-
-
 def main(argv=None):
     try:
-        tg.run_cli(lambda: run(parse_args(argv)),
-                   interrupted="interrupted: finished stages and the last step checkpoint are intact; `--resume` continues")
+        run_cli(lambda: run(parse_args(argv)),
+                interrupted="interrupted: finished stages and the last step checkpoint are intact; `--resume` continues")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

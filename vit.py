@@ -13,38 +13,22 @@ Notable parts, top to bottom:
 - any image size that is a multiple of the patch: the position embedding is resized bicubically
   (224 -> 448 px for TinyGPT-V's stage 4), as transformers' `interpolate_pos_encoding=True` does;
 - 39 blocks, not EVA's 40: BLIP-2 takes the penultimate block's features;
-- a bf16 tower on a CPU without fast bf16 matmuls (AVX2) computes its blocks in float32;
-- `from_pretrained` / `save_pretrained`: strict loading of transformers BLIP-2 directories, LAVIS
-  safetensors and our own directories, tensor by tensor (every missing, unexpected or mis-shaped
-  tensor is an error; the one exception, a 40-block EVA file, says what it does).
+- `from_pretrained`: strict loading of a transformers BLIP-2 download, tensor by tensor (every
+  missing, unexpected or mis-shaped tensor is an error). LAVIS's names are layouts.py's.
 
 Names follow LAVIS (`patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.N.attn.qkv`, `ln_vision`),
-so a LAVIS checkpoint's keys read straight against this code; `TRANSFORMERS_NAMES` maps them to
-transformers' `Blip2VisionModel`, where ln_vision is called `post_layernorm`.
+the names of the official code's checkpoints; `TRANSFORMERS_NAMES` maps them to transformers'
+`Blip2VisionModel`, where ln_vision is called `post_layernorm`.
 """
 
-import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from checkpoints import StrictReader, check_overrides, open_safetensors, read_json, write_atomically, write_json
-
-
-def cpu_bf16_matmul():
-    """Whether torch multiplies bf16 matrices at full speed on this CPU: through oneDNN, which needs
-    AVX-512 (or AMX, or ARM's bf16). Without it (an AVX2 CPU) bf16 matmuls take a slow generic path."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-CPU_BF16_MATMUL = cpu_bf16_matmul()  # decided once, when this file is imported
+from checkpoints import StrictReader, check_overrides, open_safetensors, read_json
 
 
 @dataclass
@@ -204,8 +188,8 @@ class VisionTransformer(nn.Module):
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, D)  # (1, h*w, D), row-major
         return torch.cat([cls_pos, patch_pos.to(cls_pos.dtype)], dim=1)  # (1, 1 + h*w, D)
 
-    def forward(self, pixel_values):
-        """pixel_values (B, 3, H, W) -> features (B, 1 + (H/p)(W/p), D) after ln_vision."""
+    def embed(self, pixel_values):
+        """pixel_values (B, 3, H, W) -> the blocks' input (B, 1 + (H/p)(W/p), D): patches, CLS, positions."""
         p = self.config.patch_size
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}, expected (B, 3, H, W)")
@@ -215,99 +199,52 @@ class VisionTransformer(nn.Module):
                              f"(e.g. to {self.config.image_size}x{self.config.image_size})")
         x = self.patch_embed(pixel_values.to(self.pos_embed.dtype))  # (B, N, D)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, D)
-        x = x + self.position_embedding(H // p, W // p)  # (B, 1 + N, D)
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not CPU_BF16_MATMUL:
-            return self.ln_vision(self.blocks_in_float32(x).to(x.dtype))  # (B, 1 + N, D)
+        return x + self.position_embedding(H // p, W // p)  # (B, 1 + N, D)
+
+    def forward(self, pixel_values):
+        """pixel_values (B, 3, H, W) -> features (B, 1 + (H/p)(W/p), D) after ln_vision."""
+        x = self.embed(pixel_values)  # (B, 1 + N, D)
         for block in self.blocks:
             x = block(x)  # (B, 1 + N, D)
         return self.ln_vision(x)  # (B, 1 + N, D)
 
-    def blocks_in_float32(self, x):
-        """The blocks of a bf16 tower, computed in float32: (B, T, D) -> (B, T, D) float32. The
-        weights stay bf16 in memory (2 GB, not float32's 4) and each block's are widened for its own
-        call only, about 100 MB at a time. On a CPU whose torch has no fast bf16 matmul (AVX2; see
-        CPU_BF16_MATMUL) a 448 px block ran 8x faster this way than in bf16 (docs/LOG.md,
-        2026-12-02, third session)."""
-        x = x.float()
-        for block in self.blocks:
-            weights = {k: v.float() if v.is_floating_point() else v for k, v in block.state_dict().items()}
-            x = torch.func.functional_call(block, weights, (x,))  # (B, T, D)
-        return x
-
     # -------------------------------------------------------------------------
-    # Checkpoints. Three layouts are read:
-    #   transformers BLIP-2 directory: config.json ("vision_config") + safetensors, keys "vision_model.*"
-    #     (the Q-Former, query tokens and language model beside it are left alone);
-    #   LAVIS .safetensors file (tinygptv.py converts LAVIS's .pth): "visual_encoder.*", "ln_vision.*";
-    #   our own directory (save_pretrained): config.json of VisionConfig fields + LAVIS-named tensors.
+    # Loading a transformers BLIP-2 download: config.json ("vision_config") + safetensors, keys
+    # "vision_model.*" (the Q-Former, query tokens and language model beside it are left alone)
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu", **overrides):
-        """Load the ViT and ln_vision from `path` (one of the three layouts above).
-
-        Config: from config.json for directories (transformers' vision_config: ln_vision_eps is its
-        layer_norm_eps, 1e-6), inferred from tensor shapes for a LAVIS file (ln_vision_eps 1e-5,
-        torch's default that LAVIS used; the head count is not in the file: 16 at width 1408 as in
-        EVA ViT-g, otherwise pass num_attention_heads=). `overrides` (VisionConfig fields) apply on top.
-
-        Strict: a missing, unexpected or mis-shaped tensor of the ViT or ln_vision is a ValueError
-        naming it. The one exception: a LAVIS file with 40 blocks (the released EVA ViT-g) loads
-        blocks 0-38 and ignores block 39, as BLIP-2 does; one line says so. transformers' k third of
-        qkv.bias is not kept (it has no effect, see Attention).
-        dtype: float32 (when None), bfloat16 or float16. The model is built on the meta device and
-        each tensor is read, converted and placed on `device` in turn: no second copy is held.
-        """
-        dtype = dtype or torch.float32
+        """Load the ViT and ln_vision from a transformers BLIP-2 directory (`Blip2Model`,
+        `Blip2ForConditionalGeneration` or `Blip2VisionModel` saved). Its config.json gives the sizes
+        (ln_vision_eps is the vision config's layer_norm_eps, 1e-6); `overrides` (VisionConfig
+        fields) apply on top. dtype: float32 (when None), bfloat16 or float16; each tensor is read,
+        converted and placed on `device` in turn into a model built on the meta device."""
         check_overrides(overrides, VisionConfig)
-        tensors = open_safetensors(path)  # checkpoint key -> (open file, its path)
-        if os.path.isdir(path):
-            config_file = os.path.join(path, "config.json")
-            if not os.path.isfile(config_file):
-                raise FileNotFoundError(f"{config_file} not found: a checkpoint directory needs its config.json")
-            d = read_json(config_file)
-            if "vision_config" in d or d.get("model_type") == "blip_2_vision_model":
-                layout, prefix = "transformers", "vision_model." if "vision_config" in d else ""
-                file_config = config_from_blip2(d.get("vision_config", d), config_file)
-            else:
-                layout, prefix = "lavis", ""
-                bad = set(d) - {f.name for f in fields(VisionConfig)}
-                if bad:
-                    raise ValueError(f"{config_file}: not a BLIP-2 config (no vision_config) nor ours "
-                                     f"(unknown fields: {', '.join(sorted(bad))})")
-                file_config = d
-        else:
-            layout, prefix = "lavis", ""
-            file_config = config_from_lavis_shapes(
-                {k: tuple(h.get_slice(k).get_shape()) for k, (h, _) in tensors.items()}, path)
-            if file_config["num_attention_heads"] is None and "num_attention_heads" not in overrides:
-                raise ValueError(f"{path}: a LAVIS checkpoint does not record its number of heads; at width "
-                                 f"{file_config['hidden_size']} pass num_attention_heads= (EVA ViT-g: 1408 -> 16)")
-        config = VisionConfig(**{**file_config, **overrides})
-        ours = ("visual_encoder.", "ln_vision.") if layout == "lavis" else (prefix,)
-        tensors = {k: v for k, v in tensors.items() if k.startswith(ours)}  # e.g. the Q-Former's stay unread
+        config_file = os.path.join(path, "config.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"{config_file} not found: a checkpoint directory needs its config.json")
+        d = read_json(config_file)
+        if "vision_config" not in d and d.get("model_type") != "blip_2_vision_model":
+            raise ValueError(f"{config_file}: not a BLIP-2 config (no vision_config)")
+        prefix = "vision_model." if "vision_config" in d else ""
+        config = VisionConfig(**{**config_from_blip2(d.get("vision_config", d), config_file), **overrides})
+        tensors = {k: v for k, v in open_safetensors(path).items() if k.startswith(prefix)}
+        return cls.load(config, StrictReader(tensors, path, dtype or torch.float32, device), prefix)
 
-        file_blocks = len({k.split(".")[2] for k in tensors if k.startswith("visual_encoder.blocks.")})
-        if layout == "lavis" and not os.path.isdir(path) and file_blocks == 40 and config.num_hidden_layers == 39:
-            # BLIP-2 (section 3.3): "we remove the last layer of the ViT and use the second last
-            # layer's output features, which leads to slightly better performance."
-            for k in [k for k in tensors if k.startswith("visual_encoder.blocks.39.")]:
-                del tensors[k]
-            print(f"vit: {path} holds 40 blocks (EVA ViT-g as released); loading blocks 0-38 and ignoring "
-                  "block 39, as BLIP-2 does (it uses the penultimate block's features)")
-
+    @classmethod
+    def load(cls, config, reader, prefix=""):
+        """A model of `config` filled from `reader` (a checkpoints.StrictReader) under transformers'
+        names after `prefix`, refusing what is left over. transformers' k third of qkv.bias is not
+        kept: it cannot change the output (see Attention)."""
         with torch.device("meta"):  # shapes only, no memory: the real tensors are assigned below
             model = cls(config)
-        reader = StrictReader(tensors, path, dtype, device)
-        no_ln = " (a raw EVA checkpoint has no ln_vision: it is BLIP-2's)"
-
         state = {}
         for name, p in model.state_dict().items():
-            if layout == "lavis":
-                state[name] = reader.take(lavis_key(name), p.shape, no_ln if name.startswith("ln_vision") else "")
-            elif name.endswith(".attn.q_bias"):  # transformers: one qkv.bias (3D,) = [q_bias; k; v_bias]
+            if name.endswith(".attn.q_bias"):  # one qkv.bias (3D,) = [q_bias; k; v_bias]
                 attn = name.removesuffix(".q_bias")
-                qkv_bias = reader.take(prefix + transformers_key(attn + ".qkv.bias"), (3 * p.shape[0],))
-                q_bias, _, v_bias = qkv_bias.chunk(3)  # the k third is dropped: it cannot change the output
+                q_bias, _, v_bias = reader.take(prefix + transformers_key(attn + ".qkv.bias"), (3 * p.shape[0],)).chunk(3)
                 state[name], state[attn + ".v_bias"] = q_bias.clone(), v_bias.clone()
             elif not name.endswith(".attn.v_bias"):  # v_bias came with q_bias
                 state[name] = reader.take(prefix + transformers_key(name), p.shape)
@@ -315,24 +252,9 @@ class VisionTransformer(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         return model
 
-    def save_pretrained(self, directory):
-        """Write config.json (the VisionConfig fields) and model.safetensors with LAVIS names, each
-        atomically. The safetensors file alone also loads as a LAVIS checkpoint."""
-        tensors = {lavis_key(name): t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
-        os.makedirs(directory, exist_ok=True)
-        write_atomically(os.path.join(directory, "model.safetensors"),
-                         lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        write_atomically(os.path.join(directory, "config.json"),
-                         lambda tmp: write_json(asdict(self.config), tmp))
-
 
 # -----------------------------------------------------------------------------
-# Names and configs of the reference checkpoints
-
-
-def lavis_key(name):
-    """Our parameter name -> LAVIS's: the ViT lives under `visual_encoder.`, ln_vision beside it."""
-    return name if name.startswith("ln_vision.") else "visual_encoder." + name
+# Names and config of a transformers BLIP-2 download
 
 
 # ours -> transformers' Blip2VisionModel, module by module (inside a block: after "blocks.N.")
@@ -382,24 +304,3 @@ def config_from_blip2(vc, file):
         d[k] = vc.get(k, getattr(VisionConfig, k))
     d["layer_norm_eps"] = d["ln_vision_eps"] = vc.get("layer_norm_eps", 1e-6)  # post_layernorm shares it
     return d
-
-
-def config_from_lavis_shapes(shapes, source="checkpoint"):
-    """VisionConfig fields from the tensor shapes {key: shape} of a LAVIS checkpoint, which stores no
-    config. num_attention_heads is None unless the width is ViT-g's 1408 (16 heads of 88, LAVIS's
-    1408 // 88). A 40-block file (EVA as released) means 39 blocks: see from_pretrained."""
-    def shape(key):
-        if key not in shapes:
-            raise ValueError(f"{source}: missing tensor '{key}'")
-        return shapes[key]
-
-    D, _, p, _ = shape("visual_encoder.patch_embed.proj.weight")  # (D, 3, p, p)
-    n = shape("visual_encoder.pos_embed")[1] - 1  # (1, 1 + g*g, D)
-    g = math.isqrt(n)
-    if g * g != n:
-        raise ValueError(f"{source}: pos_embed holds {n} patch positions, not a square grid")
-    depth = len({k.split(".")[2] for k in shapes if k.startswith("visual_encoder.blocks.")})
-    return dict(image_size=g * p, patch_size=p, hidden_size=D, num_hidden_layers=39 if depth == 40 else depth,
-                num_attention_heads=16 if D == 1408 else None,
-                intermediate_size=shape("visual_encoder.blocks.0.mlp.fc1.weight")[0],  # (mlp, D)
-                layer_norm_eps=1e-6, ln_vision_eps=1e-5)

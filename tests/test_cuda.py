@@ -12,6 +12,7 @@ import demo
 import int8
 import tinygptv as tg
 import train
+from fastpaths import CUDAGraphDecoder
 from lora import add_lora
 from phi2 import Phi2, Phi2Config
 
@@ -77,9 +78,9 @@ def test_cuda_graph_decode_equals_eager(sampling):
             if "lora_B" in name:
                 p.normal_(std=0.05)  # a trained adapter, not the fresh zero one
     for name, m in (("fp32", model), ("bf16", bf16), ("int8", quant), ("lora", lora)):
-        run = lambda graph: m.generate(ids, attention_mask=mask, max_new_tokens=20, stop_sequences=[],
-                                       static_cache=graph, **sampling)
-        assert run(True) == run(False), name
+        run = lambda decoder: m.generate(ids, attention_mask=mask, max_new_tokens=20, stop_sequences=[],
+                                         decoder=decoder, **sampling)
+        assert run(CUDAGraphDecoder()) == run(None), name
 
 
 def test_quantized_tiny_model_generates_on_cuda():
@@ -103,7 +104,7 @@ def test_mixed_precision_training_steps_learn(tmp_path, amp):
     small = ["--demo-train", "64", "--demo-eval", "8", "--lm-steps", "20", "--vision-steps", "20", "--no-eval",
              "--batch-size", "8", "--log-every", "1", "--device", "cuda", "--out", str(tmp_path), "--amp", amp]
     args = train.parse_args(small + ["--steps", "15"])
-    demo.build_backbones(args)
+    demo.build_backbones(args.split, str(tmp_path / "backbones"), train.warmup_cosine, args.lm_steps, args.vision_steps)
     losses, finished = train.train_stage(args, 1)
     assert finished and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses

@@ -166,22 +166,22 @@ def test_the_language_model_answers_from_the_scene_words_not_the_prior(tmp_path)
     # of stage 0's texts these three took ~800 steps, too long for the suite), a language model half
     # the demo's width and depth, 400 steps (~30 s on one busy core). Held out: 60 other scenes.
     args = train.parse_args(["--demo-train", "60", "--demo-eval", "60", "--lm-steps", "400", "--device", "cpu"])
-    train_scenes = demo.demo_scenes(args)["train"]
+    train_scenes = args.split.scenes()["train"]
     texts = [(q, a) for q, a in demo.lm_texts(train_scenes, args.seed) if question_type(q) in ASKED]
     tok = demo.train_tokenizer(demo.text_corpus(train_scenes) + [q + a for q, a in texts], str(tmp_path / "tok.json"))
     assert all(len(tg.encode(tok, " " + w)) == 1 for w in demo.SLOT_WORDS)  # word j is at query j's place
     cfg = tg.TinyGPTVConfig.tiny(vocab_size=tok.get_vocab_size())
     cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, hidden_size=64, num_hidden_layers=2,
                                                            num_attention_heads=4, intermediate_size=128))
-    llm = demo.pretrain_language_model(cfg, tok, texts, args)
+    llm = demo.pretrain_language_model(cfg, tok, texts, args.seed, args.lm_steps, train.warmup_cosine)
     prior = priors([s for s in data.stage_samples(train_scenes, 4, None, args.seed) if s.task == "vqa"])
 
-    scores, asked = demo.language_model_alone(llm, tok, args, n=300)
+    scores, asked = demo.language_model_alone(llm, tok, args.split, n=300)
     assert asked == 60 * len(data.VQA_TYPES)  # every question of the 60 held-out scenes
     assert reads_the_scene(scores, prior), (scores, prior)
 
     # the same check fails for a model that answers without looking: it scores about the prior
-    guessed, _ = demo.language_model_alone(Guesser(tok, prior), tok, args, n=300)
+    guessed, _ = demo.language_model_alone(Guesser(tok, prior), tok, args.split, n=300)
     assert not reads_the_scene(guessed, prior), (guessed, prior)
     assert all(abs(guessed[t] - prior[t][1]) < 20 for t in ASKED), (guessed, prior)
 
@@ -194,7 +194,8 @@ def test_the_language_model_answers_from_the_scene_words_not_the_prior(tmp_path)
 def backbones(tmp_path_factory):
     """Stage 0 once for the module; each test copies it into its own run directory."""
     out = tmp_path_factory.mktemp("run")
-    demo.build_backbones(args_for(out))
+    a = args_for(out)
+    demo.build_backbones(a.split, str(out / "backbones"), train.warmup_cosine, a.lm_steps, a.vision_steps, a.eval)
     return out / "backbones"
 
 
@@ -212,7 +213,7 @@ def test_each_stage_writes_its_evaluation_in_one_layout(tmp_path, backbones):
         path = out / f"stage{stage}.eval.json"
         saved[stage] = json.loads(path.read_text())
         assert set(saved[stage]) == {"before", "after", "eval_set"}
-        assert saved[stage]["eval_set"] == demo.eval_set(args) == [10, 8, 48, 0]
+        assert saved[stage]["eval_set"] == demo.eval_set(args.split, args.eval_samples) == [10, 8, 48, 0]
         for column in ("before", "after"):
             table = saved[stage][column]
             assert set(table) == rows, (stage, column)
@@ -234,15 +235,20 @@ class Knower:
         self.answers, self.calls = {}, []
         for stage in (1, 3, 4):
             size = demo.IMAGE_SIZE * (2 if stage == 4 else 1)
-            for s in data.stage_samples(demo.demo_scenes(args)["test"], stage, size, args.seed + 1):
+            for s in data.stage_samples(args.split.scenes()["test"], stage, size, args.seed + 1):
                 if knows(s):
                     self.answers[s.image.tobytes(), tg.stage_instruction(stage, s)] = s.answer
+
+    training = False
 
     def train(self, mode=True):
         return self
 
     def eval(self):
         return self
+
+    def image_size(self, stage):
+        return tg.image_size(demo.IMAGE_SIZE, stage)
 
     def generate(self, tok, images, instructions, stage, max_new_tokens):
         self.calls.append((stage, instructions[0]))
@@ -252,21 +258,21 @@ class Knower:
 def test_evaluate_scores_each_task_and_each_question_type_with_the_image_and_without():
     args = train.parse_args(["--demo-train", "40", "--demo-eval", "20", "--eval-samples", "30", "--device", "cpu"])
     model = Knower(args, lambda s: s.task in ("caption", "identify") or s.meta.get("qtype") == "shape")
-    rows = demo.evaluate(model, None, args, taught=4)
+    rows = demo.evaluate(model, None, args.split, taught=4, n=args.eval_samples)
     assert set(rows) == {"caption", "describe", "vqa", "refer", "identify", *(f"vqa {t}" for t in data.VQA_TYPES)}
     assert all(r["blank"] == 0.0 for r in rows.values())
     assert {task: r["image"] for task, r in rows.items() if task != "vqa"} == {
         "caption": 100.0, "identify": 100.0, "describe": 0.0, "refer": 0.0,
         "vqa shape": 100.0, "vqa color": 0.0, "vqa size": 0.0, "vqa position": 0.0}
     # the VQA row is the first 30 held-out questions, of which the shape questions are right
-    questions = [s for s in data.stage_samples(demo.demo_scenes(args)["test"], 4, None, args.seed + 1)
+    questions = [s for s in data.stage_samples(args.split.scenes()["test"], 4, None, args.seed + 1)
                  if s.task == "vqa"][:30]
     assert rows["vqa"]["image"] == pytest.approx(100.0 * sum(s.meta["qtype"] == "shape" for s in questions) / 30)
     # captions and descriptions are asked with the prompt last taught for them: stage 1's and 3's
     # until stage 4 teaches both in its own format
     for taught, caption_stage, describe_stage in ((3, 1, 3), (4, 4, 4)):
         model.calls.clear()
-        demo.evaluate(model, None, args, taught=taught)
+        demo.evaluate(model, None, args.split, taught=taught, n=args.eval_samples)
         assert {stage for stage, q in model.calls if q in ("", tg.TASK_INSTRUCTIONS["caption"])} == {caption_stage}
         assert {stage for stage, q in model.calls if q in data.DESCRIBE_INSTRUCTIONS} == {describe_stage}
 
@@ -275,11 +281,18 @@ def test_evaluate_scores_each_task_and_each_question_type_with_the_image_and_wit
 # The shipped backbones
 
 
+def prepare(args):
+    """What train.py does before stage 1 of a demo run."""
+    demo.prepare_backbones(args.out, args.split, train.warmup_cosine, not args.data, args.eval, args.lm_steps,
+                           args.vision_steps)
+
+
 def backbones_dir(path, **changes):
     """A backbones folder whose DONE says it was trained for this world, or for one with `changes`."""
     os.makedirs(path)
     (path / "tokenizer.json").write_text("{}")
-    (path / "DONE").write_text(json.dumps({**demo.world_fingerprint(), **changes, "seed": 0}))
+    (path / "DONE").write_text(json.dumps({**demo.world_fingerprint(), "seed": 0, "demo_train": 560, "demo_eval": 300,
+                                             **changes}))
     return path
 
 
@@ -289,7 +302,7 @@ def test_backbones_for_another_world_are_refused(tmp_path, monkeypatch):
     shipped = backbones_dir(tmp_path / "shipped", sizes=["small", "large"])
     monkeypatch.setattr(demo, "PRETRAINED", str(shipped))
     with pytest.raises(ValueError) as e:
-        demo.prepare_backbones(args)
+        prepare(args)
     assert "\n" not in str(e.value) and str(shipped) in str(e.value) and "train.py --stage 0" in str(e.value)
     assert not (tmp_path / "run" / "backbones").exists()  # nothing copied, nothing trained
     # a run's own backbones with the older, empty DONE marker: refused too, by name
@@ -297,45 +310,46 @@ def test_backbones_for_another_world_are_refused(tmp_path, monkeypatch):
     os.makedirs(own)
     (own / "DONE").write_text("")
     with pytest.raises(ValueError, match=re.escape(str(own))):
-        demo.prepare_backbones(args)
+        prepare(args)
 
 
 def test_backbones_trained_on_held_out_scenes_are_never_scored_on_them(tmp_path, monkeypatch, capsys):
     shipped = backbones_dir(tmp_path / "shipped", demo_train=560, demo_eval=300)  # trained on seed 0's split
     monkeypatch.setattr(demo, "PRETRAINED", str(shipped))
     built = []
-    monkeypatch.setattr(demo, "build_backbones", lambda args, root: built.append(root))
+    monkeypatch.setattr(demo, "build_backbones", lambda split, root, *rest: built.append(root))
     run = ["--out", str(tmp_path / "run"), "--device", "cpu"]
     own = str(tmp_path / "run" / "backbones")
     for extra in (["--seed", "1"], ["--demo-train", "400", "--demo-eval", "400"]):
         # the shipped ones learned some of this run's held-out scenes: the run trains its own
         built.clear()
-        demo.prepare_backbones(train.parse_args(run + extra))
+        prepare(train.parse_args(run + extra))
         assert built == [own] and "held-out" in capsys.readouterr().out
         assert not os.path.exists(own)  # nothing copied
     # the same seed with fewer held-out scenes holds out a part of the same ones: the shipped are used
     built.clear()
-    demo.prepare_backbones(train.parse_args(run + ["--demo-eval", "200"]))
+    prepare(train.parse_args(run + ["--demo-eval", "200"]))
     assert built == [] and os.path.isfile(os.path.join(own, "DONE"))
     # a run's own backbones that learned them are refused, and so is evaluating on them
     args = train.parse_args(run + ["--seed", "1"])
-    for call in (demo.prepare_backbones, demo.check_held_out):
+    for call in (prepare, lambda a: demo.check_held_out(a.out, a.split)):
         with pytest.raises(ValueError) as e:
             call(args)
         assert "\n" not in str(e.value) and own in str(e.value) and "held-out" in str(e.value)
-    demo.check_held_out(train.parse_args(run))  # the split they were trained for: fine
+    a = train.parse_args(run)
+    demo.check_held_out(a.out, a.split)  # the split they were trained for: fine
 
 
 def test_matching_backbones_are_copied_into_the_run(tmp_path, monkeypatch, capsys):
     args = train.parse_args(["--out", str(tmp_path / "run"), "--device", "cpu"])
     shipped = backbones_dir(tmp_path / "shipped")
     monkeypatch.setattr(demo, "PRETRAINED", str(shipped))
-    demo.prepare_backbones(args)
+    prepare(args)
     own = tmp_path / "run" / "backbones"
     assert sorted(os.listdir(own)) == ["DONE", "tokenizer.json"]
     assert (own / "DONE").read_text() == (shipped / "DONE").read_text()
     assert "come from" in capsys.readouterr().out
     # from then on the run uses its own copy, whatever is shipped
     (shipped / "DONE").write_text(json.dumps({**demo.world_fingerprint(), "colors": ["red"]}))
-    demo.prepare_backbones(args)
+    prepare(args)
     assert capsys.readouterr().out == ""

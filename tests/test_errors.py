@@ -1,4 +1,4 @@
-"""What every entry point promises when its input is wrong or it is interrupted (issue 19).
+"""What every entry point promises when its input is wrong or it is interrupted.
 
 One rule for `python tinygptv.py`, `python tinygptv.py convert` and `python train.py`: an expected
 failure (a bad option, a missing or broken file, a refused overwrite) prints ONE line on stderr,
@@ -37,6 +37,7 @@ from tokenizers import Tokenizer
 import demo
 import tinygptv as tg
 import train
+from layouts import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a miniature demo, as in test_train.py: tiny data, a short stage 0, a handful of steps per stage
@@ -234,7 +235,8 @@ def backbones(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the server's children: 14 s here instead of 37 s with two
     try:
-        demo.build_backbones(args_for(out))
+        a = args_for(out)
+        demo.build_backbones(a.split, str(out / "backbones"), train.warmup_cosine, a.lm_steps, a.vision_steps, a.eval)
     finally:
         torch.set_num_threads(threads)
     return out / "backbones"
@@ -254,7 +256,7 @@ def d(backbones, tmp_path_factory):
     b = d / "backbones"
     shutil.copytree(backbones, b)
     shutil.copy(b / "tokenizer.json", b / "phi2" / "tokenizer.json")
-    model, _ = tg.from_pretrained(str(b / "phi2"), str(b / "vit"), str(b / "qformer"),
+    model, _ = load_model(str(b / "phi2"), str(b / "vit"), str(b / "qformer"),
                                   proj_dim=tg.TinyGPTVConfig.tiny().proj_dim)
     model.add_lora()
     tg.save_checkpoint(model, str(d / "stage4.safetensors"), stage=4)
@@ -398,7 +400,7 @@ def official(backbones):
     official release's naming (peft prefix, head-interleaved fused qkv), written out independently
     of tinygptv's converter. Rank R and width P can only come from the tensors."""
     b = backbones
-    model, _ = tg.from_pretrained(str(b / "phi2"), str(b / "vit"), str(b / "qformer"), proj_dim=P)
+    model, _ = load_model(str(b / "phi2"), str(b / "vit"), str(b / "qformer"), proj_dim=P)
     model.config.lora_r = R
     model.add_lora()
     g = torch.Generator().manual_seed(0)

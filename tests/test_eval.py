@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 import eval as ev
+import scoring
 import tinygptv as tg
 from int8 import Int8Linear
 
@@ -291,14 +292,14 @@ def test_own_formats_score_as_the_demo_table_with_a_blank_image_column(tmp_path,
                      refer.format("the corner"): "{<50><50><100><100>}",
                      VQA.format("what color?"): " Red ", VQA.format("what shape?"): "circle"}, blank="{<0><0><50><50>}")
     model.train()
-    rows = ev.evaluate_samples(model, None, samples, stage=4)
+    rows = scoring.score(model, None, samples, stage=4)
     assert rows == {"vqa": {"image": 50.0, "blank": 0.0},
                     "refer": {"image": pytest.approx(200 / 3), "blank": pytest.approx(200 / 3)}}
     assert model.training  # its mode is given back
     assert set(model.calls) == {(4, 24)}  # the demo's 24 new tokens in stage 4
     with pytest.raises(ValueError, match=r"vqa.json: no 'caption' samples \(it holds \{'vqa': 2\}\)"):
         ev.main(["--task", "caption", "--data", str(tmp_path / "vqa.json")])
-    ev.print_table("held out", rows)
+    scoring.print_table("held out", rows)
     table = capsys.readouterr().out
     assert "  VQA exact match                50.0        0.0" in table
     assert "  [refer] IoU >= 0.5             66.7       66.7" in table
@@ -355,9 +356,9 @@ def test_the_demo_model_scores_on_a_file_as_in_the_demo_table(demo_run, tmp_path
 
     monkeypatch.setattr(tg.TinyGPTV, "generate", recorded)
     model, tok, _ = demo.load_demo(str(out))
-    want = demo.evaluate(model, tok, args, n=8)["vqa"]
+    want = demo.evaluate(model, tok, args.split, n=8)["vqa"]
     asked = [c for c in calls if c[0][0].startswith("[vqa]")]  # the table's VQA rows: image, then blank
-    samples = [s for s in demo.stage_samples(args, 4, split="test") if s.task == "vqa"][:8]
+    samples = [s for s in demo.stage_samples(args.split, 4, "test") if s.task == "vqa"][:8]
     names, rows = {}, []
     for s in samples:  # the same samples as a VQA file of ours, each scene's picture as a (lossless) PNG
         if id(s.image) not in names:
@@ -398,7 +399,7 @@ def test_generation_losses_and_p_yes_agree_with_the_models_own(demo_run):
     import data
     import demo
     model, tok, _ = demo.load_demo(str(demo_run[0]))
-    found = demo.stage_samples(demo_run[1], 4, split="test")
+    found = demo.stage_samples(demo_run[1].split, 4, "test")
     scenes = list({id(s.image): s.image for s in found}.values())[:2]  # two different pictures
     # raw generation in stage 4's own template is what TinyGPTV.generate answers, before its strip()
     asked = [data.Sample(s.image, s.task, tg.stage_instruction(4, s), "", {})

@@ -10,6 +10,7 @@ import torch.nn as nn
 import int8
 import tinygptv as tg
 from checkpoints import StrictReader, open_safetensors
+from layouts import load_model, save_pretrained
 from phi2 import Phi2, Phi2Config
 
 # the CPU kernels that can run here: fbgemm only where torch was built with it (x86)
@@ -103,7 +104,7 @@ def test_moving_off_the_cpu_unpacks_the_weight():
 def tiny_phi2(tmp_path, seed=0):
     torch.manual_seed(seed)
     model = Phi2(Phi2Config.tiny(vocab_size=300)).eval()
-    model.save_pretrained(str(tmp_path / "phi2"))
+    save_pretrained(model, str(tmp_path / "phi2"))
     return model
 
 
@@ -146,13 +147,12 @@ def test_reader_reads_every_tensor_as_safetensors_does(tmp_path):
 
 
 def test_assembled_int8_from_downloads_equals_quantize_int8_after(tmp_path):
-    # tinygptv.from_pretrained(int8=True) merges the checkpoint's LoRA into each layer before it is
+    # layouts.load_model(int8=True) merges the checkpoint's LoRA into each layer before it is
     # quantized: the same int8 weights as loading in full, LoRA and all, then quantize_int8
     torch.manual_seed(0)
     model = tg.TinyGPTV(tg.TinyGPTVConfig.tiny(vocab_size=300)).eval()
-    model.llama_model.save_pretrained(str(tmp_path / "phi2"))
-    model.visual_encoder.save_pretrained(str(tmp_path / "vit"))
-    model.qformer.save_pretrained(str(tmp_path / "qformer"))
+    for part, name in ((model.llama_model, "phi2"), (model.visual_encoder, "vit"), (model.qformer, "qformer")):
+        save_pretrained(part, str(tmp_path / name))
     model.add_lora()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -161,9 +161,9 @@ def test_assembled_int8_from_downloads_equals_quantize_int8_after(tmp_path):
     tg.save_checkpoint(model, str(tmp_path / "stage4.safetensors"), stage=4)
     paths = (str(tmp_path / "phi2"), str(tmp_path / "vit"), str(tmp_path / "qformer"))
     kw = dict(checkpoint=str(tmp_path / "stage4.safetensors"), proj_dim=model.config.proj_dim)
-    after, stage = tg.from_pretrained(*paths, **kw)
+    after, stage = load_model(*paths, **kw)
     int8.quantize_int8(after)
-    during, stage_during = tg.from_pretrained(*paths, int8=True, **kw)
+    during, stage_during = load_model(*paths, int8=True, **kw)
     assert stage == stage_during == 4
     a, b = int8_state(after.llama_model), int8_state(during.llama_model)
     assert a.keys() == b.keys() and len(a) == 4 * 4 + 1

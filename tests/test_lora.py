@@ -7,9 +7,51 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lora import (LoRALinear, add_lora, load_lora_state_dict, lora_state_dict, mark_only_lora_as_trainable,
-                  merge_lora, unmerge_lora)
+from lora import LoRALinear, add_lora, mark_trainable, merge_lora
 from phi2 import Phi2, Phi2Config
+
+# -----------------------------------------------------------------------------
+# LoRA-only checkpoints and an unmerge of the whole model: what a user of lora.py on its own would
+# add, written here, where they are used, to check that LoRALinear supports them exactly
+
+
+def mark_only_lora_as_trainable(model):
+    return mark_trainable(model, lambda name: ".lora_" in name or name.startswith("lora_"))
+
+
+def lora_state_dict(model):
+    """Only the adapters: {name.lora_A: (r, in), name.lora_B: (out, r)}."""
+    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
+
+
+def load_lora_state_dict(model, state):
+    """Load adapters strictly: every LoRA tensor of the model must be in `state` with its shape,
+    and `state` may hold nothing else. Errors name the key."""
+    own = lora_state_dict(model)
+    for k in state:
+        if k not in own:
+            raise ValueError(f"unexpected LoRA tensor '{k}' (the model has no such adapter)")
+    for k, t in own.items():
+        if k not in state:
+            raise ValueError(f"missing LoRA tensor '{k}'")
+        if tuple(state[k].shape) != tuple(t.shape):
+            raise ValueError(f"LoRA tensor '{k}' has shape {tuple(state[k].shape)}, expected {tuple(t.shape)}")
+    merged = [m for m in model.modules() if isinstance(m, LoRALinear) and m.merged]
+    for m in merged:  # the merged weight holds the old adapter: take it out before replacing it
+        m.unmerge()
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for k, v in state.items():
+            params[k].copy_(v)
+    for m in merged:
+        m.merge()
+
+
+def unmerge_lora(model):
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.unmerge()
+
 
 
 def lora_layer(i=24, o=40, r=4, alpha=16.0, dropout=0.0, seed=0, randomize_b=True):

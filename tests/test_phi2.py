@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PhiConfig, PhiForCausalLM
 
+from fastpaths import CUDAGraphDecoder
+from layouts import load_phi2, save_pretrained
 from phi2 import KVCache, Phi2, RMSNorm
 
 VOCAB = 256
@@ -164,7 +166,7 @@ def test_legacy_fused_layout_loads_to_identical_logits(plain, tmp_path):
     save_file(sd, str(tmp_path / "legacy.safetensors"))
     with open(os.path.join(d, "config.json")) as src, open(tmp_path / "config.json", "w") as dst:
         dst.write(src.read())  # a single .safetensors file takes the config.json beside it
-    legacy = Phi2.from_pretrained(str(tmp_path / "legacy.safetensors")).eval()
+    legacy = load_phi2(str(tmp_path / "legacy.safetensors")).eval()
     ids = ids_for(2, 12)
     with torch.no_grad():
         assert torch.equal(legacy(ids), model(ids))
@@ -249,8 +251,8 @@ def test_static_cache_decodes_like_the_growing_cache(plain, sampling):
     ids = ids_for(3, 10, seed=4)
     mask = torch.ones(3, 10, dtype=torch.long)
     mask[1, :3], mask[2, :7] = 0, 0  # left padding of different lengths
-    grown = model.generate(ids, attention_mask=mask, max_new_tokens=16, stop_sequences=[], static_cache=False, **sampling)
-    fixed = model.generate(ids, attention_mask=mask, max_new_tokens=16, stop_sequences=[], static_cache=True, **sampling)
+    grown = model.generate(ids, attention_mask=mask, max_new_tokens=16, stop_sequences=[], **sampling)
+    fixed = model.generate(ids, attention_mask=mask, max_new_tokens=16, stop_sequences=[], decoder=CUDAGraphDecoder(), **sampling)
     assert fixed == grown
     if not sampling:  # and greedy decoding equals the reference's, row 0 being unpadded
         assert fixed[:1] == ref_greedy(ref, ids[:1], 16)
@@ -353,7 +355,7 @@ def test_save_pretrained_round_trip(plain, tmp_path):
     with torch.no_grad():
         for p in tiny.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    tiny.save_pretrained(str(tmp_path / "tiny"))
+    save_pretrained(tiny, str(tmp_path / "tiny"))
     saved = json.load(open(tmp_path / "tiny" / "config.json"))
     assert saved["model_type"] == "phi" and saved["architectures"] == ["PhiForCausalLM"]
     assert saved["qk_layernorm"] and saved["post_layernorm"]
@@ -366,7 +368,7 @@ def test_save_pretrained_round_trip(plain, tmp_path):
 
     # without post_layernorm (which transformers lacks), transformers itself loads what we wrote
     plain_ours = Phi2.from_pretrained(d).eval()
-    plain_ours.save_pretrained(str(tmp_path / "plain"))
+    save_pretrained(plain_ours, str(tmp_path / "plain"))
     reloaded = PhiForCausalLM.from_pretrained(str(tmp_path / "plain"), attn_implementation="eager").eval()
     ids = ids_for(2, 10)
     with torch.no_grad():

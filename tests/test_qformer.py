@@ -4,7 +4,7 @@ Every reference is a tiny random transformers BLIP-2 (a Blip2ForConditionalGener
 with a tiny OPT as its language model) with EVERY parameter re-randomized: BLIP-2 configs draw
 some weights with initializer_range 1e-10 and leave LayerNorms at 1 / 0 and the query tokens at 0,
 so an untouched reference would be nearly constant and any parity test would pass. Eager attention,
-eval mode, written with its own save_pretrained and read back with QFormer.from_pretrained. The
+eval mode, written with its own save_pretrained and read back with layouts.load_qformer, which hands it to qformer.py's loader. The
 reference output is `qformer(query_tokens, image).last_hidden_state`. Nothing is downloaded.
 """
 
@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Model, Blip2QFormerConfig,
                           Blip2QFormerModel)
 
+from layouts import load_qformer, save_pretrained
 from qformer import QFormer, QFormerConfig
 
 IMAGE_TOKENS = 17  # a 56 px image in 14 px patches: 4 x 4 + CLS
@@ -76,7 +77,7 @@ def blip2(tmp_path_factory):
     """(reference, its directory, our model loaded from it): tiny config, no text branch."""
     d = str(tmp_path_factory.mktemp("blip2"))
     ref = make_reference(d)
-    return ref, d, QFormer.from_pretrained(d).eval()
+    return ref, d, load_qformer(d).eval()
 
 
 # -----------------------------------------------------------------------------
@@ -90,7 +91,7 @@ def blip2(tmp_path_factory):
 ], ids=["hd12", "hd10-freq3"])
 def test_outputs_match_transformers(tmp_path, cfg):
     ref = make_reference(str(tmp_path), cfg)
-    model = QFormer.from_pretrained(str(tmp_path)).eval()
+    model = load_qformer(str(tmp_path)).eval()
     assert model.config == cfg  # read from the Blip2Config's qformer_config and num_query_tokens
     x = images(cfg)
     with torch.no_grad():
@@ -110,7 +111,7 @@ def test_blip2_model_image_to_queries(tmp_path):
     # The whole BLIP-2 path: the reference's own get_qformer_features(pixels) equals our Q-Former on
     # the reference's vision output; a Blip2Model directory loads like a Blip2ForConditionalGeneration one.
     ref = make_reference(str(tmp_path), model_class=Blip2Model)
-    model = QFormer.from_pretrained(str(tmp_path)).eval()
+    model = load_qformer(str(tmp_path)).eval()
     pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         image_embeds = ref.vision_model(pixels).last_hidden_state  # (2, 17, 40)
@@ -154,7 +155,7 @@ def test_real_widths_match_transformers(tmp_path):
     Blip2Config(qformer_config=ref.config.to_dict(), num_query_tokens=32).to_json_file(str(tmp_path / "config.json"))
     save_file({"query_tokens": query_tokens, **{"qformer." + k: v for k, v in ref.state_dict().items()}},
               str(tmp_path / "model.safetensors"))
-    model = QFormer.from_pretrained(str(tmp_path)).eval()
+    model = load_qformer(str(tmp_path)).eval()
     assert model.config == cfg
     x = torch.randn(2, 257, 1408, generator=torch.Generator().manual_seed(2))  # 224 px: 16 x 16 patches + CLS
     with torch.no_grad():
@@ -171,7 +172,7 @@ def test_transformers_text_branch_is_skipped_with_one_line(tmp_path, capsys):
     ref = make_reference(str(tmp_path), text_input=True)
     keys = load_file(str(tmp_path / "model.safetensors"))
     assert "qformer.encoder.layer.0.intermediate.dense.weight" in keys
-    model = QFormer.from_pretrained(str(tmp_path)).eval()
+    model = load_qformer(str(tmp_path)).eval()
     report = capsys.readouterr().out.strip().splitlines()
     assert len(report) == 1 and "skipped 18 text-branch tensors" in report[0]  # 3 layers x 6
     x = images(model.config)
@@ -223,7 +224,7 @@ def test_lavis_names_load_to_identical_outputs(blip2, tmp_path, capsys):
     path, n_text = lavis_file(blip2, str(tmp_path))
     capsys.readouterr()
     # no config.json beside a LAVIS file: the sizes come as overrides (real BLIP-2 needs none)
-    lavis = QFormer.from_pretrained(path, **dataclasses.asdict(model.config)).eval()
+    lavis = load_qformer(path, **dataclasses.asdict(model.config)).eval()
     report = capsys.readouterr().out.strip().splitlines()
     assert len(report) == 1 and f"skipped {n_text} text-branch tensors" in report[0] and path in report[0]
     for (name, ours), (name2, theirs) in zip(model.state_dict().items(), lavis.state_dict().items()):
@@ -238,7 +239,7 @@ def test_lavis_file_without_config_is_real_blip2(blip2, tmp_path):
     # fails on its first tensor, by name and shape, rather than loading wrongly
     path, _ = lavis_file(blip2, str(tmp_path))
     with pytest.raises(ValueError, match=r"'query_tokens' has shape \(1, 8, 48\), expected \(1, 32, 768\)"):
-        QFormer.from_pretrained(path)
+        load_qformer(path)
 
 
 # -----------------------------------------------------------------------------
@@ -272,14 +273,14 @@ def test_full_size_on_meta_matches_transformers_parameter_count():
 def test_save_pretrained_round_trip(blip2, tmp_path):
     _, _, model = blip2
     d = str(tmp_path / "ours")
-    model.save_pretrained(d)
+    save_pretrained(model, d)
     assert sorted(os.listdir(d)) == ["config.json", "model.safetensors"]  # no temporary files left
     assert QFormerConfig(**json.load(open(os.path.join(d, "config.json")))) == model.config
-    again = QFormer.from_pretrained(d).eval()
+    again = load_qformer(d).eval()
     x = images(model.config)
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
-    half = QFormer.from_pretrained(d, dtype=torch.bfloat16)
+    half = load_qformer(d, dtype=torch.bfloat16)
     assert half.query_tokens.dtype == torch.bfloat16
     with torch.no_grad():
         torch.testing.assert_close(half(x.bfloat16()).float(), model(x), atol=0.1, rtol=0.05)
@@ -315,7 +316,7 @@ L1 = "qformer.encoder.layer.1."
 def test_bad_tensors_are_named(blip2, tmp_path, edit, error, message):
     d = broken_copy(blip2, str(tmp_path / "bad"), edit)
     with pytest.raises(error, match=message) as e:
-        QFormer.from_pretrained(d)
+        load_qformer(d)
     assert "\n" not in str(e.value)
 
 
@@ -330,7 +331,7 @@ def test_bad_files_are_named(blip2, tmp_path):
              (str(tmp_path), FileNotFoundError, os.path.join(str(tmp_path), "config.json"))]
     for path, error, named in cases:
         with pytest.raises(error) as e:
-            QFormer.from_pretrained(path)
+            load_qformer(path)
         assert named in str(e.value) and "\n" not in str(e.value), str(e.value)
     with pytest.raises(ValueError, match="unknown QFormerConfig fields in overrides: hiden_size"):
-        QFormer.from_pretrained(d, hiden_size=64)
+        load_qformer(d, hiden_size=64)

@@ -3,7 +3,7 @@
 Every reference is a tiny random BLIP-2 (a Blip2ForConditionalGeneration or Blip2Model with a tiny
 OPT language model) with EVERY parameter re-randomized: Blip2VisionConfig's initializer_range of
 1e-10 would leave a model of near-zeros that any code matches. Eager attention, eval mode, written
-with its own save_pretrained and read back with VisionTransformer.from_pretrained. Nothing is
+with its own save_pretrained and read back with layouts.load_vit, which hands it to vit.py's loader. Nothing is
 downloaded. The LAVIS-named files are made here by a rename written independently of vit.py's.
 """
 
@@ -20,8 +20,10 @@ from safetensors.torch import load_file, save_file
 from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Model, Blip2VisionConfig,
                           Blip2VisionModel, OPTConfig)
 
-import vit
-from vit import VisionConfig, VisionTransformer, config_from_lavis_shapes
+import fastpaths
+from fastpaths import float32_blocks
+from layouts import config_from_lavis_shapes, load_vit, save_pretrained
+from vit import VisionConfig, VisionTransformer
 
 
 def randomize_(model, seed):
@@ -64,7 +66,7 @@ def tiny(tmp_path_factory):
     """(reference, its directory, our model loaded from it): width 48, 4 heads of 12, 32 px, patch 8."""
     d = str(tmp_path_factory.mktemp("blip2"))
     ref = make_reference(d)
-    return ref, d, VisionTransformer.from_pretrained(d).eval()
+    return ref, d, load_vit(d).eval()
 
 
 # -----------------------------------------------------------------------------
@@ -106,7 +108,7 @@ def test_bf16_tower_computes_its_blocks_in_float32(tiny):
     rounded = copy.deepcopy(ref).to(torch.bfloat16).float()
     h = torch.randn(2, 17, 48, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        out = copy.deepcopy(model).to(torch.bfloat16).blocks_in_float32(h)
+        out = float32_blocks(copy.deepcopy(model).to(torch.bfloat16)).blocks_in_float32(h)
         expected = rounded.vision_model.encoder(inputs_embeds=h).last_hidden_state
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
@@ -115,8 +117,8 @@ def test_bf16_tower_computes_its_blocks_in_float32(tiny):
 @pytest.mark.parametrize("fast_bf16", [False, True])
 def test_bf16_tower_on_the_cpu_takes_float32_blocks_only_without_fast_bf16(tiny, monkeypatch, fast_bf16):
     ref, _, model = tiny
-    model = copy.deepcopy(model).to(torch.bfloat16)
-    monkeypatch.setattr(vit, "CPU_BF16_MATMUL", fast_bf16)
+    model = float32_blocks(copy.deepcopy(model).to(torch.bfloat16))
+    monkeypatch.setattr(fastpaths, "CPU_BF16_MATMUL", fast_bf16)
     calls = []
     widen = model.blocks_in_float32
     monkeypatch.setattr(model, "blocks_in_float32", lambda x: calls.append(x.dtype) or widen(x))
@@ -134,7 +136,7 @@ def test_bf16_tower_on_the_cpu_takes_float32_blocks_only_without_fast_bf16(tiny,
 @pytest.mark.parametrize("hidden,heads", [(40, 4), (176, 2)])  # head dims 10 and 88 (ViT-g's)
 def test_head_dims_that_are_not_powers_of_two(tmp_path, cls, hidden, heads):
     ref = make_reference(str(tmp_path), hidden=hidden, heads=heads, mlp=3 * hidden, cls=cls, seed=2)
-    model = VisionTransformer.from_pretrained(str(tmp_path)).eval()
+    model = load_vit(str(tmp_path)).eval()
     assert model.config.head_dim == hidden // heads
     x = pixels(seed=3)
     with torch.no_grad():
@@ -169,7 +171,7 @@ def test_real_widths_match_transformers(tmp_path):
     ref = Blip2VisionModel(Blip2VisionConfig(num_hidden_layers=1, attn_implementation="eager"))
     randomize_(ref, 5)
     ref.save_pretrained(str(tmp_path))
-    model = VisionTransformer.from_pretrained(str(tmp_path)).eval()
+    model = load_vit(str(tmp_path)).eval()
     assert model.config == VisionConfig.eva_vit_g(num_hidden_layers=1, ln_vision_eps=1e-6)
     x = pixels(B=1, H=224, seed=6)
     with torch.no_grad():
@@ -229,10 +231,10 @@ def test_lavis_file_loads_to_identical_outputs(tiny, tmp_path, capsys):
     ref, _, model = tiny
     file = str(tmp_path / "blip2_lavis.safetensors")
     save_file(to_lavis(ref.state_dict()), file)
-    lavis = VisionTransformer.from_pretrained(file, num_attention_heads=4).eval()
+    lavis = load_vit(file, num_attention_heads=4).eval()
     assert lavis.config.ln_vision_eps == 1e-5 and lavis.config.layer_norm_eps == 1e-6  # LAVIS's eps
     assert lavis.config == VisionConfig(**{**asdict(model.config), "ln_vision_eps": 1e-5})
-    same_eps = VisionTransformer.from_pretrained(file, num_attention_heads=4, ln_vision_eps=1e-6).eval()
+    same_eps = load_vit(file, num_attention_heads=4, ln_vision_eps=1e-6).eval()
     x = pixels(seed=7)
     with torch.no_grad():
         torch.testing.assert_close(same_eps(x), model(x), rtol=0, atol=0)
@@ -245,7 +247,7 @@ def test_lavis_file_needs_the_head_count_unless_it_is_vit_g(tiny, tmp_path):
     file = str(tmp_path / "lavis.safetensors")
     save_file(to_lavis(ref.state_dict()), file)
     with pytest.raises(ValueError, match="pass num_attention_heads="):
-        VisionTransformer.from_pretrained(file)
+        load_vit(file)
 
 
 def test_lavis_shapes_of_the_released_eva_vit_g_mean_the_real_config():
@@ -261,7 +263,7 @@ def test_forty_block_eva_file_loads_its_first_39(tmp_path, capsys):
     file = str(tmp_path / "eva_vit_g.safetensors")
     sd = {("" if k.startswith("ln_vision") else "visual_encoder.") + k: v for k, v in full.state_dict().items()}
     save_file(sd, file)
-    model = VisionTransformer.from_pretrained(file, num_attention_heads=4)
+    model = load_vit(file, num_attention_heads=4)
     assert "40 blocks" in capsys.readouterr().out
     assert len(model.blocks) == 39 and model.config.num_hidden_layers == 39
     full.blocks = full.blocks[:39]  # BLIP-2: the penultimate block's features
@@ -270,7 +272,7 @@ def test_forty_block_eva_file_loads_its_first_39(tmp_path, capsys):
     for k in expected:  # the same tensors, so the same outputs (a 39-block forward is slow to test here)
         torch.testing.assert_close(loaded[k], expected[k], rtol=0, atol=0)
     # asked for explicitly, all 40 load
-    assert len(VisionTransformer.from_pretrained(file, num_attention_heads=4, num_hidden_layers=40).blocks) == 40
+    assert len(load_vit(file, num_attention_heads=4, num_hidden_layers=40).blocks) == 40
 
 
 # -----------------------------------------------------------------------------
@@ -280,15 +282,15 @@ def test_forty_block_eva_file_loads_its_first_39(tmp_path, capsys):
 def test_save_pretrained_round_trip(tiny, tmp_path):
     _, _, model = tiny
     d = str(tmp_path / "vit")
-    model.save_pretrained(d)
+    save_pretrained(model, d)
     assert sorted(os.listdir(d)) == ["config.json", "model.safetensors"]  # no temporary files left
     assert json.load(open(os.path.join(d, "config.json"))) == asdict(model.config)
-    again = VisionTransformer.from_pretrained(d).eval()
+    again = load_vit(d).eval()
     assert again.config == model.config
     x = pixels(seed=10)
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
-    half = VisionTransformer.from_pretrained(d, dtype=torch.bfloat16)
+    half = load_vit(d, dtype=torch.bfloat16)
     assert half.pos_embed.dtype == torch.bfloat16
     with torch.no_grad():
         torch.testing.assert_close(half(x).float(), model(x), rtol=0.1, atol=0.1)
@@ -298,7 +300,7 @@ def test_sharded_blip2_directory(tiny, tmp_path):
     ref, _, model = tiny
     ref.save_pretrained(str(tmp_path), max_shard_size="20KB")
     assert os.path.isfile(tmp_path / "model.safetensors.index.json")
-    sharded = VisionTransformer.from_pretrained(str(tmp_path)).eval()
+    sharded = load_vit(str(tmp_path)).eval()
     x = pixels(seed=11)
     with torch.no_grad():
         torch.testing.assert_close(sharded(x), model(x), rtol=0, atol=0)
@@ -335,7 +337,7 @@ def test_missing_tensor(tiny, tmp_path):
     _, src, _ = tiny
     d = broken_copy(src, str(tmp_path / "d"), lambda sd: sd.pop("vision_model.encoder.layers.1.mlp.fc2.bias"))
     with pytest.raises(ValueError, match="missing tensor 'vision_model.encoder.layers.1.mlp.fc2.bias'") as e:
-        VisionTransformer.from_pretrained(d)
+        load_vit(d)
     one_line(e)
 
 
@@ -344,7 +346,7 @@ def test_unexpected_tensor(tiny, tmp_path):
     d = broken_copy(src, str(tmp_path / "d"),
                     lambda sd: sd.update({"vision_model.encoder.layers.2.layer_norm1.weight": torch.ones(48)}))
     with pytest.raises(ValueError, match="unexpected tensor 'vision_model.encoder.layers.2.layer_norm1.weight'") as e:
-        VisionTransformer.from_pretrained(d)
+        load_vit(d)
     one_line(e)
 
 
@@ -353,7 +355,7 @@ def test_wrong_shape(tiny, tmp_path):
     key = "vision_model.embeddings.position_embedding"
     d = broken_copy(src, str(tmp_path / "d"), lambda sd: sd.update({key: torch.zeros(1, 26, 48)}))
     with pytest.raises(ValueError, match=rf"'{key}' has shape \(1, 26, 48\), expected \(1, 17, 48\)") as e:
-        VisionTransformer.from_pretrained(d)
+        load_vit(d)
     one_line(e)
 
 
@@ -365,18 +367,18 @@ def test_truncated_file(tiny, tmp_path):
     data = open(file, "rb").read()
     open(file, "wb").write(data[: len(data) // 2])
     with pytest.raises(ValueError, match="model.safetensors") as e:
-        VisionTransformer.from_pretrained(d)
+        load_vit(d)
     one_line(e)
 
 
 def test_missing_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        VisionTransformer.from_pretrained(str(tmp_path / "nowhere"))
+        load_vit(str(tmp_path / "nowhere"))
     save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(FileNotFoundError, match="config.json"):
-        VisionTransformer.from_pretrained(str(tmp_path))
+        load_vit(str(tmp_path))
     with pytest.raises(ValueError, match="missing tensor 'visual_encoder.patch_embed.proj.weight'"):
-        VisionTransformer.from_pretrained(str(tmp_path / "model.safetensors"))
+        load_vit(str(tmp_path / "model.safetensors"))
 
 
 def test_raw_eva_file_without_ln_vision_is_refused(tmp_path):
@@ -384,10 +386,10 @@ def test_raw_eva_file_without_ln_vision_is_refused(tmp_path):
     file = str(tmp_path / "eva.safetensors")
     save_file({"visual_encoder." + k: v for k, v in model.state_dict().items() if not k.startswith("ln_vision")}, file)
     with pytest.raises(ValueError, match="missing tensor 'ln_vision.weight'"):
-        VisionTransformer.from_pretrained(file, num_attention_heads=4)
+        load_vit(file, num_attention_heads=4)
 
 
 def test_unknown_override(tiny):
     _, src, _ = tiny
     with pytest.raises(ValueError, match="unknown VisionConfig fields in overrides: hidden"):
-        VisionTransformer.from_pretrained(src, hidden=3)
+        load_vit(src, hidden=3)

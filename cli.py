@@ -1,0 +1,187 @@
+"""The command lines' shared parts, and `python tinygptv.py`'s own.
+
+A reader of the paper may skip this file. Its jobs:
+- argument types that refuse a bad value where it is parsed (`at_least`, `probability`,
+  `device_option`) and an `ArgumentParser` whose errors are one line like every other;
+- `run_cli`: an expected failure is one line on stderr and exit code 2, Ctrl-C one line and 130;
+- `add_weight_options` and `load_for_inference`: which model a command answers from, the demo's by
+  default or real weights (--phi2, --blip2, --checkpoint, --int8), for tinygptv.py and eval.py;
+- `main`: `python tinygptv.py --image x.png --prompt "..."`, `... convert` and `... params`.
+"""
+
+import argparse
+import math
+import sys
+
+import torch
+import torch.nn as nn
+
+import demo
+import tinygptv as tg
+from convert import convert
+from fastpaths import decoder_for
+from int8 import quantize_int8
+from layouts import load_model
+
+# -----------------------------------------------------------------------------
+# Arguments and errors
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad option is a one-line `error: ...` like every other expected failure."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def at_least(low, kind=int):
+    """An argparse type: a number >= low (a finite one, for floats)."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not math.isfinite(v) or v < low:
+            raise argparse.ArgumentTypeError(f"{text} must be at least {low}")
+        return v
+    return parse
+
+
+def probability(text):
+    """An argparse type for top-p: a number in (0, 1]."""
+    v = at_least(0.0, float)(text)
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
+    return v
+
+
+def device_option(text):
+    """An argparse type: a torch device this machine has."""
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device; use cpu")
+    try:
+        return str(torch.device(text))
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+
+
+def run_cli(main, interrupted="interrupted"):
+    """Run an entry point: an expected failure (bad input, a missing or unreadable file, a full
+    disk) is one line on stderr and exit code 2, Ctrl-C one line and 130. A bug still shows its
+    traceback."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError) as e:  # FileNotFoundError and PermissionError are OSErrors
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        sys.exit(2)
+
+
+def check_real_weights(args):
+    """Real weights come as a pair: --phi2 and --blip2 (tinygptv.py, eval.py and train.py)."""
+    if (args.phi2 is None) != (args.blip2 is None):
+        raise ValueError("real weights need both --phi2 and --blip2")
+
+
+# -----------------------------------------------------------------------------
+# Which model answers
+
+
+def add_weight_options(p):
+    p.add_argument("--run", help="the demo run directory train.py wrote (default: runs/demo)")
+    p.add_argument("--checkpoint", help="a stage checkpoint (.safetensors) of this project, or a converted official one")
+    p.add_argument("--phi2", help="a Phi-2 directory (transformers layout, with tokenizer.json)")
+    p.add_argument("--blip2", help="a BLIP-2 directory or LAVIS safetensors (ViT + Q-Former)")
+    p.add_argument("--qformer", help="the Q-Former, if not in the --blip2 path")
+    p.add_argument("--int8", action="store_true", help="int8 weights for the language model")
+
+
+def load_for_inference(args, dtype=None):
+    """-> (model on args.device in eval mode, tokenizer, stage): the demo run by default, or real
+    weights, which need a trained stage checkpoint (the projections would otherwise be random and
+    every answer garbage). With --int8 Phi-2 is quantized as it loads (layouts.load_model)."""
+    check_real_weights(args)
+    if args.phi2:
+        if not args.checkpoint:
+            raise ValueError("--phi2/--blip2 need --checkpoint too: without a trained stage checkpoint (ours, or an "
+                             "official one converted with `tinygptv.py convert`) the projections are untrained")
+        model, stage = load_model(args.phi2, args.blip2, args.qformer, checkpoint=args.checkpoint, int8=args.int8,
+                                  dtype=dtype)
+        tok = tg.load_tokenizer(args.phi2)
+    elif args.checkpoint:
+        raise ValueError("--checkpoint needs --phi2 and --blip2 (the frozen weights it builds on)")
+    else:
+        model, tok, stage = demo.load_demo(args.run or demo.DEMO_RUN)
+        if args.int8:  # the demo's small model: quantized after it is built
+            quantize_int8(model)
+    if tok.get_vocab_size() > model.config.llm.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens but the language model only "
+                         f"{model.config.llm.vocab_size} embeddings: they do not belong together")
+    return model.to(args.device).eval(), tok, max(stage, 1)
+
+
+# -----------------------------------------------------------------------------
+# python tinygptv.py
+
+
+def count_parameters(config):
+    with torch.device("meta"):
+        model = tg.TinyGPTV(config)  # meta tensors: shapes only, no memory
+        model.add_lora()
+    parts = {"visual_encoder (ViT + ln_vision)": model.visual_encoder, "qformer (+ query_tokens)": model.qformer,
+             "llama_proj + llama_proj2": nn.ModuleList([model.llama_proj, model.llama_proj2]),
+             "llama_model (Phi-2 + stabilizers + LoRA)": model.llama_model}
+    rows = [(k, sum(p.numel() for p in m.parameters())) for k, m in parts.items()]
+    lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    trainable = sum(p.numel() for n, p in model.named_parameters() if tg.is_trainable(n))
+    rows += [("  of which LoRA", lora), ("total", sum(p.numel() for p in model.parameters())),
+             ("trainable in stages 2-4", trainable)]
+    return rows
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["convert"]:
+        p = ArgumentParser(prog="tinygptv.py convert", description="Convert official .pth files (a TinyGPT-V "
+                           "stage; LAVIS EVA and BLIP-2, merged into one) to safetensors")
+        p.add_argument("sources", nargs="+", metavar="SOURCE", help="one or more .pth files")
+        p.add_argument("dst", metavar="DESTINATION", help="the .safetensors file to write")
+        p.add_argument("--num-heads", type=at_least(1), default=32, help="Phi-2's heads, to un-interleave the fused qkv")
+        p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), help="a TinyGPT-V checkpoint's stage, if its "
+                       "file name does not say it")
+        p.add_argument("--force", action="store_true", help="replace DESTINATION if it exists")
+        a = p.parse_args(argv[1:])
+        convert(a.sources, a.dst, a.num_heads, stage=a.stage, force=a.force)
+        return
+    if argv[:1] == ["params"]:
+        for name, n in count_parameters(tg.TinyGPTVConfig.full()):
+            print(f"{name:45s} {n:>15,d}")
+        return
+    p = ArgumentParser(prog="tinygptv.py", description="Ask TinyGPT-V about an image. Without weight options it "
+                       "answers from the demo that `python train.py` trains.")
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", required=True, help='e.g. "[vqa] what color is the circle" or "[refer] the red square"')
+    add_weight_options(p)
+    p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), help="prompt template (default: the checkpoint's stage)")
+    p.add_argument("--device", type=device_option, default="cpu")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=40)
+    p.add_argument("--temperature", type=at_least(0.0, float), default=0.0, help="0 (the default) is greedy")
+    p.add_argument("--top-p", type=probability, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if not a.prompt.strip():
+        raise ValueError('--prompt is empty: ask something, e.g. --prompt "[vqa] what color is the circle"')
+    # --int8 from the downloads: Phi-2 is quantized layer by layer as it loads and the rest is read in
+    # bf16 (the official code runs the ViT in fp16): about 5 GB in all, where float32 would need 15 GB.
+    model, tok, stage = load_for_inference(a, dtype=torch.bfloat16 if a.int8 and a.phi2 else None)
+    if a.max_new_tokens >= model.config.llm.max_position_embeddings:
+        raise ValueError(f"--max-new-tokens {a.max_new_tokens}: the model's context is "
+                         f"{model.config.llm.max_position_embeddings} tokens, prompt and image included")
+    stage = a.stage or stage
+    instruction = tg.parse_user_prompt(a.prompt) if stage >= 3 else ""
+    image = tg.load_image(a.image)
+    answer = model.generate(tok, [image], [instruction], stage=stage, max_new_tokens=a.max_new_tokens,
+                            temperature=a.temperature, top_p=a.top_p, seed=a.seed, decoder=decoder_for(a.device))[0]
+    print(answer)

@@ -1,0 +1,172 @@
+"""Speed paths for particular hardware: decode steps replayed as CUDA graphs, and a bf16 vision
+tower computed in float32 on CPUs without fast bf16 matrix products.
+
+A reader of the paper may skip this file: it computes exactly what phi2.py and vit.py compute,
+only faster on some machines. Its jobs:
+- `CUDAGraphDecoder`: the `decoder` Phi2.generate takes, each decode step recorded once as a CUDA
+  graph (`GraphedDecodeStep`, over a fixed-size `StaticKVCache`) and replayed; `decoder_for(device)`
+  says whether a device gets it;
+- `CPU_BF16_MATMUL` and `Float32Blocks`: whether torch multiplies bf16 matrices at full speed on
+  this CPU, decided once when this file is imported, and, where it does not, a ViT whose bf16
+  blocks are computed in float32, one block's weights widened at a time.
+"""
+
+import torch
+
+from phi2 import KVCache
+from vit import VisionTransformer
+
+# -----------------------------------------------------------------------------
+# The GPU decode path: one CUDA graph per decode step
+
+
+class StaticKVCache:
+    """A cache of fixed size, for decode steps replayed as a CUDA graph (`GraphedDecodeStep`).
+
+    A graph replays the same kernels on the same addresses and shapes, so nothing here may grow or
+    move: storage for the whole generation is allocated once, the new key and value go to the slot
+    held in the tensor `slot` (a replay writes wherever it points), and attention always reads all
+    `capacity` slots while the attention mask hides the ones not written yet. Zeros rather than
+    empty memory there: a hidden slot's value is still multiplied by probability 0, and 0 * NaN is NaN."""
+
+    def __init__(self, cache: KVCache, capacity):
+        n = cache.length  # the prompt, from the prefill's ordinary cache
+        self.keys, self.values = [], []
+        for k, v in zip(cache.keys, cache.values):
+            for src, store in ((k, self.keys), (v, self.values)):
+                buf = src.new_zeros(*src.shape[:2], capacity, src.shape[3])  # (B, nh, capacity, hd)
+                buf[:, :, :n] = src[:, :, :n]
+                store.append(buf)
+        self.slot = torch.tensor([n], device=self.keys[0].device)  # where the next token's key goes
+        self.capacity = capacity
+
+    @property
+    def length(self):
+        return self.capacity - 1  # what Phi2.hidden_states sees: one new token, every other slot is "past"
+
+    def update(self, layer, k, v):
+        """Write k, v (B, nh, 1, hd) at `slot`; return all slots (B, nh, capacity, hd)."""
+        if k.shape[2] != 1:
+            raise ValueError("a StaticKVCache takes one token per step; prefill with a KVCache")
+        self.keys[layer].index_copy_(2, self.slot, k)
+        self.values[layer].index_copy_(2, self.slot, v)
+        return self.keys[layer], self.values[layer]
+
+
+class GraphedDecodeStep:
+    """One decode step, token (B,) -> next-token logits (B, vocab), recorded as a CUDA graph.
+
+    Why: a batch-1 decode step of Phi-2 is a few hundred small kernels, and on a GPU launching them
+    one by one from Python takes longer than running them (bench.py section 1). A CUDA graph records
+    the launches once; each replay() issues them all in one call. Every input of the step lives in a
+    buffer that is overwritten in place before a replay: the token, its position, the attention mask
+    over all the cache's slots, and the cache's write slot. Without a GPU the same step runs eagerly,
+    which is how the CPU tests check the fixed-size cache and the mask bookkeeping."""
+
+    def __init__(self, model, cache: KVCache, attention_mask, capacity):
+        B, S = attention_mask.shape
+        self.model, self.cache = model, StaticKVCache(cache, capacity)
+        self.token = attention_mask.new_zeros(B, 1)  # (B, 1)
+        self.mask = attention_mask.new_zeros(B, capacity)  # (B, capacity): 1 = a real, written slot
+        self.mask[:, :S] = attention_mask
+        self.position = attention_mask.sum(-1, keepdim=True) - 1  # (B, 1): real tokens so far, minus 1
+        self.filled = S
+        self.graph = None
+        if attention_mask.is_cuda:
+            # Warm up on a side stream before capturing, as torch.cuda.graphs asks: first calls do
+            # one-time work (cuBLAS handles, workspaces) that must not be recorded. The warm-up writes
+            # slot S, which the first real step overwrites; the mask hides it meanwhile.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step()  # (B, vocab), rewritten by every replay
+
+    def _step(self):
+        h = self.model.hidden_states(self.token, attention_mask=self.mask, position_ids=self.position,
+                                     kv_cache=self.cache)  # (B, 1, C)
+        return self.model.lm_head(h[:, -1])  # (B, vocab)
+
+    def __call__(self, token):
+        if self.filled == self.cache.capacity:
+            raise ValueError(f"the decode cache is full ({self.cache.capacity} slots)")
+        self.token.copy_(token[:, None])
+        self.cache.slot.fill_(self.filled)
+        self.mask[:, self.filled] = 1
+        self.position += 1
+        self.filled += 1
+        if self.graph is None:
+            return self._step()
+        self.graph.replay()
+        return self.logits.clone()  # the next replay overwrites the buffer
+
+
+class CUDAGraphDecoder:
+    """Phi2.generate's `decoder`: at a generation's first decode step the prompt's keys and values
+    move into a fixed-size cache and the step is recorded (a one-token answer never records one);
+    every later step replays it."""
+
+    def __init__(self):
+        self.prefill, self.step = None, None
+
+    def __call__(self, model, token, cache, attention_mask, capacity):
+        if self.prefill is not cache:  # a new generation
+            self.prefill, self.step = cache, GraphedDecodeStep(model, cache, attention_mask, capacity)
+        return self.step(token)  # (B, vocab)
+
+
+def decoder_for(device):
+    """The decoder generation uses on `device`: CUDA graphs on a GPU outside autocast (graphs and
+    autocast's cast cache do not mix); None, the plain step, elsewhere: on the CPU graphs gain nothing."""
+    if torch.device(device).type == "cuda" and not torch.is_autocast_enabled("cuda"):
+        return CUDAGraphDecoder()
+    return None
+
+
+# -----------------------------------------------------------------------------
+# A bf16 vision tower on a CPU without fast bf16 matrix products
+
+
+def cpu_bf16_matmul():
+    """Whether torch multiplies bf16 matrices at full speed on this CPU: through oneDNN, which needs
+    AVX-512 (or AMX, or ARM's bf16). Without it (an AVX2 CPU) bf16 matmuls take a slow generic path."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+CPU_BF16_MATMUL = cpu_bf16_matmul()  # decided once, when this file is imported
+
+
+class Float32Blocks(VisionTransformer):
+    """vit.py's tower, whose blocks, when it is bf16 on a CPU without fast bf16 matmuls
+    (CPU_BF16_MATMUL false), are computed in float32. The weights stay bf16 in memory (2 GB, not
+    float32's 4) and each block's are widened for its own call only, about 100 MB at a time. On an
+    AVX2 CPU a 448 px block ran 8x faster this way than in bf16 (docs/LOG.md, 2026-12-02, third
+    session). Elsewhere it is vit.py's forward."""
+
+    def forward(self, pixel_values):
+        p = self.pos_embed
+        if p.dtype != torch.bfloat16 or p.device.type != "cpu" or CPU_BF16_MATMUL:
+            return super().forward(pixel_values)
+        x = self.embed(pixel_values)  # (B, 1 + N, D)
+        return self.ln_vision(self.blocks_in_float32(x).to(x.dtype))  # (B, 1 + N, D)
+
+    def blocks_in_float32(self, x):
+        """The blocks of a bf16 tower, computed in float32: (B, T, D) -> (B, T, D) float32."""
+        x = x.float()
+        for block in self.blocks:
+            weights = {k: v.float() if v.is_floating_point() else v for k, v in block.state_dict().items()}
+            x = torch.func.functional_call(block, weights, (x,))  # (B, T, D)
+        return x
+
+
+def float32_blocks(vit):
+    """Give a loaded VisionTransformer the forward above (same parameters, same state dict)."""
+    vit.__class__ = Float32Blocks
+    return vit

@@ -1,0 +1,105 @@
+"""A training run's directory kept whole: one writer at a time, leftovers of a killed run cleared,
+and an interrupted stage continued only as the run it was.
+
+A reader of the paper may skip this file: train.py calls it around the stages. Its jobs:
+- `take_lock`: one train.py per run directory, its PID in `.lock`; a dead holder's lock is taken
+  over, and so are the temporaries its killed writes left behind;
+- `saved_state`, `save_state`: the step checkpoint of an interrupted stage (weights, optimizer,
+  step, RNG), written atomically and read weights-only, never as code, and refused when the
+  settings it was trained with differ from the resumed run's.
+"""
+
+import os
+import re
+
+import torch
+
+from checkpoints import write_atomically
+
+
+def take_lock(out):
+    """One writer per run directory: two train.py processes on one --out would each overwrite the
+    other's checkpoints. The lock file `.lock` holds the PID; a lock whose process is gone is taken
+    over, and so are the temporaries its killed writes left behind. -> the lock's path, to remove."""
+    path = os.path.join(out, ".lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            with open(path) as f:
+                text = f.read().strip()
+            if text.isdigit() and pid_alive(int(text)):
+                raise ValueError(f"{out} is in use by another train.py (pid {text}); wait for it to finish, "
+                                 "or train into another --out") from None
+            os.remove(path)  # its process is gone
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    for tmp in remove_stale_temporaries(out, pid_alive):
+        print(f"removed {tmp}, left by an interrupted write", flush=True)
+    return path
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder, alive):
+    """Delete the temporaries a killed write left: write_atomically's (their names end in the
+    writer's PID, whose process `alive(pid)` says is gone) and safetensors' own `.tmpXXXXXX`, which
+    save_file writes beside its target. Call it holding the folder's lock. -> the paths removed."""
+    removed = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            m = re.fullmatch(r"\..+\.tmp(\d+)", name)
+            ours = m and int(m.group(1)) != os.getpid() and not alive(int(m.group(1)))
+            if ours or re.fullmatch(r"\.tmp[A-Za-z0-9]{6}", name):  # the second: safetensors' own temporary
+                os.remove(os.path.join(root, name))
+                removed.append(os.path.join(root, name))
+    return removed
+
+
+def saved_state(path, stage, settings, resume, restart, device="cpu"):
+    """The interrupted stage's saved state to continue from, or None to start the stage fresh. A
+    state file is never discarded without --restart, nor a fresh start taken for a resume, and it
+    continues only a run with the same `settings` ({option: value})."""
+    if not os.path.isfile(path):
+        if resume:
+            raise ValueError(f"--resume: nothing to resume for stage {stage} ({path} does not exist); "
+                             "run without --resume")
+        return None
+    if not (resume or restart):
+        raise ValueError(f"stage {stage} has an interrupted run's state ({path}): pass --resume to continue it "
+                         "or --restart to start the stage over")
+    return None if restart else read_state(path, settings, device)
+
+
+def read_state(path, settings, device="cpu"):
+    """A training state file (torch.save of tensors and plain containers, read weights-only, never
+    code), checked: its fields are there and the settings it was trained with ({option: value})
+    equal `settings`. -> the state dict, or a one-line ValueError naming the file or the option."""
+    try:
+        st = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, garbage, or not a state file at all
+        raise ValueError(f"{path}: cannot read the saved state ({str(e).splitlines()[0][:120]}); "
+                         "--restart starts the stage over") from None
+    keys = ("model", "optimizer", "scaler", "rng", "step")
+    if not isinstance(st, dict) or any(k not in st for k in keys) or not isinstance(st["model"], dict):
+        raise ValueError(f"{path}: not a train.py state file (expected {', '.join(keys)}); "
+                         "--restart starts the stage over")
+    for option, value in settings.items():
+        was = st.get("settings", {}).get(option, value)
+        if was != value:
+            raise ValueError(f"--resume: {option} is {value} now but was {was} in the interrupted run; "
+                             f"resume with the same {option}, or --restart")
+    return st
+
+
+def save_state(path, state):
+    write_atomically(path, lambda tmp: torch.save(state, tmp))  # an interruption leaves the previous file whole
