@@ -179,7 +179,7 @@ def read_json(path, kind=dict):
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     filled = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    if path.endswith(".jsonl") or (len(filled) > 1 and _is_json_object(filled[0][1])):
+    if str(path).endswith(".jsonl") or (len(filled) > 1 and _is_json_object(filled[0][1])):
         records = []
         for n, line in filled:
             try:

@@ -11,11 +11,13 @@ A reader of the paper may skip this file. Its jobs:
 
 import argparse
 import math
+import re
 import sys
 
 import torch
 import torch.nn as nn
 
+import data
 import demo
 import tinygptv as tg
 from convert import convert
@@ -77,6 +79,18 @@ def run_cli(main, interrupted="interrupted"):
     except (ValueError, OSError) as e:  # FileNotFoundError and PermissionError are OSErrors
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(2)
+
+
+def parse_user_prompt(prompt):
+    """'[vqa] what color is it' -> tg.instruction_for('vqa', 'what color is it'); untagged -> chat."""
+    m = re.match(r"\s*\[(\w+)\]\s*(.*)", prompt, re.S)
+    if m is None:
+        return tg.instruction_for("chat", prompt.strip())
+    tag, rest = m.group(1), m.group(2).strip()
+    if tag not in tg.TASK_INSTRUCTIONS or tag in ("chat", "describe"):
+        tags = ", ".join(f"[{t}]" for t in tg.TASK_INSTRUCTIONS if t not in ("chat", "describe"))
+        raise ValueError(f"unknown task tag [{tag}]: use one of {tags}, or no tag")
+    return tg.instruction_for(tag, rest)
 
 
 def check_real_weights(args):
@@ -180,8 +194,8 @@ def main(argv=None):
         raise ValueError(f"--max-new-tokens {a.max_new_tokens}: the model's context is "
                          f"{model.config.llm.max_position_embeddings} tokens, prompt and image included")
     stage = a.stage or stage
-    instruction = tg.parse_user_prompt(a.prompt) if stage >= 3 else ""
-    image = tg.load_image(a.image)
+    instruction = parse_user_prompt(a.prompt) if stage >= 3 else ""
+    image = data.load_image(a.image)
     answer = model.generate(tok, [image], [instruction], stage=stage, max_new_tokens=a.max_new_tokens,
                             temperature=a.temperature, top_p=a.top_p, seed=a.seed, decoder=decoder_for(a.device))[0]
     print(answer)

@@ -20,14 +20,16 @@ Shapes in and out: `render(scene, size)` -> RGB PIL image (size, size); boxes ar
 ints (x1, y1, x2, y2) in 0-100; every sample is a `Sample(image, task, query, answer, meta)`.
 """
 
-import json
 import os
 import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
-from PIL import Image, ImageDraw
+import numpy as np
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from checkpoints import read_json
 
 # -----------------------------------------------------------------------------
 # The world. Deliberately small: one object per picture, in one cell of a 3x3 grid, with few and
@@ -290,33 +292,52 @@ def stage_samples(scenes, stage, image_size, seed):
 
 
 # -----------------------------------------------------------------------------
+# Reading an image file: any mode Pillow opens, as RGB, or a one-line error
+
+
+def to_rgb(im, name="image"):
+    """Any image Pillow opens -> RGB, fully decoded. 16- and 32-bit grey ("I;16", "I") are scaled
+    from 0-65535 to 0-255: Pillow's own convert clips them, and most greys come out white."""
+    if im.mode.startswith("I;16") or (im.mode == "I" and np.asarray(im).max() > 255):
+        grey = (np.asarray(im, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if im.mode == "F":
+        raise ValueError(f"{name}: a floating-point image (mode F) has no agreed 0-255 range; save it as 8-bit")
+    try:
+        return im.convert("RGB")  # L, P, RGBA, CMYK, YCbCr, ...; forces a full decode
+    except ValueError as e:  # a mode Pillow cannot turn into RGB (LAB, ...)
+        raise ValueError(f"{name}: cannot convert mode {im.mode} to RGB ({e})") from None
+
+
+def load_image(image):
+    """A path or a PIL image -> an RGB PIL image; a one-line error for a missing, corrupt, truncated
+    or oversized file (Pillow's decompression-bomb limit)."""
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if not os.path.isfile(image):
+        raise FileNotFoundError(f"image not found: {image}")
+    try:
+        with Image.open(image) as im:
+            return to_rgb(im, image)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{image}: refused: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # SyntaxError: Pillow's word for some bad files
+        raise ValueError(f"cannot read image {image}: {e}") from None
+
+
+
+# -----------------------------------------------------------------------------
 # Real data behind the same interface. Each file is a JSON list (or a JSON object holding an
 # "annotations" list) or JSONL. Images are checked up front: a missing or unreadable one is skipped
 # and counted, so a long run doesn't die on its 10,000th sample; a malformed file is an error.
 
 def _read_records(path):
-    """-> [(where, record)], where = "entry [i]" (JSON) or "line n" (JSONL), for error messages."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    lines = text.splitlines()
-    filled = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
-    if len(filled) > 1 and _is_json_object(filled[0][1]):  # JSONL: one object per line
-        records = []
-        for n, line in filled:
-            try:
-                records.append((f"line {n}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {n}: bad JSON ({e.msg}, column {e.colno})") from None
+    """-> [(where, record)], where = "entry [i]" (a JSON list, or an object holding an "annotations"
+    list, or one record) or "line n" (JSON lines), for error messages."""
+    data = read_json(path, None)
+    if isinstance(data, list) and data and isinstance(data[0], tuple):  # JSON lines: (line number, record)
+        records = [(f"line {n}", r) for n, r in data]
     else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {e.lineno}: bad JSON ({e.msg}, column {e.colno})") from None
         if isinstance(data, dict):
             data = data["annotations"] if "annotations" in data else [data]
         if not isinstance(data, list):
@@ -328,15 +349,9 @@ def _read_records(path):
     return records
 
 
-def _is_json_object(line):
-    try:
-        return isinstance(json.loads(line), dict)
-    except json.JSONDecodeError:
-        return False
-
-
-def _field(path, where, record, name, types=str):
-    if name not in record:
+def need(path, where, record, name, types=str):
+    """record[name], which must be there and of `types`; one-line errors naming file, record, field."""
+    if not isinstance(record, dict) or name not in record:
         raise ValueError(f"{path}: {where}: missing field '{name}'")
     if not isinstance(record[name], types):
         raise ValueError(f"{path}: {where}: field '{name}' has the wrong type ({type(record[name]).__name__})")
@@ -380,12 +395,12 @@ def _caption_samples(path, records, root):
     out = []
     for i, (where, r) in enumerate(records):
         if "image" not in r and "image_id" in r:
-            image = str(_field(path, where, r, "image_id", (str, int))) + ".jpg"
-            text = _field(path, where, r, "caption").strip()
+            image = str(need(path, where, r, "image_id", (str, int))) + ".jpg"
+            text = need(path, where, r, "caption").strip()
             query = DESCRIBE_INSTRUCTIONS[i % len(DESCRIBE_INSTRUCTIONS)]
             out.append(Sample(os.path.join(root, image), "describe", query, text, {}))
         else:
-            image, text = _field(path, where, r, "image"), _field(path, where, r, "caption")
+            image, text = need(path, where, r, "image"), need(path, where, r, "caption")
             out.append(Sample(os.path.join(root, image), "caption", "", clean_caption(text), {}))
     return keep_readable(path, out)[0]
 
@@ -395,8 +410,8 @@ def _llava_samples(path, records, root):
     question because the template places the image."""
     out = []
     for where, r in records:
-        image = os.path.join(root, _field(path, where, r, "image"))
-        turns = _field(path, where, r, "conversations", list)
+        image = os.path.join(root, need(path, where, r, "image"))
+        turns = need(path, where, r, "conversations", list)
         if len(turns) % 2:
             raise ValueError(f"{path}: {where}: odd number of conversation turns ({len(turns)})")
         for t in range(0, len(turns), 2):
@@ -415,8 +430,8 @@ def _vqa_samples(path, records, root):
     """{"image", "question", "answer"}; a list of answers (VQAv2's ten) trains on the most common."""
     out = []
     for where, r in records:
-        image, question = _field(path, where, r, "image"), _field(path, where, r, "question")
-        answers = _field(path, where, r, "answer", (str, list))
+        image, question = need(path, where, r, "image"), need(path, where, r, "question")
+        answers = need(path, where, r, "answer", (str, list))
         answers = [answers] if isinstance(answers, str) else [a.get("answer") if isinstance(a, dict) else a for a in answers]
         if not answers or not all(isinstance(a, str) for a in answers):
             raise ValueError(f"{path}: {where}: field 'answer' should be a text or a non-empty list of texts")
@@ -431,8 +446,8 @@ def _refexp_samples(path, records, root):
     of the image's size, which is read from the file."""
     out = []
     for where, r in records:
-        image, text = _field(path, where, r, "image"), _field(path, where, r, "phrase")
-        box = _field(path, where, r, "box", list)
+        image, text = need(path, where, r, "image"), need(path, where, r, "phrase")
+        box = need(path, where, r, "box", list)
         if len(box) != 4 or not all(isinstance(v, (int, float)) for v in box) or box[2] <= 0 or box[3] <= 0:
             raise ValueError(f"{path}: {where}: field 'box' should be [x, y, w, h] with w, h > 0")
         out.append(Sample(os.path.join(root, image), "refer", text.strip(), "", {"box_px": tuple(box)}))
@@ -446,22 +461,6 @@ def _refexp_samples(path, records, root):
 
 def _root(path, image_root):
     return image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
-
-
-def load_caption_pairs(path, image_root=None):
-    return _caption_samples(path, _read_records(path), _root(path, image_root))
-
-
-def load_llava(path, image_root=None):
-    return _llava_samples(path, _read_records(path), _root(path, image_root))
-
-
-def load_vqa(path, image_root=None):
-    return _vqa_samples(path, _read_records(path), _root(path, image_root))
-
-
-def load_refexp(path, image_root=None):
-    return _refexp_samples(path, _read_records(path), _root(path, image_root))
 
 
 def load_dataset(path, image_root=None):

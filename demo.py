@@ -452,21 +452,38 @@ def evaluate(model, tok, split, taught=4, n=300):
     return rows
 
 
-def previous_evaluation(out, stage, eval_set):
+def table_title(stage):
+    return f"stage {stage} | held-out evaluation (% of test samples)"
+
+
+def table_before(model, tok, out, stage, split, n):
     """Stage N starts as stage N-1 ended (new LoRA adapters have B = 0, so they change nothing):
-    its "before" column is stage N-1's "after", when that was measured on the same test set."""
+    its "before" column is stage N-1's "after" when that was measured on the same held-out
+    samples (its stageN.eval.json says which), else measured now."""
     path = os.path.join(out, f"stage{stage - 1}.eval.json")
-    if stage == 1 or not os.path.isfile(path):
-        return None
-    try:
-        saved = read_json(path)
-        return saved["after"] if saved.get("eval_set") == eval_set else None
-    except (ValueError, KeyError, TypeError, AttributeError):
-        log(f"stage {stage} | {path} is unreadable; measuring the \"before\" column again")
-        return None
+    if stage > 1 and os.path.isfile(path):
+        try:
+            saved = read_json(path)
+            if saved.get("eval_set") == eval_set(split, n):
+                return saved["after"]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log(f"stage {stage} | {path} is unreadable; measuring the \"before\" column again")
+    return evaluate(model, tok, split, stage - 1, n)
+
+
+def table_after(model, tok, out, stage, split, n, before, held_out=None, eval_data=None):
+    """The finished stage's table, printed and written to stageN.eval.json: on a user's held-out
+    samples (train.py --eval-data) if given, else on the demo's held-out scenes, beside `before`."""
+    if held_out is not None:
+        result = {"after": scoring.score(model, tok, held_out, stage, progress=True), "eval_data": eval_data}
+    else:
+        result = {"before": before, "after": evaluate(model, tok, split, stage, n), "eval_set": eval_set(split, n)}
+    scoring.print_table(table_title(stage), result["after"], result.get("before", {}))
+    write_atomically(os.path.join(out, f"stage{stage}.eval.json"), lambda tmp: write_json(result, tmp))
 
 
 def eval_set(split, n):
+    """What a table was measured on: n samples per task of the split's held-out scenes."""
     return [n, split.n_eval, split.n_train, split.seed]
 
 

@@ -217,14 +217,6 @@ def refcoco_hits(raw, answer, box_xywh, width, height):
 # task, the full instruction as query, the label as answer, and what scoring needs in meta. A
 # .jsonl file reads as (line number, record) pairs (checkpoints.read_json).
 
-def need(path, where, record, name, types=str):
-    if not isinstance(record, dict) or name not in record:
-        raise ValueError(f"{path}: {where}: missing field '{name}'")
-    if not isinstance(record[name], types):
-        raise ValueError(f"{path}: {where}: field '{name}' has the wrong type ({type(record[name]).__name__})")
-    return record[name]
-
-
 def first_file(root, *names):
     """The first of these files under root that exists (else the first, to be counted missing)."""
     paths = [os.path.join(root, n) for n in names]
@@ -234,7 +226,7 @@ def first_file(root, *names):
 def read_gqa(path, root, args):
     out = []
     for qid, q in read_json(path, dict).items():
-        image, question, answer = (need(path, f"question {qid}", q, k) for k in ("imageId", "question", "answer"))
+        image, question, answer = (data.need(path, f"question {qid}", q, k) for k in ("imageId", "question", "answer"))
         out.append(data.Sample(os.path.join(root, image + ".jpg"), "gqa", tg.instruction_for("vqa", question),
                                answer, {"id": qid}))
     return out
@@ -243,8 +235,8 @@ def read_gqa(path, root, args):
 def read_vsr(path, root, args):
     out = []
     for n, r in read_json(path, list):
-        image, caption = need(path, f"line {n}", r, "image"), need(path, f"line {n}", r, "caption")
-        label = "true" if need(path, f"line {n}", r, "label", int) == 1 else "false"  # as the official code
+        image, caption = data.need(path, f"line {n}", r, "image"), data.need(path, f"line {n}", r, "caption")
+        label = "true" if data.need(path, f"line {n}", r, "label", int) == 1 else "false"  # as the official code
         image = first_file(root, image, os.path.join("train2017", image), os.path.join("val2017", image))
         out.append(data.Sample(image, "vsr", PROMPTS["vsr"].format(caption), label, {"id": n}))
     return out
@@ -254,8 +246,8 @@ def read_vizwiz(path, root, args):
     out = []
     for i, r in enumerate(read_json(path, list)):
         where = f"entry [{i}]"
-        image, question = need(path, where, r, "image"), need(path, where, r, "question")
-        humans = [need(path, where, a, "answer") for a in need(path, where, r, "answers", list)]
+        image, question = data.need(path, where, r, "image"), data.need(path, where, r, "question")
+        humans = [data.need(path, where, a, "answer") for a in data.need(path, where, r, "answers", list)]
         out.append(data.Sample(os.path.join(root, image), "vizwiz", PROMPTS["vizwiz"].format(question), "",
                                {"id": image, "answers": humans}))
     return out
@@ -265,10 +257,10 @@ def read_iconqa(path, root, args):
     split, out = args.split or "val", []
     for pid, p in read_json(path, dict).items():
         where = f"problem {pid}"
-        if need(path, where, p, "ques_type") != "choose_txt" or need(path, where, p, "split") != split:
+        if data.need(path, where, p, "ques_type") != "choose_txt" or data.need(path, where, p, "split") != split:
             continue
-        question, choices = need(path, where, p, "question"), need(path, where, p, "choices", list)
-        answer = str(need(path, where, p, "answer", int))
+        question, choices = data.need(path, where, p, "question"), data.need(path, where, p, "choices", list)
+        answer = str(data.need(path, where, p, "answer", int))
         image = os.path.join(root, "iconqa", split, "choose_txt", pid, "image.png")
         out.append(data.Sample(image, "iconqa", tg.instruction_for("vqa", question), answer,
                                {"id": pid, "choices": [str(c) for c in choices]}))
@@ -279,10 +271,10 @@ def read_hm(path, root, args):
     out = []
     for n, r in read_json(path, list):
         where = f"line {n}"
-        image, text = need(path, where, r, "img"), need(path, where, r, "text")
-        label = need(path, where, r, "label", int)
+        image, text = data.need(path, where, r, "img"), data.need(path, where, r, "text")
+        label = data.need(path, where, r, "label", int)
         out.append(data.Sample(os.path.join(root, image), "hm", PROMPTS["hm"].format(text), str(label),
-                               {"id": need(path, where, r, "id", (int, str)), "label": label}))
+                               {"id": data.need(path, where, r, "id", (int, str)), "label": label}))
     return out
 
 
@@ -300,13 +292,13 @@ def read_okvqa(path, root, args):
     humans = companion(args.annotations, "VQA v2's annotations format", lambda d: {
         a["question_id"]: [h["answer"] for h in a["answers"]] for a in d["annotations"]})
     out = []
-    for i, q in enumerate(need(path, "the top level", read_json(path, dict), "questions", list)):
+    for i, q in enumerate(data.need(path, "the top level", read_json(path, dict), "questions", list)):
         where = f"questions [{i}]"
-        qid, image_id = need(path, where, q, "question_id", int), need(path, where, q, "image_id", int)
+        qid, image_id = data.need(path, where, q, "question_id", int), data.need(path, where, q, "image_id", int)
         if qid not in humans:
             raise ValueError(f"{path}: {where}: question {qid} has no annotation in {args.annotations}")
         image = first_file(root, f"COCO_val2014_{image_id:012d}.jpg", f"{image_id:012d}.jpg")
-        out.append(data.Sample(image, "okvqa", tg.instruction_for("vqa", need(path, where, q, "question")), "",
+        out.append(data.Sample(image, "okvqa", tg.instruction_for("vqa", data.need(path, where, q, "question")), "",
                                {"id": qid, "answers": humans[qid]}))
     return out
 
@@ -321,15 +313,15 @@ def read_refcoco(path, root, args):
     out = []
     for i, ref in enumerate(read_json(path, list)):
         where = f"ref [{i}]"
-        split, ann_id = need(path, where, ref, "split"), need(path, where, ref, "ann_id", int)
+        split, ann_id = data.need(path, where, ref, "split"), data.need(path, where, ref, "ann_id", int)
         if split == "train" or (args.split and split != args.split):
             continue
         if ann_id not in anns:
             raise ValueError(f"{path}: {where}: ann_id {ann_id} is not in {instances}")
         box, im = anns[ann_id]
         meta = {"id": ann_id, "split": split, "box": box, "width": im["width"], "height": im["height"]}
-        for s in need(path, where, ref, "sentences", list):
-            query = tg.instruction_for("refer", need(path, where, s, "sent"))
+        for s in data.need(path, where, ref, "sentences", list):
+            query = tg.instruction_for("refer", data.need(path, where, s, "sent"))
             out.append(data.Sample(os.path.join(root, im["file_name"]), "refcoco", query, "", meta))
     return out
 
@@ -353,7 +345,7 @@ METRICS = {
 
 def pixels(model, samples):
     """Every benchmark at stage 4's size (448 px at full size), as the official eval processor."""
-    return model.pixels([s.image for s in samples], 4)
+    return model.pixels([data.load_image(s.image) for s in samples], 4)
 
 
 @torch.no_grad()

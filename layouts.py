@@ -26,12 +26,13 @@ import re
 from dataclasses import asdict, fields
 
 import torch
+import torch.nn as nn
 from safetensors.torch import save_file
 
 import tinygptv as tg
 from checkpoints import StrictReader, check_overrides, open_safetensors, read_json, write_atomically, write_json
 from fastpaths import float32_blocks
-from int8 import quantizer
+from int8 import Int8Linear
 from phi2 import Phi2, Phi2Config
 from qformer import QFormer, QFormerConfig
 from qformer import config_from_json as qformer_config_from_json
@@ -268,6 +269,32 @@ def save_pretrained(module, directory):
 # TinyGPT-V from any of these
 
 
+def quantizer(lora=None, scaling=1.0):
+    """A `convert` for checkpoints.StrictReader.load (Phi2.from_pretrained passes it on): each
+    nn.Linear becomes an Int8Linear as soon as its weight and bias are read, so only one layer is
+    ever held at full precision. lora: {name.lora_A: (r, in), name.lora_B: (out, r)} from a stage
+    checkpoint, merged first (W + scaling * B A, in float32, as LoRALinear.merge), as quantize_int8
+    merges before quantizing. `convert.unused()` lists the pairs that found no layer."""
+    lora = dict(lora or {})
+
+    def convert(name, module):
+        if type(module) is not nn.Linear:
+            return module
+        a, b = lora.pop(f"{name}.lora_A", None), lora.pop(f"{name}.lora_B", None)
+        if a is not None and b is not None:
+            delta = (b.float() @ a.float()) * scaling  # (out, in)
+            if delta.shape != module.weight.shape:
+                raise ValueError(f"LoRA for {name} makes a {tuple(delta.shape)} update, the weight is "
+                                 f"{tuple(module.weight.shape)}")
+            module.weight = nn.Parameter(module.weight.float() + delta.to(module.weight.device), requires_grad=False)
+        elif a is not None or b is not None:
+            raise ValueError(f"LoRA for {name}: lora_A and lora_B come in pairs, one is missing")
+        return Int8Linear(module)
+
+    convert.unused = lambda: sorted(lora)
+    return convert
+
+
 def load_model(phi2_path, vit_path, qformer_path=None, checkpoint=None, dtype=None, device="cpu",
                proj_dim=tg.TinyGPTVConfig.proj_dim, int8=False, report=True):
     """tinygptv.from_pretrained for every layout above: a Phi-2 directory, a ViT + Q-Former path
@@ -276,7 +303,7 @@ def load_model(phi2_path, vit_path, qformer_path=None, checkpoint=None, dtype=No
     checkpoint's own config overrides it). -> (model in eval mode, the checkpoint's stage or 0).
 
     int8: Phi-2's Linear layers become Int8Linear while they load, one at a time, with the
-    checkpoint's LoRA merged into each first (int8.quantizer), so Phi-2 never exists at full
+    checkpoint's LoRA merged into each first (`quantizer`), so Phi-2 never exists at full
     precision: the same weights as int8.quantize_int8 after loading, without the 11 GB float32
     copy. A bf16 ViT computes its blocks in float32 on a CPU without fast bf16 (fastpaths.py).
     report=False: the caller loads a stage checkpoint itself, so Phi-2's new stabilizer norms need

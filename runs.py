@@ -4,9 +4,9 @@ and an interrupted stage continued only as the run it was.
 A reader of the paper may skip this file: train.py calls it around the stages. Its jobs:
 - `take_lock`: one train.py per run directory, its PID in `.lock`; a dead holder's lock is taken
   over, and so are the temporaries its killed writes left behind;
-- `saved_state`, `save_state`: the step checkpoint of an interrupted stage (weights, optimizer,
-  step, RNG), written atomically and read weights-only, never as code, and refused when the
-  settings it was trained with differ from the resumed run's.
+- `saved_state`, `restore`, `save_state`: the step checkpoint of an interrupted stage (weights,
+  optimizer, step, RNG), written atomically and read weights-only, never as code, and refused when
+  the settings it was trained with differ from the resumed run's.
 """
 
 import os
@@ -14,6 +14,7 @@ import re
 
 import torch
 
+import tinygptv as tg
 from checkpoints import write_atomically
 
 
@@ -101,5 +102,23 @@ def read_state(path, settings, device="cpu"):
     return st
 
 
-def save_state(path, state):
-    write_atomically(path, lambda tmp: torch.save(state, tmp))  # an interruption leaves the previous file whole
+def restore(st, path, model, opt, scaler):
+    """Put a saved state back: the trained weights (as strictly as any checkpoint), the optimizer,
+    the gradient scaler and the RNG, so dropout continues as if never stopped. -> the step reached."""
+    tg.load_trained(model, st["model"], path)
+    try:
+        opt.load_state_dict(st["optimizer"])
+        scaler.load_state_dict(st["scaler"])
+        torch.set_rng_state(st["rng"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{path}: its optimizer state does not fit this model ({e}); "
+                         "--restart starts the stage over") from None
+    return st["step"]
+
+
+def save_state(path, model, opt, scaler, step, stage_config, settings):
+    """The step checkpoint: what trains, the optimizer, the scaler, the RNG, the step and the settings
+    a resume must share, written atomically (an interruption leaves the previous file whole)."""
+    state = {"model": tg.trainable_state_dict(model), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+             "rng": torch.get_rng_state(), "step": step, "stage_config": stage_config, "settings": settings}
+    write_atomically(path, lambda tmp: torch.save(state, tmp))

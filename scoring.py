@@ -87,7 +87,8 @@ def score(model, tok, samples, stage, batch_size=64, predictions=None, progress=
         for column in ("image", "blank"):
             answers = []
             for b in batches(picked, batch_size, f"{task} ({column})" if progress else None):
-                images = [data.blank_image(model.image_size(stage)) if column == "blank" else s.image for s in b]
+                images = [data.blank_image(model.image_size(stage)) if column == "blank" else data.load_image(s.image)
+                          for s in b]
                 answers += model.generate(tok, images, [tg.stage_instruction(stage, s) for s in b], stage=stage,
                                           max_new_tokens=64 if task == "describe" or stage == 3 else 24)
             hits = [hit(a, s) for a, s in zip(answers, picked)]

@@ -39,7 +39,6 @@ import demo
 import runs
 import scoring
 import tinygptv as tg
-from checkpoints import write_atomically, write_json
 from cli import ArgumentParser, at_least, check_real_weights, device_option, run_cli
 from layouts import load_model
 from lora import mark_trainable
@@ -235,26 +234,16 @@ def train_stage(args, stage):
     opt = torch.optim.AdamW(param_groups(model, sc.weight_decay), lr=sc.lr, betas=(0.9, 0.999))
     amp_dtype, scaler = mixed_precision(args)
     net = nn.parallel.DistributedDataParallel(model) if nproc > 1 else model  # DDP all-reduces the gradients
-    step = 0
+    step = 0 if st is None else runs.restore(st, state_path, model, opt, scaler)
     if st is not None:
-        tg.load_trained(model, st["model"], state_path)  # as strict as loading weights
-        try:
-            opt.load_state_dict(st["optimizer"])
-            scaler.load_state_dict(st["scaler"])
-            torch.set_rng_state(st["rng"])  # dropout continues as if never stopped
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise ValueError(f"{state_path}: its optimizer state does not fit this model ({e}); "
-                             "--restart starts the stage over") from None
-        step = st["step"]
         log(f"stage {stage} | resumed at step {step} from {state_path}")
 
     def save_state():
         if rank == 0:
-            runs.save_state(state_path, {"model": tg.trainable_state_dict(model), "optimizer": opt.state_dict(),
-                                         "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                                         "stage_config": asdict(sc), "settings": run_settings(args, stage)})
+            runs.save_state(state_path, model, opt, scaler, step, asdict(sc), run_settings(args, stage))
 
-    before = evaluate_before(args, model, tok, stage) if rank == 0 else {}
+    table = args.eval and not args.data and rank == 0  # the demo's held-out table, before and after
+    before = demo.table_before(model, tok, args.out, stage, args.split, args.eval_samples) if table else {}
     model.train()
     t0, done_here, seen, losses = time.time(), 0, 0, []
     while step < sc.steps:
@@ -276,7 +265,7 @@ def train_stage(args, stage):
                 if queries is not None:
                     logits, targets = net([examples[i] for i in m], queries=queries[image_row[m]])
                 else:
-                    px = model.pixels([samples[i].image for i in m], stage).to(args.device)
+                    px = model.pixels([data.load_image(samples[i].image) for i in m], stage).to(args.device)
                     logits, targets = net([examples[i] for i in m], pixel_values=px)
                 # sum over tokens / global count: DDP averages over ranks, so scale by nproc
                 loss = tg.lm_loss(logits, targets, reduction="sum") / n_answer * nproc
@@ -307,37 +296,13 @@ def train_stage(args, stage):
     if rank == 0:
         tg.save_checkpoint(model, stage_path(args, stage), stage)
         log(f"stage {stage} | wrote {stage_path(args, stage)}")
-        evaluate_after(args, model, tok, stage, before, held_out)
+        if held_out is not None or table:  # the user's held-out file, or the demo's scenes
+            demo.table_after(model, tok, args.out, stage, args.split, args.eval_samples, before, held_out, args.eval_data)
     return losses, True
 
 
 # -----------------------------------------------------------------------------
-# The held-out table: before and after a stage, each task with the image and with a blank one
-
-
-def evaluate_before(args, model, tok, stage):
-    """The demo's table of the model a stage starts from: the previous stage's "after" if it was
-    scored on the same held-out samples, or scored now. Nothing for a user's data."""
-    if not args.eval or args.data:
-        return {}
-    eval_set = demo.eval_set(args.split, args.eval_samples)
-    return (demo.previous_evaluation(args.out, stage, eval_set)
-            or demo.evaluate(model, tok, args.split, stage - 1, args.eval_samples))
-
-
-def evaluate_after(args, model, tok, stage, before, held_out):
-    """The finished stage's table, printed and written to stageN.eval.json: on --eval-data's file
-    if given, else the demo's held-out scenes."""
-    if held_out is not None:
-        result = {"after": scoring.score(model, tok, held_out, stage, progress=True), "eval_data": args.eval_data}
-    elif args.eval and not args.data:
-        result = {"before": before, "after": demo.evaluate(model, tok, args.split, stage, args.eval_samples),
-                  "eval_set": demo.eval_set(args.split, args.eval_samples)}
-    else:
-        return
-    scoring.print_table(f"stage {stage} | held-out evaluation (% of test samples)", result["after"],
-                        result.get("before", {}))
-    write_atomically(os.path.join(args.out, f"stage{stage}.eval.json"), lambda tmp: write_json(result, tmp))
+# The held-out table of a finished stage, nothing trained
 
 
 def evaluate_stage(args, stage):
@@ -350,8 +315,7 @@ def evaluate_stage(args, stage):
     demo.check_held_out(args.out, args.split)
     model, tok = build_model(args, stage, report=False)
     tg.load_checkpoint(model, path)
-    scoring.print_table(f"stage {stage} | held-out evaluation (% of test samples)",
-                        demo.evaluate(model, tok, args.split, stage, args.eval_samples), {})
+    scoring.print_table(demo.table_title(stage), demo.evaluate(model, tok, args.split, stage, args.eval_samples), {})
 
 
 # -----------------------------------------------------------------------------

@@ -316,14 +316,14 @@ def images(tmp_path):
 def test_load_caption_pairs_json_and_jsonl(images):
     recs = [{"image": "a.png", "caption": "A Cat, Sitting!"}, {"image": "b.jpg", "caption": "a dog."}]
     for jsonl in (False, True):
-        samples = data.load_caption_pairs(write(images / "caps.json", recs, jsonl))
+        samples = data.load_dataset(write(images / "caps.json", recs, jsonl))
         assert [(s.task, s.query, s.answer) for s in samples] == [("caption", "", "a cat sitting"), ("caption", "", "a dog")]
         assert samples[0].image == str(images / "a.png")
         assert Image.open(samples[1].image).size == (50, 50)
     # image_root: images elsewhere than the data file
     sub = images / "meta"
     sub.mkdir()
-    samples = data.load_caption_pairs(write(sub / "caps.json", recs), image_root=str(images))
+    samples = data.load_dataset(write(sub / "caps.json", recs), image_root=str(images))
     assert len(samples) == 2
 
 
@@ -331,7 +331,7 @@ def test_load_caption_pairs_cc_sbu_align_style(images):
     Image.new("RGB", (8, 8)).save(images / "7.jpg")
     path = images / "filter_cap.json"
     path.write_text(json.dumps({"annotations": [{"image_id": "7", "caption": "A long, detailed description."}]}))
-    (s,) = data.load_caption_pairs(path)
+    (s,) = data.load_dataset(path)
     assert s.image == str(images / "7.jpg") and s.task == "describe"
     assert s.query in data.DESCRIBE_INSTRUCTIONS and s.answer == "A long, detailed description."
 
@@ -340,31 +340,31 @@ def test_load_llava_one_sample_per_turn_pair(images):
     recs = [{"id": "x", "image": "a.png", "conversations": [
         {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A square."},
         {"from": "human", "value": "What color?"}, {"from": "gpt", "value": "Dark blue."}]}]
-    samples = data.load_llava(write(images / "llava.json", recs))
+    samples = data.load_dataset(write(images / "llava.json", recs))
     assert [(s.task, s.query, s.answer) for s in samples] == [
         ("chat", "What is this?", "A square."), ("chat", "What color?", "Dark blue.")]
     recs[0]["conversations"][1]["from"] = "human"
     with pytest.raises(ValueError, match=r"llava\.json: entry \[0\]: turn 1"):
-        data.load_llava(write(images / "llava.json", recs))
+        data.load_dataset(write(images / "llava.json", recs))
 
 
 def test_load_vqa_takes_the_most_common_answer(images):
     recs = [{"image": "a.png", "question": "what is it?", "answer": "cat"},
             {"image": "b.jpg", "question": "how many?", "answer": ["2", "3", "2", "two"]}]
-    samples = data.load_vqa(write(images / "vqa.json", recs))
+    samples = data.load_dataset(write(images / "vqa.json", recs))
     assert [(s.task, s.query, s.answer) for s in samples] == [("vqa", "what is it?", "cat"), ("vqa", "how many?", "2")]
 
 
 def test_load_refexp_converts_pixel_boxes_to_0_100(images):
     # a.png is 200 x 100: [x, y, w, h] = [20, 10, 50, 40] -> x 10..35, y 10..50 in percent
     recs = [{"image": "a.png", "phrase": "the left thing", "box": [20, 10, 50, 40]}]
-    (s,) = data.load_refexp(write(images / "ref.json", recs))
+    (s,) = data.load_dataset(write(images / "ref.json", recs))
     assert (s.task, s.query, s.answer, s.meta["box"]) == ("refer", "the left thing", "{<10><10><35><50>}", (10, 10, 35, 50))
     # 300 x 100: x 70/300 = 23.3 -> 23, (70 + 100)/300 = 56.7 -> 57; a box past the edge is clipped to 100
     Image.new("RGB", (300, 100)).save(images / "c.png")
     recs = [{"image": "c.png", "phrase": "p", "box": [70, 13, 100, 40]},
             {"image": "c.png", "phrase": "q", "box": [250, 80, 100, 40.5]}]
-    assert [s.meta["box"] for s in data.load_refexp(write(images / "ref.json", recs))] == [(23, 13, 57, 53), (83, 80, 100, 100)]
+    assert [s.meta["box"] for s in data.load_dataset(write(images / "ref.json", recs))] == [(23, 13, 57, 53), (83, 80, 100, 100)]
 
 
 def test_load_dataset_picks_the_format(images):
@@ -409,28 +409,28 @@ def test_malformed_files_raise_one_line_errors_naming_file_and_place(images):
     bad_jsonl = images / "bad.jsonl"
     bad_jsonl.write_text('{"image": "a.png", "caption": "x"}\n{"image": "a.png", "caption": }\n')
     with pytest.raises(ValueError) as e:
-        data.load_caption_pairs(bad_jsonl)
+        data.load_dataset(bad_jsonl)
     assert "bad.jsonl" in one_line_error(e) and "line 2" in str(e.value)
 
     no_field = write(images / "nofield.json", [{"image": "a.png", "caption": "x"}, {"image": "a.png"}])
     with pytest.raises(ValueError) as e:
-        data.load_caption_pairs(no_field)
+        data.load_dataset(no_field)
     assert "nofield.json" in one_line_error(e) and "entry [1]" in str(e.value) and "'caption'" in str(e.value)
 
     no_field_jsonl = write(images / "nofield.jsonl", [{"image": "a.png", "question": "q", "answer": "a"},
                                                       {"image": "a.png", "answer": "a"}], jsonl=True)
     with pytest.raises(ValueError) as e:
-        data.load_vqa(no_field_jsonl)
+        data.load_dataset(no_field_jsonl)
     assert "line 2" in one_line_error(e) and "'question'" in str(e.value)
 
     bad_box = write(images / "box.json", [{"image": "a.png", "phrase": "p", "box": [1, 2, 3]}])
     with pytest.raises(ValueError) as e:
-        data.load_refexp(bad_box)
+        data.load_dataset(bad_box)
     assert "entry [0]" in one_line_error(e) and "'box'" in str(e.value)
 
 
 def test_missing_file_is_a_one_line_file_not_found_error(tmp_path):
-    for load in (data.load_dataset, data.load_caption_pairs, data.load_llava, data.load_vqa, data.load_refexp):
+    for load in (data.load_dataset,):
         with pytest.raises(FileNotFoundError) as e:
             load(tmp_path / "nope.json")
         assert "nope.json" in one_line_error(e)

@@ -34,9 +34,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+import data
 import demo
 import tinygptv as tg
 import train
+from cli import parse_user_prompt
 from layouts import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -365,7 +367,7 @@ def test_every_image_mode_reaches_the_model_as_its_colours(tmp_path, mode, fmt, 
     im.save(path)
     with Image.open(path) as check:
         assert check.mode == mode  # the file really holds this mode
-    got = tg.load_image(str(path))
+    got = data.load_image(str(path))
     assert got.mode == "RGB"
     assert all(abs(a - b) <= 1 for a, b in zip(got.getpixel((3, 3)), rgb)), (got.getpixel((3, 3)), rgb)
 
@@ -374,7 +376,7 @@ def test_an_image_mode_with_no_rgb_is_refused_in_one_line(tmp_path):
     path = tmp_path / "float.tiff"
     Image.new("F", (8, 8), 0.5).save(path)  # floats: no agreed 0-255 range (Pillow's convert gives black)
     with pytest.raises(ValueError) as e:
-        tg.load_image(str(path))
+        data.load_image(str(path))
     assert str(path) in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
@@ -383,7 +385,7 @@ def test_an_image_past_the_decompression_bomb_limit_is_refused_in_one_line(tmp_p
     Image.new("RGB", (64, 64), (1, 2, 3)).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels: over 2x the limit, Pillow's error
     with pytest.raises(Exception) as e:
-        tg.load_image(str(path))
+        data.load_image(str(path))
     assert type(e.value) is not Image.DecompressionBombError and isinstance(e.value, ValueError), repr(e.value)
     assert str(path) in str(e.value) and "\n" not in str(e.value), str(e.value)
 
@@ -527,8 +529,8 @@ def test_a_converted_official_checkpoint_answers_through_the_command_line(cli, t
     # and it is the model the official file came from: the same greedy answer
     tok = tg.load_tokenizer(str(backbones))
     with torch.no_grad():
-        want = model.generate(tok, [tg.load_image(str(tmp_path / "blue.png"))],
-                              [tg.parse_user_prompt("[vqa] what color")], stage=4, max_new_tokens=3)[0]
+        want = model.generate(tok, [data.load_image(str(tmp_path / "blue.png"))],
+                              [parse_user_prompt("[vqa] what color")], stage=4, max_new_tokens=3)[0]
     assert r.out.split("\n")[-2:] == [want, ""], (r.out, want)  # the answer is the last line printed
     # a file name that does not say the stage: --stage does
     src3 = pth(tmp_path, {"model": sd}, name="weights.pth")

@@ -10,7 +10,7 @@ import torch.nn as nn
 import int8
 import tinygptv as tg
 from checkpoints import StrictReader, open_safetensors
-from layouts import load_model, save_pretrained
+from layouts import load_model, quantizer, save_pretrained
 from phi2 import Phi2, Phi2Config
 
 # the CPU kernels that can run here: fbgemm only where torch was built with it (x86)
@@ -121,7 +121,7 @@ def test_quantizing_while_loading_equals_quantizing_after(tmp_path):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 setattr(module, name, int8.Int8Linear(child))
-    during = Phi2.from_pretrained(str(tmp_path / "phi2"), convert=int8.quantizer()).eval()
+    during = Phi2.from_pretrained(str(tmp_path / "phi2"), convert=quantizer()).eval()
     a, b = int8_state(after), int8_state(during)
     assert a.keys() == b.keys() and len(a) == 4 * 2 + 1  # qkv, dense, fc1, fc2 per layer, and lm_head
     for name in a:

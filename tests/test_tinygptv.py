@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+import data
 import int8
 import tinygptv as tg
+from cli import parse_user_prompt
 from convert import convert
 from layouts import load_model, load_qformer, load_vit, qformer_lavis_key, save_pretrained
 from lora import LoRALinear
@@ -174,11 +176,11 @@ def test_preprocess_any_mode_to_clip_normalized_rgb(tmp_path):
     expected = torch.tensor([(1 - m) / s for m, s in zip(tg.CLIP_MEAN, tg.CLIP_STD)])
     torch.testing.assert_close(white[:, 7, 7], expected)
     with pytest.raises(FileNotFoundError, match="image not found"):
-        tg.preprocess(str(tmp_path / "nope.png"), 14)
+        tg.preprocess(data.load_image(str(tmp_path / "nope.png")), 14)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png at all")
     with pytest.raises(ValueError, match="cannot read image"):
-        tg.preprocess(str(bad), 14)
+        tg.preprocess(data.load_image(str(bad)), 14)
 
 
 def test_checkpoint_round_trip_is_strict(tok, tmp_path):
@@ -307,10 +309,10 @@ def test_quantized_model_logits_close_and_greedy_mostly_unchanged(tok):
 
 
 def test_user_prompts_and_unknown_tags():
-    assert tg.parse_user_prompt("[vqa] what color") == tg.instruction_for("vqa", "what color")
-    assert tg.parse_user_prompt("hello there") == "hello there"
+    assert parse_user_prompt("[vqa] what color") == tg.instruction_for("vqa", "what color")
+    assert parse_user_prompt("hello there") == "hello there"
     with pytest.raises(ValueError, match=r"unknown task tag \[foo\]"):
-        tg.parse_user_prompt("[foo] what")
+        parse_user_prompt("[foo] what")
 
 
 # -- the command line, end to end on tiny random weights written as a user would have them
