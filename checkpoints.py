@@ -9,7 +9,8 @@ A reader of the paper may skip this file. Its jobs:
   Its `load` fills a model built on the meta device module by module and can convert each module
   as it arrives (int8.py quantizes Phi-2's Linear layers that way). It is the one strictness check:
   downloads, stage checkpoints and a resumed run's saved weights all go through it;
-- `read_json`: a config, a data file or JSON lines, with one-line errors naming the file;
+- `config_file`, `read_json`: a checkpoint's config, a data file or JSON lines, with one-line
+  errors naming the file;
 - `write_atomically`, `write_json`: a write that an interruption never leaves half done.
 """
 
@@ -62,6 +63,19 @@ def open_safetensors(path):
                 raise ValueError(f"{file}: tensor '{key}' is also in {tensors[key][1]}")
             tensors[key] = (handle, file)
     return tensors
+
+
+def config_file(path):
+    """A checkpoint's config.json: in its directory, which must have one, or beside a single file (None
+    if there is none there). A missing path is a FileNotFoundError naming it."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
+    file = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)), "config.json")
+    if os.path.isfile(file):
+        return file
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"{file} not found: a checkpoint directory needs its config.json")
+    return None
 
 
 @functools.cache  # once per process

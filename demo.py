@@ -280,7 +280,7 @@ def pretrain_vision(cfg, scenes, seed, steps, schedule):
     params = [p for m in (vit, qformer, word_head, patch_head) for p in m.parameters()]
     peak = 1e-3  # 2e-3 learned slower; with std 0.02 init even this sat at the label prior
     opt = torch.optim.AdamW(params, lr=peak, weight_decay=0.01)
-    sizes = (cfg.vision.image_size, 2 * cfg.vision.image_size)
+    sizes = (cfg.vision.image_size, tg.image_size(cfg.vision.image_size, 4))  # stages 1-3, stage 4
     p = cfg.vision.patch_size
     scenes = [v for sc in scenes for v in data.jittered(sc)]  # 9 pictures of each scene, same words
     pixels = {s: torch.stack([tg.preprocess(data.render(sc, s), s) for sc in scenes]) for s in sizes}
@@ -491,7 +491,7 @@ def write_example(out, split):
     """A held-out picture to ask questions about, and the command that asks one."""
     example = os.path.join(out, "example.png")
     scene = split.scenes()["test"][0]
-    data.render(scene, 2 * IMAGE_SIZE).save(example)
+    data.render(scene, tg.image_size(IMAGE_SIZE, 4)).save(example)
     run = "" if os.path.abspath(out) == DEMO_RUN else f" --run {os.path.relpath(out)}"
     log(f"try: python tinygptv.py --image {os.path.relpath(example)}{run} "
         f"--prompt \"[vqa] what color is the {scene.objects[0].shape}?\"")

@@ -1,18 +1,14 @@
 """int8 inference, by hand: the language model's Linear layers with int8 weights.
 
-The paper promises inference in 8 GB of GPU memory, or on a CPU (docs/PAPER.md section 9); the
-official code gets there with bitsandbytes, which runs on a GPU only. This file stores each weight
-as per-output-channel symmetric int8 with its own scales and multiplies with torch's kernels.
+The paper promises inference in 8 GB of GPU memory, or on a CPU (docs/PAPER.md section 9), where the
+official code's bitsandbytes needs a GPU: here each weight row is symmetric int8 with its own scale.
 
-- `quantize_weight`, `quantize_rows`: the arithmetic, weights per output channel, activations per
-  token as two int8 digits;
-- `CPU_KERNEL`: which of torch's kernels multiplies on this CPU, chosen once when this file is
-  imported, in one place;
+- `quantize_weight`, `quantize_rows`: weights per output channel, activations per token as two int8 digits;
+- `CPU_KERNEL`: which of torch's kernels multiplies on this CPU, chosen once at import;
 - `Int8Linear`: one Linear layer in int8 (weights, scales, bias), its error bound in the docstring;
-- `quantize_int8`: merge LoRA, then swap a built model's Linear layers for Int8Linear;
-- `quantizer`: the same while the weights load, one layer at a time, so a full-precision copy of
-  the language model never exists (checkpoints.StrictReader.load calls it);
-- `weight_bytes`: what a module's weights occupy, for the memory figures in bench.py.
+- `quantize_int8`: merge LoRA, then swap a built model's Linear layers for Int8Linear (layouts.py
+  does it while the weights load, so no full-precision copy of the language model ever exists);
+- `weight_bytes`: what a module's weights occupy, for bench.py's memory figures.
 """
 
 import warnings
@@ -30,21 +26,17 @@ from lora import merge_lora
 
 def quantize_weight(w):
     """(out, in) float -> int8 (out, in) and float32 scales (out,): per output channel, symmetric,
-    s_w = max|w_row| / 127 and w_q = round(w / s_w) in [-127, 127] (-128 is never used, so the range
-    is symmetric and w_q * s_w never exceeds the row's largest magnitude)."""
+    s_w = max|w_row| / 127, w_q = round(w / s_w) in [-127, 127] (never -128: |w_q * s_w| <= max|w_row|)."""
     lo, hi = w.detach().aminmax(dim=1)  # (out,) each: no |w| copy of the whole matrix
     scale = torch.maximum(-lo, hi).float().clamp(min=1e-8) / 127.0  # (out,)
     w = w.detach().to(torch.float32, copy=True)  # one float32 copy, rounded in place
     return w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
-# Activations are quantized per token as two int8 digits. One 8-bit digit per value (the usual
-# W8A8) costs as much error as the weights do: 3.2% logit error against fp32 on bench.py's 4-layer
-# Phi-2, against 2.1% for the weights alone. The second digit writes the first digit's rounding
-# remainder at 1/126 of its step, so x is held to about 14 bits and the error left is the weights'
-# (2.1%). Both digits go through the same int8 GEMM as one batch of 2N rows, so the weights are
-# still read once; on the CPU a decode step still took 5-30% longer than with one digit
-# (docs/LOG.md, 2026-12-02): the price of the lower error.
+# Activations go per token as two int8 digits. One (the usual W8A8) gives 3.2% logit error against
+# fp32 on bench.py's 4-layer Phi-2, the weights alone 2.1%; a second, the first's rounding remainder at
+# 1/126 of its step, holds x to about 14 bits and leaves the weights' 2.1%. Both share one int8 GEMM of
+# 2N rows (weights read once), yet a CPU decode step took 5-30% longer than with one (docs/LOG.md, 2026-12-02).
 DIGIT = 63  # each digit in [-63, 63]: see fbgemm_pack for why not 127
 
 
@@ -54,9 +46,8 @@ def row_scales(x):
 
 
 def quantize_rows(x):
-    """(N, in) float -> the digits hi, lo (N, in each; float, integer values in [-63, 63]) and
-    s_x (N, 1), with x = s_x * (hi + lo / 126) to within s_x / 252:
-    hi = round(x / s_x), and lo = round(126 * (x / s_x - hi)), that remainder being in [-1/2, 1/2]."""
+    """(N, in) float -> digits hi, lo (N, in each; float, integers in [-63, 63]) and s_x (N, 1), with
+    x = s_x * (hi + lo / 126) to within s_x / 252: hi = round(x / s_x), lo = round(126 * (x / s_x - hi))."""
     scale = row_scales(x)
     u = x.float().div(scale)  # (N, in), in [-63, 63]
     hi = u.round()
@@ -64,8 +55,7 @@ def quantize_rows(x):
 
 
 def combine_digits(y, scale):
-    """The products of both digits, (2N, out) = [hi; lo] @ w_q^T (times s_w), back to (N, out) in x's
-    units: (y_hi + y_lo / 126) * s_x."""
+    """[hi; lo] @ w_q^T (times s_w), (2N, out), back to (N, out) in x's units: (y_hi + y_lo / 126) * s_x."""
     N = scale.shape[0]
     return torch.add(y[:N], y[N:], alpha=1.0 / (2 * DIGIT)).mul_(scale)
 
@@ -73,18 +63,14 @@ def combine_digits(y, scale):
 # -----------------------------------------------------------------------------
 # Which kernel multiplies on the CPU, chosen once for this machine
 #
-#   "fbgemm":      fbgemm's prepacked int8 x int8 -> int32 GEMM, the kernel torch.ao's dynamic int8
-#                  calls (torch.ops.quantized), fed our int8 weights, our scales and our activation
-#                  digits. x86 CPUs (AVX2 and AVX-512; VNNI where there is one).
-#   "weight_only": torch._weight_int8pack_mm, bf16 activations times int8 weights: everywhere else
-#                  (ARM, or a torch built without fbgemm).
+#   "fbgemm":      fbgemm's prepacked int8 x int8 -> int32 GEMM (torch.ops.quantized, torch.ao's dynamic
+#                  int8 kernel), fed our weights, scales and digits: x86 (AVX2, AVX-512; VNNI if any).
+#   "weight_only": torch._weight_int8pack_mm, bf16 activations times int8 weights: ARM, or no fbgemm.
 #
-# Why fbgemm: one token through Phi-2's matrices, weights not in cache, on a 2-core AMD EPYC with
-# AVX-512 and VNNI but no AMX, it read the weights at 30-34 GB/s. oneDNN's int8 GEMM
-# (torch.ops.onednn.qlinear_pointwise) read them at 30-33, a torch.compile'd dequantize-and-reduce at
-# 32 (K = 2560) or 12 (K = 10240), and _weight_int8pack_mm at 25 (docs/LOG.md, 2026-12-02). On a
-# 2-core AMD EPYC with AVX2 only: fbgemm 12-13 GB/s, _weight_int8pack_mm 6.5-13, a torch.compile'd
-# dequantize-and-reduce 1.3, so fbgemm there too (docs/LOG.md, 2026-12-02, third session).
+# Why fbgemm (one token through Phi-2's matrices, weights not in cache; docs/LOG.md, 2026-12-02): on a
+# 2-core AMD EPYC with AVX-512 and VNNI, no AMX, it read the weights at 30-34 GB/s, oneDNN's
+# qlinear_pointwise 30-33, a torch.compile'd dequantize-and-reduce 32 (K = 2560) or 12 (K = 10240),
+# _weight_int8pack_mm 25; with AVX2 only (third session): fbgemm 12-13, int8pack 6.5-13, compiled 1.3.
 
 
 def cpu_kernel():
@@ -95,14 +81,10 @@ CPU_KERNEL = cpu_kernel()
 
 
 def fbgemm_pack(weight_int8, scale):
-    """Our int8 weight (out, in) and scales (out,) in fbgemm's packed layout (its own copy, the only
-    one kept). fbgemm wants a per-channel quantized tensor: ours, with zero points 0.
-
-    fbgemm takes uint8 activations: a digit d goes in as d + 64, in [1, 127]. On CPUs without VNNI
-    its kernel sums pairs of uint8 x int8 products in int16, which saturates above 32767; pairs of
-    at most 127 * 127 never do (torch.ao's dynamic Linear passes `reduce_range=True`, 7-bit
-    activations, for the same reason). So each digit keeps to [-63, 63], and the products are exact
-    on every x86 CPU."""
+    """Our int8 weight (out, in) and scales (out,), zero points 0, as fbgemm's packed copy (the only one
+    kept). It takes uint8 activations, digit d as d + 64 in [1, 127]; without VNNI it sums pairs of
+    products in int16, saturating above 32767, which two of at most 127 * 127 never reach (so torch.ao
+    passes `reduce_range=True`, 7-bit activations): digits keep to [-63, 63], products exact on any x86."""
     with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm's kernels still take them
         warnings.simplefilter("ignore")
         q = torch._make_per_channel_quantized_tensor(weight_int8.cpu(), scale.double().cpu(),
@@ -113,22 +95,17 @@ def fbgemm_pack(weight_int8, scale):
 class Int8Linear(nn.Module):
     """A Linear layer stored in int8, for inference.
 
-    Weights: per output channel symmetric, w_q = round(w / s_w) in [-127, 127], s_w = max|w_row| / 127.
-    Activations (dynamic, per token): two digits, x = s_x * (hi + lo / 126), s_x = max|x_token| / 63
-    (`quantize_rows`). Then y = (hi @ w_q^T + (lo @ w_q^T) / 126) * s_x * s_w^T + b, each product
-    accumulated exactly in int32. Rounding a weight moves it by at most half a step, a relative
-    error of about 1/254 of its row's largest magnitude; over a K-long dot product these errors are
-    independent and grow like sqrt(K), not K. The activations' digits are 126 times finer than one
-    8-bit value, which leaves the weights' rounding as almost the whole error. Outlier features (a
-    few huge activations) inflate s_x for their whole token and are the classic failure of 8-bit
-    activations (LLM.int8(), Dettmers 2022); per token, one outlier token cannot spoil the others.
+    Weights w_q, s_w per output channel (`quantize_weight`), activations per token as two digits,
+    x = s_x * (hi + lo / 126) (`quantize_rows`): y = (hi @ w_q^T + (lo @ w_q^T) / 126) * s_x * s_w^T + b,
+    each product summed exactly in int32. Rounding moves a weight by at most half a step, 1/254 of its
+    row's largest magnitude, and over a K-long dot product these independent errors grow like sqrt(K),
+    not K; the digits, 126 times finer than one 8-bit value, leave that as almost the whole error. And
+    outliers, 8-bit activations' classic failure (LLM.int8(), Dettmers 2022), inflate only their token's s_x.
 
-    Kernels (torch's): on the CPU, CPU_KERNEL above. fbgemm quantizes its input itself, with one
-    scale and zero point for the whole tensor: handed the digits as floats with scale 1 and zero
-    point 64, it rounds nothing, and its int32 sums are exactly ours (tests/test_int8.py). On a GPU
-    with more than 16 rows `torch._int_mm` multiplies the digits and w_q; for fewer (one decoded
-    token) the weight is used dequantized in the activations' dtype.
-    """
+    Kernels: CPU_KERNEL on the CPU; fbgemm quantizes its input itself, per tensor, so given the digits
+    as floats with scale 1 and zero point 64 it rounds nothing and its int32 sums are exactly ours
+    (tests/test_int8.py). On a GPU, `torch._int_mm` for over 16 rows; for fewer (one decoded token)
+    the weight dequantized to the activations' dtype."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -141,8 +118,7 @@ class Int8Linear(nn.Module):
         self.pack()
 
     def pack(self):
-        """On the CPU with fbgemm: move the int8 weight into fbgemm's packed layout (once, at load
-        time; bench.py calls it again after filling a model built on the meta device)."""
+        """On the CPU with fbgemm: pack the int8 weight at load (bench.py again, after filling a meta model)."""
         if self.weight_int8 is not None and self.weight_int8.device.type == "cpu" and CPU_KERNEL == "fbgemm":
             free_promptly()  # packing layer after layer frees as much as it keeps: see checkpoints.py
             self.packed, self.weight_int8 = fbgemm_pack(self.weight_int8, self.weight_scale), None
@@ -174,10 +150,9 @@ class Int8Linear(nn.Module):
             digits = torch.cat([hi, lo]).to(torch.int8)  # (2N, in)
             y = combine_digits(torch._int_mm(digits, self.weight_int8.t()).float() * self.weight_scale, sx)  # (N, out)
         else:
-            # GPU decode: the weight is turned into the activations' dtype (exact: bf16 and fp16 hold
-            # every integer up to 256) and its per-row scale applied to the output, not the weight, so
-            # each weight costs 1 + 2 + 2 bytes of traffic in bf16 instead of the 1 + 4 + 4 + 4 + 4 of
-            # dequantizing to fp32 and scaling the weight itself.
+            # GPU decode: the weight cast to the activations' dtype (exact: bf16 and fp16 hold every
+            # integer up to 256), its per-row scale applied to the output: 1 + 2 + 2 bytes of traffic
+            # per weight in bf16, not the 1 + 4 + 4 + 4 + 4 of dequantizing to fp32 and scaling it.
             y = (F.linear(x2, self.weight_int8.to(dtype)) * self.weight_scale.to(dtype)).float()  # (N, out)
         if self.bias is not None:
             y = y + self.bias
@@ -205,33 +180,6 @@ def quantize_int8(model, vision=False):
                     setattr(module, child_name, Int8Linear(child))
                     count += 1
     return count
-
-
-def quantizer(lora=None, scaling=1.0):
-    """A `convert` for checkpoints.StrictReader.load (Phi2.from_pretrained passes it on): each
-    nn.Linear becomes an Int8Linear as soon as its weight and bias are read, so only one layer is
-    ever held at full precision. lora: {name.lora_A: (r, in), name.lora_B: (out, r)} from a stage
-    checkpoint, merged first (W + scaling * B A, in float32, as LoRALinear.merge), as quantize_int8
-    merges before quantizing. Every LoRA pair must find its layer: `convert.unused()` lists those
-    that did not."""
-    lora = dict(lora or {})
-
-    def convert(name, module):
-        if type(module) is not nn.Linear:
-            return module
-        a, b = lora.pop(f"{name}.lora_A", None), lora.pop(f"{name}.lora_B", None)
-        if a is not None and b is not None:
-            delta = (b.float() @ a.float()) * scaling  # (out, in)
-            if delta.shape != module.weight.shape:
-                raise ValueError(f"LoRA for {name} makes a {tuple(delta.shape)} update, the weight is "
-                                 f"{tuple(module.weight.shape)}")
-            module.weight = nn.Parameter(module.weight.float() + delta.to(module.weight.device), requires_grad=False)
-        elif a is not None or b is not None:
-            raise ValueError(f"LoRA for {name}: lora_A and lora_B come in pairs, one is missing")
-        return Int8Linear(module)
-
-    convert.unused = lambda: sorted(lora)
-    return convert
 
 
 def weight_bytes(module):

@@ -30,7 +30,8 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 import tinygptv as tg
-from checkpoints import StrictReader, check_overrides, open_safetensors, read_json, write_atomically, write_json
+from checkpoints import (StrictReader, check_overrides, config_file, open_safetensors, read_json, write_atomically,
+                         write_json)
 from fastpaths import float32_blocks
 from int8 import Int8Linear
 from phi2 import Phi2, Phi2Config
@@ -78,13 +79,12 @@ def load_vit(path, dtype=None, device="cpu", **overrides):
     check_overrides(overrides, VisionConfig)
     tensors = open_safetensors(path)  # checkpoint key -> (open file, its path)
     if os.path.isdir(path):
-        config_file = os.path.join(path, "config.json")
-        d = read_json(config_file) if os.path.isfile(config_file) else {}
-        if not d or "vision_config" in d or d.get("model_type") == "blip_2_vision_model":
+        d = read_json(config_file(path))
+        if "vision_config" in d or d.get("model_type") == "blip_2_vision_model":
             return VisionTransformer.from_pretrained(path, dtype, device, **overrides)
         bad = set(d) - {f.name for f in fields(VisionConfig)}
         if bad:
-            raise ValueError(f"{config_file}: not a BLIP-2 config (no vision_config) nor ours "
+            raise ValueError(f"{config_file(path)}: not a BLIP-2 config (no vision_config) nor ours "
                              f"(unknown fields: {', '.join(sorted(bad))})")
         file_config = d
     else:
@@ -152,27 +152,19 @@ def load_qformer(path, dtype=None, device="cpu", **overrides):
     """The Q-Former and its query tokens from a transformers BLIP-2 directory (qformer.py), a
     LAVIS-named .safetensors file (its config from a config.json beside it if there is one, else
     BLIP-2's, the only Q-Former LAVIS ships) or our own directory. Other parts' tensors are left."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
-    config_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)), "config.json")
-    if os.path.isdir(path) and not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{config_file} not found: a checkpoint directory needs its config.json")
+    file = config_file(path)
     tensors = open_safetensors(path)
     layout = ("lavis" if any(k.startswith("Qformer.") for k in tensors) else
               "transformers" if any(k.startswith("qformer.") for k in tensors) else "ours")
     if layout == "transformers":
         return QFormer.from_pretrained(path, dtype, device, **overrides)
-    file_config = {}
-    if os.path.isfile(config_file):
-        d = read_json(config_file)
-        if "qformer_config" in d or d.get("model_type") == "blip-2":
-            file_config = qformer_config_from_json(config_file)
-        else:
-            unknown = set(d) - {f.name for f in fields(QFormerConfig)}
-            if unknown:
-                raise ValueError(f"{config_file}: not a Q-Former config: neither BLIP-2's (no qformer_config) "
-                                 f"nor a QFormerConfig (unknown fields: {', '.join(sorted(unknown))})")
-            file_config = d
+    file_config = read_json(file) if file else {}
+    if "qformer_config" in file_config or file_config.get("model_type") == "blip-2":
+        file_config = qformer_config_from_json(file)
+    unknown = set(file_config) - {f.name for f in fields(QFormerConfig)}
+    if unknown:
+        raise ValueError(f"{file}: not a Q-Former config: neither BLIP-2's (no qformer_config) "
+                         f"nor a QFormerConfig (unknown fields: {', '.join(sorted(unknown))})")
     check_overrides(overrides, QFormerConfig)
     config = QFormerConfig(**{**file_config, **overrides})
     if layout == "lavis":  # keep the Q-Former's keys; the other parts' are not ours to check
@@ -218,9 +210,8 @@ def load_phi2(path, dtype=None, device="cpu", **kwargs):
     tensors = open_safetensors(path)
     if not any(".query_key_value." in k and ".lora_" not in k for k in tensors):
         return Phi2.from_pretrained(path, dtype, device, **kwargs)
-    config_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)), "config.json")
-    heads = kwargs.get("num_attention_heads") or (read_json(config_file).get("num_attention_heads")
-                                                  if os.path.isfile(config_file) else None)
+    file = config_file(path)
+    heads = kwargs.get("num_attention_heads") or (read_json(file).get("num_attention_heads") if file else None)
     reader = FusedQKVReader(tensors, path, dtype or torch.float32, device, heads or Phi2Config.num_attention_heads)
     return Phi2.from_pretrained(path, dtype, device, reader=reader, **kwargs)
 

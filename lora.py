@@ -10,17 +10,14 @@ r=64, alpha=16, dropout 0.05; the official code used peft 0.2.0, this file repla
 
     y = W x + b + (alpha / r) * B A dropout(x)
 
-- Low rank: the update B A has out*r + r*in numbers instead of out*in (for Phi-2's qkv at r=64:
-  655k instead of 19.7M), on the paper's observation that fine-tuning updates have low
-  "intrinsic rank".
+- Low rank: the update B A has out*r + r*in numbers, not out*in (Phi-2's qkv at r=64: 655k, not
+  19.7M), on the paper's observation that fine-tuning updates have low "intrinsic rank".
 - B starts at zero and A at random (kaiming-uniform, as nn.Linear): a fresh adapter adds exactly
   nothing, so training starts from the pretrained model, yet the gradient of B (which depends on
   A x) is not zero, so learning can begin.
 - alpha / r scales the update, so that changing r does not change how big the update is for the
   same learning rate (Hu et al. section 4.1); TinyGPT-V's 16 / 64 = 0.25.
 - For inference the update can be merged into W (W += scaling * B A): no extra cost at all.
-
-Shapes: LoRALinear maps (..., in_features) -> (..., out_features), as the nn.Linear it wraps.
 """
 
 import math
@@ -32,11 +29,9 @@ import torch.nn.functional as F
 
 
 class LoRALinear(nn.Linear):
-    """An nn.Linear (the wrapped one's weight and bias, frozen) plus lora_A (r, in), lora_B (out, r).
-
-    It *is* an nn.Linear holding the very same weight and bias tensors, so a checkpoint written
-    before LoRA was added (keys `x.weight`, `x.bias`) still loads into it; LoRA adds `x.lora_A`
-    and `x.lora_B` beside them."""
+    """An nn.Linear plus lora_A (r, in) and lora_B (out, r). It *is* an nn.Linear holding the very
+    same weight and bias tensors (frozen), so a checkpoint written before LoRA was added (keys
+    `x.weight`, `x.bias`) still loads into it, with `x.lora_A` and `x.lora_B` beside them."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         nn.Module.__init__(self)  # not nn.Linear.__init__: adopt base's tensors instead of new ones
@@ -90,9 +85,8 @@ class LoRALinear(nn.Linear):
 
 
 def add_lora(model: nn.Module, targets, r: int, alpha: float, dropout: float = 0.0):
-    """Replace every nn.Linear whose name ends in one of `targets` (TinyGPT-V: "query_key_value"
-    and "dense", which under Phi-2 matches only the attention's output projection; the MLP's
-    fc1/fc2 are left alone) by a LoRALinear around it. Returns the replaced names, sorted."""
+    """Wrap every nn.Linear whose name ends in one of `targets` in a LoRALinear; returns their names,
+    sorted. TinyGPT-V's "dense" matches only Phi-2's attention output, not the MLP's fc1/fc2."""
     pattern = re.compile(r"(^|\.)(" + "|".join(re.escape(t) for t in targets) + r")$")
     chosen = [name for name, m in model.named_modules()
               if pattern.search(name) and type(m) is nn.Linear]  # not LoRALinear: no double wrap

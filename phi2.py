@@ -1,29 +1,23 @@
-"""Phi-2, hand-written, with TinyGPT-V's two training stabilizers.
+"""Phi-2 (Microsoft, 2.7B parameters, `microsoft/phi-2`), hand-written, with TinyGPT-V's two stabilizers.
 
-Phi-2 (Microsoft, 2.7B parameters, the `microsoft/phi-2` checkpoint) is TinyGPT-V's language model
-(Yuan et al., arXiv:2312.16862, section 3). Facts in docs/PAPER.md section 4.
-Input: token ids (B, T) or embeddings (B, T, 2560) (image tokens arrive as embeddings).
-Output: next-token logits (B, T, 51200).
+TinyGPT-V's language model (Yuan et al., arXiv:2312.16862, section 3; facts in docs/PAPER.md section 4).
+Input: token ids (B, T) or embeddings (B, T, 2560), as image tokens arrive. Output: logits (B, T, 51200).
 
 Notable parts, top to bottom:
-- `Phi2Config` with the real Phi-2 sizes (`phi2()`) and a `tiny()` preset of the same architecture;
+- `Phi2Config`: the real sizes (`phi2()`) and a `tiny()` preset of the same architecture;
 - the parallel block: one LayerNorm feeds attention and MLP side by side, both added to x;
 - partial rotary embedding: RoPE turns only the first int(0.4 * head_dim) dims of each head;
-- the stabilizers: `q_layernorm`/`k_layernorm` (per head, before RoPE) and an RMSNorm
-  `post_layernorm` on the attention branch, each behind a config flag (off = plain Phi-2);
-- `KVCache` and `generate`: greedy or seeded sampling (temperature, top-k, top-p, repetition
-  penalty), stop sequences, left-padded batches that decode exactly like single prompts;
-- `from_pretrained`: strict loading of a transformers-layout download (every missing, unexpected
-  or mis-shaped tensor is an error), tensor by tensor. Older layouts are layouts.py's.
+- TinyGPT-V's stabilizers, each off by a flag for plain Phi-2: `q_layernorm`/`k_layernorm`, `post_layernorm`;
+- `KVCache` and `generate`: greedy or seeded sampling; a left-padded batch decodes like single prompts;
+- `from_pretrained`: strict loading of a transformers download; other layouts are layouts.py's.
 """
 
-import os
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from checkpoints import StrictReader, check_overrides, open_safetensors, read_json
+from checkpoints import StrictReader, check_overrides, config_file, open_safetensors, read_json
 
 
 @dataclass
@@ -76,15 +70,14 @@ class Phi2Config:
 
 
 def gelu_new(x):
-    """GELU's tanh approximation, GPT-2's "gelu_new" and Phi-2's activation:
-    0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))). PyTorch's fused kernel computes this same formula
-    (within 3e-7 of it written out in ops) in one pass over the tensor instead of one per op."""
+    """GPT-2's "gelu_new", Phi-2's activation: 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))). PyTorch's
+    fused kernel computes it (within 3e-7 of the ops written out) in one pass instead of one per op."""
     return F.gelu(x, approximate="tanh")
 
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight: no mean subtraction, no bias (TinyGPT-V's post_layernorm).
-    The mean of squares is taken in fp32 so bf16/fp16 activations do not overflow or lose precision."""
+    The mean of squares is taken in fp32 so bf16/fp16 activations neither overflow nor lose precision."""
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -98,8 +91,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(position_ids, rotary_dim, theta, dtype):
-    """cos, sin tables (B, 1, T, rotary_dim) for positions (B, T), in the NeoX "rotate half" layout:
-    dim i and dim i + rotary_dim/2 form one pair turning at frequency theta^(-2i/rotary_dim)."""
+    """cos, sin (B, 1, T, rotary_dim) for positions (B, T), NeoX's "rotate half" layout: dims i and
+    i + rotary_dim/2 form a pair turning at frequency theta^(-2i/rotary_dim)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, device=position_ids.device).float() / rotary_dim)
     angles = position_ids[..., None].float() * inv_freq  # (B, T, rd/2), in fp32: positions reach 2048
     angles = torch.cat([angles, angles], dim=-1)  # (B, T, rd)
@@ -116,12 +109,9 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every layer for all positions seen so far; Phi2.forward appends to it.
-
-    Each layer's storage is allocated with room to spare and doubled when full, so a decode step
-    writes its one new key and value in place. Appending with torch.cat instead copies the whole
-    cache at every step, O(length^2) bytes over a generation: at Phi-2's size and 2048 tokens, 1.3 GB
-    per step (32 layers x keys and values x 21 MB in fp32), beside the 11 GB of weights a step reads."""
+    """Every layer's keys and values so far; Phi2.forward appends to it. Storage has room to spare and
+    doubles when full, so a decode step writes in place: torch.cat would copy the whole cache every step,
+    at Phi-2's size and 2048 tokens 1.3 GB (32 layers x k, v x 21 MB in fp32) beside 11 GB of weights."""
 
     def __init__(self):
         self.keys, self.values = [], []  # per layer: (B, nh, capacity, hd), the first `filled` positions valid
@@ -155,13 +145,11 @@ class Phi2Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
         C, self.nh, self.hd = config.hidden_size, config.num_attention_heads, config.head_dim
-        # One fused projection, because TinyGPT-V puts LoRA on it. Its weight (3C, C) stacks the rows
-        # [q_proj; k_proj; v_proj] of transformers' checkpoints: q = rows 0:C, k = C:2C, v = 2C:3C,
-        # and inside each, head h owns rows h*hd:(h+1)*hd. The bias follows the same row order.
+        # Fused, as TinyGPT-V puts LoRA on it: rows [q_proj; k_proj; v_proj] of transformers' weights
+        # (q 0:C, k C:2C, v 2C:3C), head h owning rows h*hd:(h+1)*hd of each; the bias alike.
         self.query_key_value = nn.Linear(C, 3 * C)
         self.dense = nn.Linear(C, C)
-        if config.qk_layernorm:
-            # one LayerNorm(head_dim) each for q and k, its parameters shared by all heads
+        if config.qk_layernorm:  # one LayerNorm(head_dim) each for q and k, shared by all heads
             self.q_layernorm = nn.LayerNorm(self.hd, eps=config.layer_norm_eps)
             self.k_layernorm = nn.LayerNorm(self.hd, eps=config.layer_norm_eps)
         self.qk_layernorm = config.qk_layernorm
@@ -177,9 +165,8 @@ class Phi2Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hd), S = past + T
-        # Written out rather than F.scaled_dot_product_attention so it reads as the formula. Masked
-        # scores get the dtype's lowest value, not -inf: a padding query that may see no key at all
-        # then gets a harmless uniform softmax instead of NaN.
+        # Written out, not F.scaled_dot_product_attention, to read as the formula. Masked scores get the
+        # dtype's min, not -inf: a padding query seeing no key gets a uniform softmax instead of NaN.
         att = (q @ k.transpose(-2, -1)) * self.hd ** -0.5  # (B, nh, T, S)
         att = att.masked_fill(~mask, torch.finfo(att.dtype).min)
         att = F.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype)  # fp32 softmax for bf16 runs
@@ -223,10 +210,8 @@ class Phi2Block(nn.Module):
 
 
 class Phi2(nn.Module):
-    """Phi-2 as a causal LM: token embeddings, the parallel blocks, final_layernorm and lm_head
-    (with a bias, not tied to the embedding). Input ids (B, T) or embeddings (B, T, C) -> logits
-    (B, T, vocab). Parameter names are the checkpoints' minus transformers' "model." prefix, so
-    the key map in from_pretrained is short; mirrors transformers' `PhiForCausalLM`."""
+    """Phi-2 as a causal LM, mirroring transformers' `PhiForCausalLM`: embeddings, blocks, final_layernorm,
+    lm_head. Names are the checkpoint's minus its "model." prefix, so from_pretrained's key map is short."""
 
     def __init__(self, config):
         super().__init__()
@@ -239,26 +224,22 @@ class Phi2(nn.Module):
 
     @staticmethod
     def _init_weights(m):
-        # only for training from scratch; real runs load Phi-2. 0.02 is Phi-2's initializer_range.
         if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
+            nn.init.normal_(m.weight, std=0.02)  # Phi-2's initializer_range; for training from scratch
         if isinstance(m, nn.Linear):
             nn.init.zeros_(m.bias)
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, kv_cache=None):
         """Logits (B, T, vocab) for input_ids (B, T) or inputs_embeds (B, T, C).
-
-        attention_mask (B, past + T): 1 for real tokens, 0 for padding, covering the cached positions
-        too. Positions default to the count of real tokens before each one, so left-padded rows
-        start at position 0 like unpadded ones. kv_cache, if given, gets this call's keys/values.
-        """
+        attention_mask (B, past + T): 1 for real tokens, 0 for padding, cached positions included.
+        Positions default to the count of real tokens before each, so left-padded rows start at 0 like
+        unpadded ones. kv_cache, if given, gets this call's keys and values."""
         return self.lm_head(self.hidden_states(input_ids, inputs_embeds, attention_mask, position_ids, kv_cache))
 
     def hidden_states(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, kv_cache=None):
-        """forward without lm_head: the final hidden states (B, T, C), for callers that need logits
-        at a few positions only. generate applies lm_head to the last position: for a 256-token
-        prompt the other 255 rows of logits are 67 GFLOP of work (255 x 2560 x 51200 x 2) that
-        nothing uses. Training needs them at the answer positions only (tinygptv.answer_logits)."""
+        """forward without lm_head: hidden states (B, T, C) for callers that need logits at a few positions,
+        as generate (the last: for a 256-token prompt the rest would cost 67 GFLOP, 255 x 2560 x 51200 x 2)
+        and training (the answers, tinygptv.answer_logits)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
@@ -284,20 +265,16 @@ class Phi2(nn.Module):
     def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens=20,
                  temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0, stop_sequences=None, seed=None,
                  decoder=None):
-        """Continue each prompt; returns per row only the new token ids, stop sequence removed.
-
-        Prompts in a batch are left-padded (attention_mask 0 on the left), so every row's next token
-        comes from the last column; a row's tokens do not depend on the other rows. temperature 0 is
-        greedy argmax. stop_sequences: token-id lists; a row stops once its new tokens end with one.
-        If stop_sequences is None, config.eos_token_id alone is the stop; pass [] to never stop early.
-        repetition_penalty (CTRL, Keskar et al. 2019): for tokens already in the prompt (input_ids
-        only, not padding) or generated, positive logits are divided by it, negative multiplied.
-        seed: each row samples from its own torch.Generator seeded with it (one prompt gives the same
-        tokens alone or in any batch); None uses torch's global generator.
-        decoder: what runs each step after the prompt, decoder(model, token, cache, attention_mask,
-        capacity) -> logits (B, vocab); None is the plain step below (fastpaths.py replays it as a
-        CUDA graph).
-        """
+        """Continue each prompt; return per row only the new token ids, stop sequence removed.
+        Prompts are left-padded (attention_mask 0 on the left), so every row's next token comes from the
+        last column and no row depends on another. temperature 0 is greedy argmax.
+        stop_sequences: token-id lists that end a row; None means [config.eos_token_id], [] never stops early.
+        repetition_penalty (CTRL, Keskar et al. 2019): logits of tokens already seen (in input_ids, not
+        padding, or generated) are divided by it if positive, multiplied if negative.
+        seed: each row samples from its own torch.Generator seeded with it, so a prompt gives the same
+        tokens alone or in any batch; None uses torch's global generator.
+        decoder(model, token, cache, attention_mask, capacity) -> logits (B, vocab) runs each step after
+        the prompt; None is the plain step below (fastpaths.py replays it as a CUDA graph)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = input_ids if inputs_embeds is None else inputs_embeds
@@ -354,8 +331,7 @@ class Phi2(nn.Module):
         if top_k is not None:
             kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        if top_p is not None and top_p < 1.0:
-            # nucleus: keep the most likely tokens until their mass reaches top_p (always the first)
+        if top_p is not None and top_p < 1.0:  # nucleus: the likeliest tokens up to mass top_p
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             probs = sorted_logits.softmax(-1)
             drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
@@ -368,32 +344,20 @@ class Phi2(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu", convert=None, report=True, reader=None, **overrides):
-        """Load Phi-2 as transformers saves it: a directory with config.json and model.safetensors (or
-        shards listed in model.safetensors.index.json), or one .safetensors file, whose config comes
-        from a config.json beside it if there is one, else from Phi2Config's defaults (the real
-        Phi-2 sizes); `overrides` (Phi2Config fields) apply on top of either.
-
-        Strict: a missing, unexpected or mis-shaped tensor is a ValueError naming it. The one
-        exception: stabilizer norms turned on by an override (qk_layernorm=True, post_layernorm=True
-        for TinyGPT-V) but absent from the checkpoint start at weight 1, bias 0; one line says so
-        (`report=False` when a stage checkpoint loaded next brings their weights trained).
-        dtype: float32 (when None), bfloat16 or float16. The model is built on the meta device and
-        each tensor is read, converted and placed on `device` in turn, so no second full copy of
-        the weights is ever held. convert(name, module), if given, sees each module as soon as its
-        tensors are read and returns what replaces it (int8.quantizer: Phi-2 never exists at full
-        precision). reader: a StrictReader that hands out another layout's tensors under these
-        names (layouts.py's); by default the files at `path`.
-        """
+        """Load Phi-2 as transformers saves it: a directory (config.json, model.safetensors or its index
+        and shards) or one .safetensors file, configured by a config.json beside it, else by Phi2Config's
+        defaults; `overrides` (Phi2Config fields) apply on top.
+        Strict: a missing, unexpected or mis-shaped tensor is a ValueError naming it, except stabilizer
+        norms an override turns on that the checkpoint lacks: they start at weight 1, bias 0, and one line
+        says so (pass report=False when a stage checkpoint loaded next brings them trained).
+        dtype: float32 (when None), bfloat16 or float16; each tensor is read, converted and placed on `device`
+        into a model built on the meta device, so no second full copy is held. convert(name, module) gets
+        each module once its tensors are read and returns its replacement (layouts.quantizer: Phi-2 never
+        exists at full precision). reader: a StrictReader giving another layout's tensors under our names
+        (layouts.py's); by default the files at `path`."""
         dtype = dtype or torch.float32
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
-        config_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)),
-                                   "config.json")
-        file_config = {}
-        if os.path.isfile(config_file):
-            file_config = config_from_json(config_file)
-        elif os.path.isdir(path):
-            raise FileNotFoundError(f"{config_file} not found: a checkpoint directory needs its config.json")
+        file = config_file(path)
+        file_config = config_from_json(file) if file else {}
         check_overrides(overrides, Phi2Config)
         config = Phi2Config(**{**file_config, **overrides})
         reader = reader or StrictReader(open_safetensors(path), path, dtype, device)
@@ -430,8 +394,7 @@ def config_from_json(file):
     if d.get("model_type") not in ("phi", "phi-msft"):
         raise ValueError(f"{file}: not a Phi-2 config (model_type {d.get('model_type')!r}, expected 'phi'): "
                          "is this the right directory?")
-    # transformers 5 keeps RoPE settings in rope_parameters; some 4.x configs in rope_scaling
-    for nested in ("rope_parameters", "rope_scaling"):
+    for nested in ("rope_parameters", "rope_scaling"):  # transformers 5's; some 4.x configs
         rope = d.get(nested) or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ValueError(f"{file}: {nested} {rope} is not plain RoPE; only rope_type 'default' is supported")

@@ -1,44 +1,33 @@
 """The BLIP-2 Q-Former, query path only: 32 learned queries read the image through cross-attention.
 
-Li et al., "BLIP-2: Bootstrapping Language-Image Pre-training with Frozen Image Encoders and Large
-Language Models", ICML 2023, section 3.1. TinyGPT-V (Yuan et al., arXiv:2312.16862, section 3)
-takes BLIP-2's Q-Former as it is, frozen, as MiniGPT-4 did. Facts in docs/PAPER.md section 3.
+BLIP-2 (Li et al., ICML 2023, arXiv:2301.12597, section 3.1); TinyGPT-V (Yuan et al., arXiv:2312.16862,
+section 3) takes its Q-Former as it is, frozen, as MiniGPT-4 did. Facts in docs/PAPER.md section 3.
 Input: image embeddings (B, 257, 1408) from the EVA ViT after ln_vision (vit.py).
 Output: one vector per query (B, 32, 768), which tinygptv.py projects into Phi-2.
 
 Notable parts, top to bottom:
-- `QFormerConfig` with BLIP-2's sizes (`blip2()`, BERT-base plus cross-attention) and a `tiny()`
-  preset of the same architecture;
-- post-LN BERT layers: self-attention among the queries, cross-attention to the image on every
-  second layer (0, 2, 4, ...), then the queries' own feed-forward `intermediate_query`/`output_query`;
-- no text branch: BLIP-2's Q-Former shares its self-attention with a BERT text encoder (word and
-  position embeddings, a text FFN `intermediate`/`output`, an LM head `cls`); MiniGPT-4 and TinyGPT-V
-  delete it, because only the queries go on to the language model. Its tensors, found in LAVIS
-  checkpoints, are skipped with a one-line report;
+- `QFormerConfig`: BLIP-2's sizes (`blip2()`, BERT-base plus cross-attention) and a `tiny()` preset;
+- post-LN BERT layers: self-attention among the queries, cross-attention to the image every second
+  layer (0, 2, 4, ...), then the queries' own feed-forward `intermediate_query`/`output_query`;
+- no text branch: BLIP-2 shares the self-attention with a BERT text encoder (word and position embeddings,
+  text FFN `intermediate`/`output`, LM head `cls`); MiniGPT-4 and TinyGPT-V delete it, as only the queries
+  reach the language model. Its tensors, found in LAVIS checkpoints, are skipped with a one-line report;
 - no dropout: TinyGPT-V keeps the Q-Former frozen in eval mode, where BERT's dropout is the identity;
-- `from_pretrained`: strict loading of a transformers BLIP-2 download, tensor by tensor. LAVIS's
-  names (MiniGPT-4's and TinyGPT-V's files) are layouts.py's.
+- `from_pretrained`: strict loading of a transformers BLIP-2 download; LAVIS's layout is layouts.py's.
 
-Our names and transformers' (N is the layer; `crossattention` is named as `attention`):
-
-    ours                      transformers BLIP-2
-    query_tokens              query_tokens
-    layernorm                 qformer.layernorm
-    layers.N.                 qformer.encoder.layer.N.
-      attention.query           attention.attention.query          (key, value alike)
-      attention.output.{dense,LayerNorm}, intermediate_query.dense, output_query.{dense,LayerNorm}: the same
-
-`transformers_key` below is this table as code.
+Our names against transformers' (`transformers_key` is this table as code; `crossattention` alike):
+    query_tokens, layernorm     query_tokens, qformer.layernorm
+    layers.N.attention.query    qformer.encoder.layer.N.attention.attention.query  (key, value alike)
+    layers.N.<the rest>         qformer.encoder.layer.N.<the rest>
 """
 
-import os
 import re
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from checkpoints import StrictReader, check_overrides, open_safetensors, read_json
+from checkpoints import StrictReader, check_overrides, config_file, open_safetensors, read_json
 
 
 @dataclass
@@ -68,8 +57,7 @@ class QFormerConfig:
 
     @classmethod
     def tiny(cls, **kw):
-        # head dim 48 / 4 = 12, not a power of two; 3 layers, so the pattern with / without /
-        # with cross-attention shows; image width 40 differs from the Q-Former's on purpose
+        # head dim 12, not a power of two; 3 layers: cross, none, cross; image width 40 unlike the 48 inside
         d = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
                  encoder_hidden_size=40, num_query_tokens=8)
         return cls(**{**d, **kw})
@@ -81,10 +69,7 @@ class QFormerConfig:
 
 class QFormerOutput(nn.Module):
     """dense, then the post-LN residual: LayerNorm(x + dense(h)). BERT's SelfOutput and Output alike.
-
-    Post-LN (the norm after the residual sum, as in the original Transformer) rather than the pre-LN
-    of GPT-style models, because the Q-Former's weights start from BERT-base, which is post-LN: the
-    layer has to compute what those weights were trained for."""
+    Post-LN, not GPT's pre-LN, because the weights start from BERT-base's, which were trained post-LN."""
 
     def __init__(self, in_features, config):
         super().__init__()
@@ -96,9 +81,8 @@ class QFormerOutput(nn.Module):
 
 
 class QFormerAttention(nn.Module):
-    """Multi-head attention from the queries x (B, nq, C) to a context (B, S, kv_dim), plus its
-    output projection and post-LN residual. Self-attention: the context is x itself.
-    Cross-attention: the context is the image, kv_dim = encoder_hidden_size (1408 -> 768)."""
+    """Attention from the queries x (B, nq, C) to a context (B, S, kv_dim), then output and post-LN residual.
+    Self-attention: the context is x. Cross-attention: the image, kv_dim = encoder_hidden_size (1408)."""
 
     def __init__(self, config, kv_dim):
         super().__init__()
@@ -134,22 +118,18 @@ class QFormerIntermediate(nn.Module):
 
 
 class QFormerLayer(nn.Module):
-    """One BERT layer of the query path: self-attention, [cross-attention], feed-forward, each
-    followed by its residual and LayerNorm."""
+    """One BERT layer of the query path: self-attention, [cross-attention], feed-forward, each post-LN."""
 
     def __init__(self, config, index):
         super().__init__()
         self.attention = QFormerAttention(config, config.hidden_size)
-        # BLIP-2 inserts cross-attention "every other transformer block" (section 3.1). BERT-base has
-        # no cross-attention, so these weights are new; half the layers holds them to half the new
-        # parameters (~20M at 1408 -> 768) and half the cost of reading the 257 image tokens, while
-        # the queries still consult the image six times in twelve layers.
+        # "every other transformer block" (BLIP-2 section 3.1): BERT-base has no cross-attention, so these
+        # weights are new; half the layers halves them (~20M at 1408 -> 768) and the cost of reading the
+        # 257 image tokens, while the queries still consult the image six times in twelve layers.
         self.has_cross_attention = index % config.cross_attention_frequency == 0
         if self.has_cross_attention:
             self.crossattention = QFormerAttention(config, config.encoder_hidden_size)
-        # "_query": the queries' own FFN. BLIP-2's text tokens have a separate one (`intermediate`,
-        # `output`), which TinyGPT-V does not keep.
-        self.intermediate_query = QFormerIntermediate(config)
+        self.intermediate_query = QFormerIntermediate(config)  # the queries' own FFN; the text's is not kept
         self.output_query = QFormerOutput(config.intermediate_size, config)
 
     def forward(self, x, image_embeds, mask=None):
@@ -164,24 +144,21 @@ class QFormerLayer(nn.Module):
 
 
 class QFormer(nn.Module):
-    """The Q-Former with its `query_tokens`: image embeddings (B, S, 1408) -> (B, 32, 768).
-    Mirrors transformers' `Blip2QFormerModel` called on BLIP-2's query tokens, and LAVIS'
-    `Qformer.bert` called with `query_embeds` only."""
+    """The Q-Former with its `query_tokens`: image embeddings (B, S, 1408) -> (B, 32, 768). Mirrors
+    transformers' `Blip2QFormerModel` on the query tokens, and LAVIS's `Qformer.bert` on `query_embeds` only."""
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.hidden_size))
-        # BERT's embeddings LayerNorm. With no text, the "embeddings" are the queries alone, so the
-        # Q-Former's input is LayerNorm(query_tokens).
+        # BERT's embeddings LayerNorm; with no text the "embeddings" are the queries alone
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(QFormerLayer(config, i) for i in range(config.num_hidden_layers))
         self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(m):
-        # only for training from scratch (the demo); real runs load BLIP-2. BERT's initializer_range,
-        # which BLIP-2 also draws its query tokens with.
+        # only for training from scratch (the demo); std 0.02: BERT's initializer_range, BLIP-2's for queries
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias)
@@ -205,28 +182,21 @@ class QFormer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu", **overrides):
-        """Load the Q-Former and its query tokens from a transformers BLIP-2 directory
-        (`Blip2ForConditionalGeneration` or `Blip2Model` saved: config.json and model.safetensors or
-        shards): the config is its `qformer_config` plus `num_query_tokens`, the tensors `qformer.*`
-        and `query_tokens`; `overrides` (QFormerConfig fields) apply on top. Tensors of other parts
-        (vision_model.*, language_model.*) are vit.py's and Phi-2's. dtype: float32 (when None),
-        bfloat16 or float16; each tensor is read, converted and placed on `device` in turn."""
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
-        config_file = os.path.join(path, "config.json")
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"{config_file} not found: a checkpoint directory needs its config.json")
+        """Load the Q-Former and query tokens from a saved transformers `Blip2ForConditionalGeneration` or
+        `Blip2Model` (config.json, model.safetensors or shards): config `qformer_config` and `num_query_tokens`,
+        tensors `qformer.*` and `query_tokens`; `overrides` (QFormerConfig fields) apply on top. dtype:
+        float32 (when None), bfloat16 or float16; each tensor is read, converted and placed on `device`."""
+        file = config_file(path)
         check_overrides(overrides, QFormerConfig)
-        config = QFormerConfig(**{**config_from_json(config_file), **overrides})
+        config = QFormerConfig(**{**(config_from_json(file) if file else {}), **overrides})
         tensors = {k: v for k, v in open_safetensors(path).items() if k.startswith(("qformer.", "embeddings.", "query_tokens"))}
         return cls.load(config, StrictReader(tensors, path, dtype or torch.float32, device), transformers_key,
                         TEXT_BRANCH, path)
 
     @classmethod
     def load(cls, config, reader, key, text_branch, path):
-        """A model of `config` filled from `reader` (a checkpoints.StrictReader), our tensor `name`
-        read as `key(name)`. The text branch (the module docstring; tensors matching `text_branch`)
-        is skipped, and one line says how many tensors that was; anything else left over is refused."""
+        """A model of `config` from `reader` (a checkpoints.StrictReader), tensor `name` read as `key(name)`;
+        tensors matching `text_branch` are skipped with a one-line count, any other leftover is refused."""
         text = [k for k in reader.tensors if text_branch.match(k)]
         for k in text:
             del reader.tensors[k]
@@ -241,9 +211,8 @@ class QFormer(nn.Module):
         return model
 
 
-# The text branch's tensors in a transformers download: BERT word / position embeddings (written
-# only for use_qformer_text_input, Blip2ForImageTextRetrieval, as `embeddings.*` at the top) and
-# the text FFN of each layer.
+# The text branch in a transformers download: each layer's text FFN, and BERT word / position embeddings
+# (`embeddings.*`, written only for use_qformer_text_input, Blip2ForImageTextRetrieval).
 TEXT_BRANCH = re.compile(r"embeddings\.|qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")
 
 

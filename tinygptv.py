@@ -1,7 +1,6 @@
 """TinyGPT-V, assembled: a frozen vision tower, a trained bridge, and Phi-2 with LoRA.
 
-Yuan et al., "TinyGPT-V: Efficient Multimodal Large Language Model via Small Backbones",
-arXiv:2312.16862, section 3 (architecture) and figure 2. The data flow at full size (224 px):
+Yuan et al. 2023, "TinyGPT-V" (arXiv:2312.16862), section 3 and figure 2. The data flow at 224 px:
 
     image (B, 3, 224, 224)
       -> visual_encoder: EVA ViT-g/14 + ln_vision (vit.py)      (B, 257, 1408)  frozen
@@ -20,21 +19,19 @@ Notable parts of this file, top to bottom:
 - what trains, checkpoints holding only that, and assembly from real Phi-2 / BLIP-2 downloads.
 Its command line, `python tinygptv.py --image cat.png --prompt "[vqa] what is this?"`, is cli.py's.
 
-The names (`visual_encoder`, `qformer`, `llama_proj`, `llama_proj2`, `llama_model`) are the
-official code's, so its checkpoint keys can be held against ours. `llama_model` is Phi-2: the
-official code kept MiniGPT-4's name when it swapped LLaMA for Phi-2.
+The module names are the official code's, so its checkpoint keys can be held against ours;
+`llama_model` is Phi-2, under the name MiniGPT-4 gave LLaMA.
 """
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
@@ -69,11 +66,9 @@ class TinyGPTVConfig:
     def tiny(cls, vocab_size=1024):
         """The same architecture at a size two CPU cores train in minutes (the demo's)."""
         return cls(
-            # 48 px in 16 px patches: a 3x3 patch grid, one patch per cell of the demo's 3x3 world
-            # (stage 4's 96 px is 6x6). Cross-attention in both Q-Former layers, not every other
-            # one: with only two layers, one cross-attention left the stand-in tower binding
-            # colours to cells slowly (docs/LOG.md). 32 queries as in BLIP-2: the demo's tower says
-            # one word of `demo.scene_words` per query.
+            # 48 px in 16 px patches: one patch per cell of the demo's 3x3 world (stage 4's 96 px: 6x6).
+            # Cross-attention in both Q-Former layers, not every other: with one, the stand-in tower bound
+            # colours to cells slowly (docs/LOG.md). BLIP-2's 32 queries: one `demo.scene_words` word each.
             vision=VisionConfig.tiny(image_size=48, patch_size=16, hidden_size=96, num_hidden_layers=4,
                                      num_attention_heads=4, intermediate_size=384),
             qformer=QFormerConfig.tiny(hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -82,9 +77,8 @@ class TinyGPTVConfig:
             llm=Phi2Config.tiny(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4,
                                 num_attention_heads=4, intermediate_size=512, max_position_embeddings=512,
                                 qk_layernorm=True, post_layernorm=True),
-            # llama_proj 96 -> 256 -> 128: the pair is one linear map of rank <= 96 at any width, and
-            # 4096 made it cost as much as the whole language model per stage-4 step. LoRA keeps the
-            # paper's r 64, alpha 16, which the demo's learning rates were tuned with.
+            # llama_proj 96 -> 256 -> 128: the pair is a rank <= 96 map at any width; 4096 cost as much as the
+            # whole LM per stage-4 step. LoRA keeps the paper's r 64, alpha 16, which the demo's rates were tuned for.
             proj_dim=256,
         )
 
@@ -108,13 +102,10 @@ TEMPLATES = {
     3: "###Human: " + IMAGE_SLOT + " {} ###Assistant: ",  # MiniGPT-4's conversation format
     4: "[INST] " + IMAGE_SLOT + " {} [/INST]",  # MiniGPT-v2's format, with task tags
 }
-# What ends an answer (the model learns to write it, and generation stops at it). Stage 4 ends with
-# the tokenizer's end-of-text token, as MiniGPT-v2 ends with the LLM's eos.
+# Ends of answers, learned and stopped at (stage 4's end-of-text, as MiniGPT-v2 ends with the LLM's eos).
 END_MARKERS = {1: "\n", 2: "\n", 3: "###", 4: "<|endoftext|>"}
-# Answers longer than this many tokens are cut (the official max_txt_len per stage).
-MAX_TEXT_TOKENS = {1: 32, 2: 32, 3: 160, 4: 1024}
-# Stage-4 task tags and the instruction each wraps its query in (MiniGPT-v2's phrasing).
-# "chat" is an untagged instruction (LLaVA-style data); "describe" is stage 3's own instruction.
+MAX_TEXT_TOKENS = {1: 32, 2: 32, 3: 160, 4: 1024}  # answers cut to this many tokens (official max_txt_len)
+# Stage-4 task tags, in MiniGPT-v2's phrasing; untagged: "chat" (LLaVA-style data), "describe" (stage 3's).
 TASK_INSTRUCTIONS = {
     "vqa": "[vqa] Based on the image, respond to this question with a short answer: {}",
     "caption": "[caption] Briefly describe this image.",
@@ -141,21 +132,8 @@ def instruction_for(task, query):
 
 
 def stage_instruction(stage, sample):
-    """A sample's instruction under stage `stage`'s template: none in stages 1-2 (the caption
-    follows the image), its task's instruction from stage 3 on."""
+    """A sample's instruction: none in stages 1-2 (the caption follows the image), else its task's."""
     return "" if stage <= 2 else instruction_for(sample.task, sample.query)
-
-
-def parse_user_prompt(prompt):
-    """'[vqa] what color is it' -> instruction_for('vqa', 'what color is it'); untagged -> chat."""
-    m = re.match(r"\s*\[(\w+)\]\s*(.*)", prompt, re.S)
-    if m is None:
-        return instruction_for("chat", prompt.strip())
-    tag, rest = m.group(1), m.group(2).strip()
-    if tag not in TASK_INSTRUCTIONS or tag in ("chat", "describe"):
-        tags = ", ".join(f"[{t}]" for t in TASK_INSTRUCTIONS if t not in ("chat", "describe"))
-        raise ValueError(f"unknown task tag [{tag}]: use one of {tags}, or no tag")
-    return instruction_for(tag, rest)
 
 
 # -----------------------------------------------------------------------------
@@ -165,39 +143,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def to_rgb(im, name="image"):
-    """Any image Pillow opens -> RGB, fully decoded. 16- and 32-bit grey ("I;16", "I") are scaled
-    from 0-65535 to 0-255: Pillow's own convert clips them, and most greys come out white."""
-    if im.mode.startswith("I;16") or (im.mode == "I" and np.asarray(im).max() > 255):
-        grey = (np.asarray(im, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
-    if im.mode == "F":
-        raise ValueError(f"{name}: a floating-point image (mode F) has no agreed 0-255 range; save it as 8-bit")
-    try:
-        return im.convert("RGB")  # L, P, RGBA, CMYK, YCbCr, ...; forces a full decode
-    except ValueError as e:  # a mode Pillow cannot turn into RGB (LAB, ...)
-        raise ValueError(f"{name}: cannot convert mode {im.mode} to RGB ({e})") from None
-
-
-def load_image(image):
-    """A path or a PIL image -> an RGB PIL image; a one-line error for a missing, corrupt, truncated
-    or oversized file (Pillow's decompression-bomb limit)."""
-    if isinstance(image, Image.Image):
-        return to_rgb(image)
-    if not os.path.isfile(image):
-        raise FileNotFoundError(f"image not found: {image}")
-    try:
-        with Image.open(image) as im:
-            return to_rgb(im, image)
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"{image}: refused: {e}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # SyntaxError: Pillow's word for some bad files
-        raise ValueError(f"cannot read image {image}: {e}") from None
-
-
 def preprocess(image, size):
-    """PIL image or path -> (3, size, size) float tensor, bicubic resize and CLIP normalization."""
-    im = load_image(image).resize((size, size), Image.BICUBIC)
+    """A PIL image -> (3, size, size) float tensor: RGB, bicubic resize and CLIP normalization, as the
+    official processor does (data.load_image reads a file, with one-line errors for bad ones)."""
+    im = image.convert("RGB").resize((size, size), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
     return (x - mean) / std
@@ -244,14 +193,11 @@ def make_example(tok, stage, instruction, answer=None, template=None):
 
 
 class TinyGPTV(nn.Module):
-    """TinyGPT-V (paper section 3, figure 2): the frozen vision tower, the two trained projections
-    and Phi-2, under the official code's module names so its checkpoint keys read against ours.
-
-    An image (B, 3, H, W) becomes 32 query vectors (`encode_queries`, frozen), which the projections
-    carry into Phi-2's embedding space (`project`); `assemble` splices them into each prompt at
-    `<ImageHere>`. `forward` returns the logits at the answer positions for the loss; `generate`
-    answers an instruction per image. What trains is chosen by `is_trainable` below, the same in
-    every stage but for the LoRA adapters that stage 2 adds (`add_lora`)."""
+    """TinyGPT-V (section 3, figure 2). An image (B, 3, H, W) becomes 32 query vectors (`encode_queries`,
+    frozen), the projections carry them into Phi-2's embedding space (`project`), and `assemble` splices
+    them into each prompt at `<ImageHere>`. `forward` gives the answer positions' logits for the loss,
+    `generate` one answer per image; `is_trainable` picks what trains, in every stage the same but for
+    stage 2's LoRA (`add_lora`)."""
 
     def __init__(self, config: TinyGPTVConfig):
         super().__init__()
@@ -296,13 +242,10 @@ class TinyGPTV(nn.Module):
 
     # -- splicing: one row = [before tokens][image embeds][after tokens][answer tokens]
     def assemble(self, image_embeds, examples, pad_left=False):
-        """Build the LLM input for a batch.
-
-        image_embeds: (B, n_query, C) after the projections; examples: B `Example`s.
-        Returns inputs_embeds (B, T, C), attention_mask (B, T) and labels (B, T) (-100 but on answers).
-        Rows are right-padded for training and left-padded for generation, so that every row's
-        last prompt token sits at the same position when decoding starts.
-        """
+        """The LLM input for a batch: image_embeds (B, n_query, C) after the projections and B `Example`s
+        -> inputs_embeds (B, T, C), attention_mask (B, T), labels (B, T) (-100 but on answers). Rows are
+        right-padded for training, left-padded for generation so that every row's last prompt token sits
+        at the same position when decoding starts."""
         embed = self.llama_model.embed_tokens
         device, n_img = image_embeds.device, image_embeds.shape[1]
         rows, labels = [], []
@@ -327,10 +270,9 @@ class TinyGPTV(nn.Module):
         return inputs, mask, lab_out
 
     def forward(self, examples, pixel_values=None, queries=None):
-        """Training forward: returns (logits (N, V), targets (N,)) for the N positions whose next
-        token is an answer token (answer_logits). Pass pixels, or the Q-Former outputs cached by
-        the caller (the vision tower is frozen in every stage, so its output for an image never
-        changes)."""
+        """Training forward -> (logits (N, V), targets (N,)) at the N positions whose next token is an
+        answer token (answer_logits). Pass pixels, or Q-Former outputs the caller cached (the vision
+        tower is frozen in every stage, so an image's output never changes)."""
         if queries is None:
             queries = self.encode_queries(pixel_values)
         inputs, mask, labels = self.assemble(self.project(queries), examples)
@@ -343,15 +285,13 @@ class TinyGPTV(nn.Module):
         (temperature, top_k, top_p, repetition_penalty, seed). Returns one string per image."""
         examples = [make_example(tok, stage, ins) for ins in instructions]
         end = END_MARKERS[stage]
-        # a marker can tokenize differently after a space, so both spellings stop generation
-        stops = [encode(tok, end), encode(tok, " " + end)]
+        stops = [encode(tok, end), encode(tok, " " + end)]  # a marker tokenizes differently after a space
         out = self.generate_ids(self.pixels(images, stage), examples, max_new_tokens, stops, **sampling)
         return [tok.decode(ids).split(end)[0].strip() for ids in out]
 
     @torch.no_grad()
     def generate_ids(self, pixel_values, examples, max_new_tokens, stop_sequences, **sampling):
-        """The token ids Phi-2 writes after each example's prompt, its image spliced in: image ->
-        queries -> projections -> prompt, then Phi2.generate. One list per example."""
+        """The token ids Phi-2 writes after each example's prompt, its image spliced in; one list each."""
         inputs, mask, _ = self.assemble(self.project(self.encode_queries(pixel_values)), examples, pad_left=True)
         limit = self.config.llm.max_position_embeddings
         if inputs.shape[1] + max_new_tokens > limit:
@@ -362,10 +302,9 @@ class TinyGPTV(nn.Module):
 
 
 def answer_logits(lm_head, hidden, labels):
-    """Position t predicts token t + 1, and the loss counts answer tokens only (labels -100
-    elsewhere), so lm_head runs on the positions just before an answer token: (N, V) logits and
-    their (N,) targets. The other rows, the prompt and the image, are most of a sample and their
-    logits would only be ignored."""
+    """Position t predicts token t + 1 and the loss counts answer tokens only (labels -100 elsewhere),
+    so lm_head runs just before answer tokens: (N, V) logits, (N,) targets. The other rows, the prompt
+    and the image, are most of a sample and their logits would only be ignored."""
     targets = labels[:, 1:]  # (B, T-1)
     keep = targets != -100
     return lm_head(hidden[:, :-1][keep]), targets[keep]  # (N, V), (N,)
@@ -416,9 +355,8 @@ def read_checkpoint(path):
 
 
 def load_trained(model, tensors, where, fresh_lora=False):
-    """Strictly load what trains ({name: tensor}, as trainable_state_dict gives) into `model`: every
-    trained tensor of the model present with its shape, nothing else. fresh_lora: a file without
-    LoRA leaves the model's adapters as they start (stage 2 starts from stage 1's file, B = 0)."""
+    """Strictly load what trains ({name: tensor}): each trained tensor with its shape, nothing else.
+    fresh_lora: a file without LoRA leaves the adapters fresh (stage 2 starts from stage 1's, B = 0)."""
     keep_fresh = fresh_lora and not any(".lora_" in k for k in tensors)
     reader = StrictReader(tensors, where)
     state = {k: reader.take(k, v.shape) for k, v in trainable_state_dict(model).items()
@@ -454,10 +392,9 @@ def config_from_checkpoint(path):
 
 
 def from_pretrained(phi2_path, blip2_path, checkpoint=None, dtype=None, device="cpu"):
-    """TinyGPT-V from a `microsoft/phi-2` directory, a `Salesforce/blip2-*` directory (ViT, ln_vision,
-    Q-Former, query tokens) and optionally a stage checkpoint of ours. -> (model, its stage or 0).
-    Phi-2 gets TinyGPT-V's stabilizer norms, which start at weight 1, bias 0 until a checkpoint
-    brings them trained (so only without one are they reported). dtype: float32 when None."""
+    """TinyGPT-V from a `microsoft/phi-2` directory, a `Salesforce/blip2-*` one (ViT, ln_vision, Q-Former,
+    query tokens) and optionally our stage checkpoint -> (model, its stage or 0); dtype float32 if None.
+    Phi-2's new stabilizer norms (weight 1, bias 0) are reported only if no checkpoint brings them trained."""
     llm = Phi2.from_pretrained(phi2_path, dtype=dtype, device=device, qk_layernorm=True, post_layernorm=True,
                                report=checkpoint is None)
     visual_encoder = VisionTransformer.from_pretrained(blip2_path, dtype=dtype, device=device)
@@ -466,9 +403,8 @@ def from_pretrained(phi2_path, blip2_path, checkpoint=None, dtype=None, device="
 
 
 def build(visual_encoder, qformer, llm, checkpoint=None, proj_dim=TinyGPTVConfig.proj_dim, dtype=None, device="cpu"):
-    """The model around loaded backbones: new projections (llama_proj `proj_dim` wide: the paper's
-    4096), or a stage checkpoint's, with its LoRA from stage 2 on. -> (model in eval mode, the
-    checkpoint's stage or 0)."""
+    """The model around loaded backbones, with new projections (`proj_dim`: the paper's 4096) or a
+    stage checkpoint's, LoRA from stage 2 on -> (model in eval mode, the checkpoint's stage or 0)."""
     stage, config = 0, TinyGPTVConfig(vision=visual_encoder.config, qformer=qformer.config, llm=llm.config,
                                       proj_dim=proj_dim)
     if checkpoint is not None:

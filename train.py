@@ -12,16 +12,12 @@ What each stage trains (everything else is frozen: ViT, ln_vision, Q-Former, Phi
     stage 2 pre-training  + LoRA on Phi-2's qkv and dense                 image-caption pairs
     stage 3 instruction   same, "###Human: ... ###Assistant:" prompts     detailed descriptions
     stage 4 multi-task    same, "[INST] [task] ... [/INST]", 2x image     VQA, refer, identify, ...
-The official code also trained LoRA in stage 1 (a config default); the paper says it does not, and
-this file follows the paper.
-
-Without --phi2/--blip2 the stages run on the built-in demo, from demo.py's stand-in backbones
-(its "stage 0", shipped in demo_backbones/; `--stage 0` trains them again), exactly as on real ones.
+The official code also trained LoRA in stage 1 (a config default); this file follows the paper.
+Without --phi2/--blip2 the stages run on demo.py's stand-in backbones, exactly as on real ones.
 
 Notable features: AdamW with decay only on >= 2-D tensors, linear warm-up then cosine per step,
 gradient accumulation and clipping, bf16 autocast on CUDA (fp16 + GradScaler where bf16 is
-missing), exact resume (weights, optimizer, step, data order, RNG; runs.py keeps it safe), a NaN
-guard, a progress line, and a held-out table after each stage.
+missing), exact resume (weights, optimizer, step, data order, RNG), a NaN guard, a progress line.
 """
 
 import argparse
@@ -111,9 +107,8 @@ def stage_path(args, stage):
 
 
 def build_model(args, stage, report=True):
-    """Backbones (real or the demo's) + the previous stage's checkpoint + LoRA from stage 2 on.
-    Only stage 1 starts Phi-2's stabilizer norm weights at 1 (and says so, unless report=False: a
-    resumed or evaluated stage 1 loads them trained); later stages load them trained."""
+    """Backbones (real or the demo's) + the previous stage's checkpoint + LoRA from stage 2 on. Only
+    stage 1 starts the stabilizer norms at 1, and says so unless report=False (resumed, evaluated)."""
     report = report and stage == 1
     if args.phi2:
         model, _ = load_model(args.phi2, args.blip2, args.qformer, report=report)
@@ -150,11 +145,10 @@ def batch_indices(step, n, batch_size, seed):
 
 
 def split_by_length(idx, lengths):
-    """Two micro-batches that together are the batch idx: sorted by token length and cut where
-    the padding is least. Every row is padded to its micro-batch's longest, and the loss is a sum
-    over answer tokens, so the update is the batch's own, only cheaper: stage 4's few long
-    [grounding] samples (~100 tokens) otherwise pad almost every batch of ~71-token samples
-    (1.39x the real tokens; 1.06x split)."""
+    """Two micro-batches that together are the batch idx, sorted by token length and cut where the
+    padding is least: the loss is a sum over answer tokens, so the update is the batch's own, only
+    cheaper (stage 4's few ~100-token [grounding] samples padded its ~71-token batches to 1.39x the
+    real tokens; split, 1.06x)."""
     if len(idx) < 2:
         return [idx]
     idx = sorted(idx, key=lambda i: lengths[i])
@@ -165,9 +159,9 @@ def split_by_length(idx, lengths):
 
 @torch.no_grad()
 def encode_all(model, samples, stage, device, batch_size=256):
-    """Q-Former outputs of every distinct image, once, since the whole vision tower is frozen:
-    (images, n_query, d), and each sample's row in it (N,). Stage 4 asks ~14 questions per scene:
-    one row per sample instead would hold 14 copies (0.85 GB at the demo's size)."""
+    """Q-Former outputs of every distinct image, once, since the vision tower is frozen: (images,
+    n_query, d), and each sample's row in it (N,); one row per sample would hold stage 4's ~14
+    questions per scene as 14 copies (0.85 GB at the demo's size)."""
     row, images = {}, []
     for s in samples:
         if id(s.image) not in row:
@@ -301,10 +295,6 @@ def train_stage(args, stage):
     return losses, True
 
 
-# -----------------------------------------------------------------------------
-# The held-out table of a finished stage, nothing trained
-
-
 def evaluate_stage(args, stage):
     """`--evaluate N`: the held-out table of stage N's finished checkpoint, nothing trained."""
     path = stage_path(args, stage)
@@ -319,7 +309,7 @@ def evaluate_stage(args, stage):
 
 
 # -----------------------------------------------------------------------------
-# The stages in order, and the command line
+# The stages in order, and the command line (runs.py keeps the run directory whole)
 
 
 def train_stages(args):

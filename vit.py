@@ -1,34 +1,28 @@
 """EVA ViT-g/14 as BLIP-2 uses it, with BLIP-2's `ln_vision` on top: TinyGPT-V's frozen image encoder.
 
-TinyGPT-V (Yuan et al., arXiv:2312.16862, section 3) keeps MiniGPT-4's vision half: the EVA ViT-g/14
-of EVA (Fang et al., arXiv:2211.07636) as BLIP-2 (Li et al., arXiv:2301.12597) cut it, followed by
-BLIP-2's LayerNorm `ln_vision`. Facts in docs/PAPER.md section 2.
+TinyGPT-V (Yuan et al., arXiv:2312.16862, section 3) keeps MiniGPT-4's vision half: EVA's ViT-g/14 (Fang
+et al., arXiv:2211.07636) as BLIP-2 (Li et al., arXiv:2301.12597) cut it. Facts in docs/PAPER.md section 2.
 Input: pixels (B, 3, H, W), CLIP-normalized, H and W multiples of the patch size (224 px -> 16x16).
 Output: (B, 1 + N, 1408) after ln_vision, N = (H/14)(W/14): the CLS token and every patch token.
 
 Notable parts, top to bottom:
 - `VisionConfig` with the real EVA ViT-g sizes (`eva_vit_g()`) and a `tiny()` preset;
 - a plain pre-norm ViT: patch embedding with bias, CLS token, learned absolute positions, exact GELU;
-- attention with biases on q and v only (the k bias would cancel in the softmax, see `Attention`);
-- any image size that is a multiple of the patch: the position embedding is resized bicubically
-  (224 -> 448 px for TinyGPT-V's stage 4), as transformers' `interpolate_pos_encoding=True` does;
+- biases on q and v only (a k bias would cancel in the softmax, see `Attention`);
+- any image size that is a multiple of the patch: positions resized bicubically (stage 4's 448 px);
 - 39 blocks, not EVA's 40: BLIP-2 takes the penultimate block's features;
-- `from_pretrained`: strict loading of a transformers BLIP-2 download, tensor by tensor (every
-  missing, unexpected or mis-shaped tensor is an error). LAVIS's names are layouts.py's.
+- `from_pretrained`: strict loading of a transformers BLIP-2 download; LAVIS's layout is layouts.py's.
 
-Names follow LAVIS (`patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.N.attn.qkv`, `ln_vision`),
-the names of the official code's checkpoints; `TRANSFORMERS_NAMES` maps them to transformers'
-`Blip2VisionModel`, where ln_vision is called `post_layernorm`.
+Names are LAVIS's, the official checkpoints'; `TRANSFORMERS_NAMES` maps them to `Blip2VisionModel`'s.
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import StrictReader, check_overrides, open_safetensors, read_json
+from checkpoints import StrictReader, check_overrides, config_file, open_safetensors, read_json
 
 
 @dataclass
@@ -89,11 +83,10 @@ class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
         D, self.nh, self.hd = config.hidden_size, config.num_attention_heads, config.head_dim
-        # One projection for q, k, v: weight (3D, D), rows [q; k; v], head h owning rows h*hd:(h+1)*hd
-        # of each. EVA (following BEiT) gives q and v a bias but not k: a key bias b would add q.b
-        # to every score of query q's row, and a softmax does not change when the same number is
-        # added to a whole row, so it could never have an effect. transformers stores the three as
-        # one `qkv.bias` whose middle third is zeros.
+        # One projection for q, k, v: weight (3D, D), rows [q; k; v], head h owning rows h*hd:(h+1)*hd of
+        # each. EVA (after BEiT) biases q and v but not k: a key bias b would add q.b to every score in
+        # query q's row, and adding one number to a whole row leaves a softmax unchanged, so it could
+        # never have an effect. transformers stores one `qkv.bias` whose middle third is zeros.
         self.qkv = nn.Linear(D, 3 * D, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(D))
         self.v_bias = nn.Parameter(torch.zeros(D))
@@ -102,11 +95,9 @@ class Attention(nn.Module):
     def forward(self, x):
         B, T, D = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])  # (3D,)
-        # the bias is added outside the Linear so that qkv can be swapped for another layer (int8)
-        qkv = self.qkv(x) + bias  # (B, T, 3D)
+        qkv = self.qkv(x) + bias  # (B, T, 3D); bias outside the Linear so qkv can be swapped (int8)
         q, k, v = qkv.view(B, T, 3, self.nh, self.hd).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
-        # Written out rather than F.scaled_dot_product_attention so it reads as the formula. Every
-        # token sees every other: no mask in a ViT.
+        # Written out, not F.scaled_dot_product_attention, to read as the formula; no mask in a ViT.
         att = (q @ k.transpose(-2, -1)) * self.hd ** -0.5  # (B, nh, T, T)
         att = F.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype)  # fp32 softmax for bf16 runs
         y = (att @ v).transpose(1, 2).reshape(B, T, D)  # (B, T, D), heads side by side again
@@ -144,8 +135,7 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """EVA ViT-g/14 (39 blocks) + ln_vision. Mirrors LAVIS `create_eva_vit_g` followed by BLIP-2's
-    `ln_vision`, and transformers' `Blip2VisionModel` (whose `post_layernorm` is ln_vision)."""
+    """Mirrors LAVIS's `create_eva_vit_g` then BLIP-2's `ln_vision`, and transformers' `Blip2VisionModel`."""
 
     def __init__(self, config):
         super().__init__()
@@ -155,8 +145,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + config.grid_size ** 2, D))  # CLS first, then the grid
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
-        # BLIP-2 puts a LayerNorm between the frozen ViT and the Q-Former; it belongs to BLIP-2's
-        # weights (trained with the Q-Former), not to EVA's.
+        # BLIP-2's LayerNorm between the frozen ViT and the Q-Former, trained with the Q-Former, not EVA's
         self.ln_vision = nn.LayerNorm(D, eps=config.ln_vision_eps)
         self.apply(self._init_weights)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -164,20 +153,16 @@ class VisionTransformer(nn.Module):
 
     @staticmethod
     def _init_weights(m):
-        # only for training from scratch (the demo); real runs load EVA. trunc_normal(0.02) as in EVA.
-        # (Works on the meta device too: init of a meta tensor does nothing.)
+        # only for training from scratch (the demo); trunc_normal(0.02) as in EVA; a no-op on meta tensors
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
     def position_embedding(self, grid_h, grid_w):
-        """pos_embed for a grid_h x grid_w patch grid: (1, 1 + grid_h * grid_w, D).
-
-        At the trained grid it is the parameter itself. Otherwise the patch positions, seen as a
-        (D, g, g) image, are resized bicubically (align_corners=False) to (D, grid_h, grid_w); the
-        CLS position is kept. This is what transformers' `interpolate_pos_encoding=True` computes,
-        and what LAVIS's `interpolate_pos_embed` does once at load time for 448 px (stage 4)."""
+        """pos_embed (1, 1 + grid_h * grid_w, D): the parameter at the trained grid; else the CLS position
+        kept and the patch positions, as a (D, g, g) image, resized bicubically (align_corners=False), as
+        transformers' `interpolate_pos_encoding=True` does and LAVIS's `interpolate_pos_embed` (at load)."""
         g = self.config.grid_size
         if (grid_h, grid_w) == (g, g):
             return self.pos_embed
@@ -209,35 +194,28 @@ class VisionTransformer(nn.Module):
         return self.ln_vision(x)  # (B, 1 + N, D)
 
     # -------------------------------------------------------------------------
-    # Loading a transformers BLIP-2 download: config.json ("vision_config") + safetensors, keys
-    # "vision_model.*" (the Q-Former, query tokens and language model beside it are left alone)
+    # Loading a transformers BLIP-2 download: its "vision_config" and "vision_model.*" tensors only
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu", **overrides):
-        """Load the ViT and ln_vision from a transformers BLIP-2 directory (`Blip2Model`,
-        `Blip2ForConditionalGeneration` or `Blip2VisionModel` saved). Its config.json gives the sizes
-        (ln_vision_eps is the vision config's layer_norm_eps, 1e-6); `overrides` (VisionConfig
-        fields) apply on top. dtype: float32 (when None), bfloat16 or float16; each tensor is read,
-        converted and placed on `device` in turn into a model built on the meta device."""
+        """Load the ViT and ln_vision from a saved transformers `Blip2Model`, `Blip2ForConditionalGeneration`
+        or `Blip2VisionModel`, sized by its config.json (ln_vision_eps: the vision layer_norm_eps, 1e-6);
+        `overrides` (VisionConfig fields) apply on top. dtype: float32 (when None), bfloat16 or float16;
+        each tensor is read, converted and placed on `device` in turn."""
         check_overrides(overrides, VisionConfig)
-        config_file = os.path.join(path, "config.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"{config_file} not found: a checkpoint directory needs its config.json")
-        d = read_json(config_file)
+        file = config_file(path)
+        d = read_json(file) if file else {}
         if "vision_config" not in d and d.get("model_type") != "blip_2_vision_model":
-            raise ValueError(f"{config_file}: not a BLIP-2 config (no vision_config)")
+            raise ValueError(f"{file or path}: not a BLIP-2 config (no vision_config)")
         prefix = "vision_model." if "vision_config" in d else ""
-        config = VisionConfig(**{**config_from_blip2(d.get("vision_config", d), config_file), **overrides})
+        config = VisionConfig(**{**config_from_blip2(d.get("vision_config", d), file), **overrides})
         tensors = {k: v for k, v in open_safetensors(path).items() if k.startswith(prefix)}
         return cls.load(config, StrictReader(tensors, path, dtype or torch.float32, device), prefix)
 
     @classmethod
     def load(cls, config, reader, prefix=""):
-        """A model of `config` filled from `reader` (a checkpoints.StrictReader) under transformers'
-        names after `prefix`, refusing what is left over. transformers' k third of qkv.bias is not
-        kept: it cannot change the output (see Attention)."""
+        """A model of `config` filled from `reader` (a checkpoints.StrictReader) under transformers' names
+        after `prefix`, refusing leftovers; qkv.bias's k third is dropped: it has no effect (see Attention)."""
         with torch.device("meta"):  # shapes only, no memory: the real tensors are assigned below
             model = cls(config)
         state = {}
