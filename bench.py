@@ -3,7 +3,7 @@
 TinyGPT-V's promises are resource promises (Yuan et al., arXiv:2312.16862, abstract and section 1):
 inference in 8 GB of memory or on a CPU, training on one 24 GB GPU. This file checks them with
 random weights at the paper's sizes (nothing is downloaded); what is compared runs side by side in
-one run, with the same weights, dtype and thread count:
+one run, with the same weights, dtype and thread count. A reader of the paper may skip this file.
 
 1. Phi-2 decoding (batch 1, KV cache) and prefill, ours against transformers' `PhiForCausalLM`,
    at Phi-2's real width with `--layers` layers. transformers is the reference being compared

@@ -4,7 +4,8 @@ TinyGPT-V trains on LAION/CC/SBU captions (stages 1-2), MiniGPT-4's cc_sbu_align
 (stage 3) and a multi-task mix of LLaVA, RefCOCO, VQAv2, GQA... (stage 4; docs/PAPER.md section 7).
 None of that can be downloaded here, so this file brings a procedural world small enough for a
 tiny model to learn on two CPU cores, and writes every stage's texts from it. Real files of the
-same kinds load behind the same `Sample` interface.
+same kinds load behind the same `Sample` interface. A reader of the paper may skip this file: it
+is what the stages are fed, not what they do.
 
 The chapter, top to bottom:
 - the world: one object per scene, of 8 colors, 4 shapes and 3 sizes, in one cell of a 3x3 grid;

@@ -1,5 +1,6 @@
 """Evaluation: the paper's zero-shot benchmarks scored as the official code scores them, next to
-each benchmark's own metric, and held-out scores on your own data.
+each benchmark's own metric, and held-out scores on your own data. A reader of the paper may skip
+this file: it measures the model, it is not part of it.
 
     python eval.py --task gqa --data testdev_balanced_questions.json --images gqa/images
     python eval.py --task vqa --data held_out.json --limit 200            # the demo run, our format
