@@ -69,13 +69,6 @@ class LoRALinear(nn.Linear):
             self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
             self.merged = True
 
-    @torch.no_grad()
-    def unmerge(self):
-        """Take the update out of the base weight again (to keep training after a merge)."""
-        if self.merged:
-            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
-            self.merged = False
-
     def extra_repr(self):
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
 

@@ -38,7 +38,7 @@ def load_lora_state_dict(model, state):
             raise ValueError(f"LoRA tensor '{k}' has shape {tuple(state[k].shape)}, expected {tuple(t.shape)}")
     merged = [m for m in model.modules() if isinstance(m, LoRALinear) and m.merged]
     for m in merged:  # the merged weight holds the old adapter: take it out before replacing it
-        m.unmerge()
+        unmerge(m)
     with torch.no_grad():
         params = dict(model.named_parameters())
         for k, v in state.items():
@@ -47,10 +47,18 @@ def load_lora_state_dict(model, state):
         m.merge()
 
 
+@torch.no_grad()
+def unmerge(layer):
+    """Take a merged update out of the base weight again (to keep training after a merge)."""
+    if layer.merged:
+        layer.weight.copy_((layer.weight.float() - layer.delta_weight()).to(layer.weight.dtype))
+        layer.merged = False
+
+
 def unmerge_lora(model):
     for m in model.modules():
         if isinstance(m, LoRALinear):
-            m.unmerge()
+            unmerge(m)
 
 
 
@@ -115,10 +123,10 @@ def test_merge_is_exact_idempotent_and_reversible():
     layer.merge()  # twice: nothing more
     assert torch.equal(layer.weight, w1)
     torch.testing.assert_close(w1 - w0, 4.0 * layer.lora_B.detach() @ layer.lora_A.detach(), rtol=1e-6, atol=1e-6)
-    layer.unmerge()
+    unmerge(layer)
     torch.testing.assert_close(layer.weight.detach(), w0, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(layer(x), unmerged, rtol=1e-6, atol=1e-6)
-    layer.unmerge()  # twice: nothing more
+    unmerge(layer)  # twice: nothing more
     torch.testing.assert_close(layer.weight.detach(), w0, rtol=1e-6, atol=1e-6)
 
 
