@@ -11,14 +11,19 @@ A reader of the paper may skip this file. Its jobs:
   downloads, stage checkpoints and a resumed run's saved weights all go through it;
 - `config_file`, `read_json`: a checkpoint's config, a data file or JSON lines, with one-line
   errors naming the file;
-- `write_atomically`, `write_json`: a write that an interruption never leaves half done.
+- `output_file`: the one refusal rule for what a command writes (nothing replaced without --force);
+- `write_atomically`, `write_folder_atomically`, `write_json`: a write that an interruption or a full
+  disk never leaves half done, with the same permissions for every file.
 """
 
 import ctypes
 import dataclasses
 import functools
+import hashlib
 import json
 import os
+import re
+import shutil
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -217,17 +222,96 @@ def _is_json_object(line):
         return False
 
 
+def file_digest(path):
+    """The SHA-256 of a file's bytes, hex: what ties a derived file (a stage's table) to its source."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_json(d, file):
     with open(file, "w") as f:
         json.dump(d, f, indent=2)
 
 
+def output_file(path, force, what="the output"):
+    """The one rule for a file a command is asked to write: into a folder that exists, not over a
+    folder, and not over a file that exists unless `force` (--force) says so: nothing a user has is
+    replaced by accident. -> path, or a one-line error naming it."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory; give {what} a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such directory for {what} {os.path.basename(path)}")
+    if os.path.exists(path) and not force:
+        raise ValueError(f"{path} exists; pass --force to replace it with {what}")
+    return path
+
+
 def write_atomically(final, write):
-    """write(tmp) into a temporary file beside `final`, then rename it over `final` in one step."""
+    """write(tmp) into a temporary file beside `final`, then rename it over `final` in one step, so
+    an interruption or a full disk leaves `final` as it was. The file gets the permissions any new
+    file gets here (the umask's), whatever the writer used; a failed write is one OSError naming
+    `final` (torch and safetensors report a full disk in their own exception types)."""
     tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp{os.getpid()}")
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, final)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+        raise OSError(f"{final}: cannot write it ({reason})") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_folder_atomically(final, write):
+    """write(tmp) into a temporary folder beside `final`, then put it in `final`'s place, so that a
+    folder of files that belong together (a set of backbones) is never left half old, half new. An
+    older `final` is kept aside until the new one is in place, and put back if the process was
+    stopped between the two renames (`recover_folder`)."""
+    tmp, old = f"{final}.tmp{os.getpid()}", f"{final}.old{os.getpid()}"
+    recover_folder(final)
+    parent, name = os.path.split(os.path.abspath(final))
+    for left in os.listdir(parent) if os.path.isdir(parent) else []:  # a killed writer's temporary folder
+        m = re.fullmatch(re.escape(name) + r"\.tmp(\d+)", left)
+        if m and not pid_alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(parent, left), ignore_errors=True)
+    try:
+        write(tmp)
+        if os.path.exists(final):
+            os.rename(final, old)
+        os.rename(tmp, final)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+        raise OSError(f"{final}: cannot write it ({reason}); it is as it was") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        recover_folder(final)  # stopped between the renames: the old one goes back
+        shutil.rmtree(old, ignore_errors=True)  # (only there when the new one is in place)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def recover_folder(final):
+    """Put back a folder that write_folder_atomically moved aside and was stopped before replacing."""
+    parent, name = os.path.split(os.path.abspath(final))
+    if os.path.exists(final) or not os.path.isdir(parent):
+        return
+    for aside in sorted(os.listdir(parent)):
+        if re.fullmatch(re.escape(name) + r"\.old\d+", aside):
+            os.rename(os.path.join(parent, aside), final)
+            return

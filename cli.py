@@ -11,6 +11,7 @@ A reader of the paper may skip this file. Its jobs:
 
 import argparse
 import math
+import os
 import re
 import sys
 
@@ -30,10 +31,23 @@ from layouts import load_model
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad option is a one-line `error: ...` like every other expected failure."""
+    """argparse, but a bad option is a one-line `error: ...` like every other expected failure, and
+    every text argument is checked where it is parsed: Python hands bytes that are not UTF-8 (a
+    Latin-1 terminal, a file name in another encoding) on as lone surrogates, which the tokenizer,
+    safetensors and a UTF-8 terminal each reject in their own way, deep inside."""
 
     def error(self, message):
         raise ValueError(message)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        for name, value in vars(parsed).items():
+            for text in value if isinstance(value, list) else [value]:
+                if isinstance(text, str) and any("\ud800" <= c <= "\udfff" for c in text):
+                    option = name if name in ("sources", "dst") else "--" + name.replace("_", "-")
+                    raise ValueError(f"{option}: {text!r} is not valid UTF-8 text; use a UTF-8 terminal, "
+                                     "or rename the file")
+        return parsed
 
 
 def at_least(low, kind=int):
@@ -58,19 +72,27 @@ def probability(text):
 
 
 def device_option(text):
-    """An argparse type: a torch device this machine has."""
-    if text.startswith("cuda") and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device; use cpu")
+    """An argparse type: a device this program runs on (the CPU, or a CUDA GPU) that this machine has."""
     try:
-        return str(torch.device(text))
+        device = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: this program runs on cpu or cuda, not {device.type}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device; use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return str(device)
 
 
 def run_cli(main, interrupted="interrupted"):
     """Run an entry point: an expected failure (bad input, a missing or unreadable file, a full
     disk) is one line on stderr and exit code 2, Ctrl-C one line and 130. A bug still shows its
     traceback."""
+    for stream in (sys.stdout, sys.stderr):  # a name that is not UTF-8 is printed escaped, never a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         main()
     except KeyboardInterrupt:
@@ -83,6 +105,8 @@ def run_cli(main, interrupted="interrupted"):
 
 def parse_user_prompt(prompt):
     """'[vqa] what color is it' -> tg.instruction_for('vqa', 'what color is it'); untagged -> chat."""
+    if "<ImageHere>" in prompt:  # the template's own slot for the image: a second would split it wrongly
+        raise ValueError("the prompt contains <ImageHere>, where the image goes: ask without it")
     m = re.match(r"\s*\[(\w+)\]\s*(.*)", prompt, re.S)
     if m is None:
         return tg.instruction_for("chat", prompt.strip())
@@ -133,6 +157,11 @@ def load_for_inference(args, dtype=None):
     if tok.get_vocab_size() > model.config.llm.vocab_size:
         raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens but the language model only "
                          f"{model.config.llm.vocab_size} embeddings: they do not belong together")
+    checkpoint = args.checkpoint or os.path.join(args.run or demo.DEMO_RUN, f"stage{stage}.safetensors")
+    trained_with = tg.read_checkpoint(checkpoint)[1].get("tokenizer")  # (a converted official one says none)
+    if trained_with not in (None, tg.tokenizer_digest(tok)):
+        raise ValueError(f"{checkpoint} was trained with another tokenizer than the one given: use the tokenizer.json "
+                         "of the run or download it was trained on")
     return model.to(args.device).eval(), tok, max(stage, 1)
 
 

@@ -15,11 +15,10 @@ import os
 import re
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import tinygptv as tg
-from checkpoints import write_atomically
+from checkpoints import output_file, write_atomically
 from layouts import legacy_qkv_to_ours
 
 OFFICIAL_PREFIX = "llama_model.base_model.model.model."  # peft wrapper + PhiForCausalLM's .model
@@ -121,14 +120,8 @@ def convert(sources, dst, num_heads=32, stage=None, force=False):
     sources = [sources] if isinstance(sources, str) else sources
     if num_heads < 1:
         raise ValueError(f"--num-heads {num_heads}: must be at least 1")
-    if os.path.isdir(dst):
-        raise ValueError(f"{dst}: is a directory; give the file to write")
-    folder = os.path.dirname(os.path.abspath(dst))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: no such directory for {os.path.basename(dst)}")
     state_dicts = [_torch_load(src) for src in sources]  # first: a swapped pair is named as such
-    if os.path.exists(dst) and not force:
-        raise ValueError(f"{dst} exists; pass --force to replace it")
+    output_file(dst, force, "the converted checkpoint")
     out, unknown, official = {}, [], False
     for src, sd in zip(sources, state_dicts):
         if any(k.startswith((OFFICIAL_PREFIX, "llama_proj")) for k in sd):
@@ -157,9 +150,6 @@ def convert(sources, dst, num_heads=32, stage=None, force=False):
         meta.update(config=json.dumps(official_config(out, stage).to_dict()), stage=str(stage))
     if unknown:  # reported, never dropped silently
         print(f"convert: {len(unknown)} keys not used: {', '.join(unknown[:8])}" + (" ..." if len(unknown) > 8 else ""))
-    try:
-        write_atomically(dst, lambda tmp: save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata=meta))
-    except SafetensorError as e:  # safetensors reports a failed write (read-only, full disk) in its own type
-        raise ValueError(f"{dst}: cannot write ({e})") from None
+    write_atomically(dst, lambda tmp: save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata=meta))
     print(f"convert: wrote {len(out)} tensors to {dst}" + (f" (a stage-{stage} checkpoint)" if official else ""))
     return out, unknown

@@ -315,8 +315,12 @@ def load_image(image):
     or oversized file (Pillow's decompression-bomb limit)."""
     if isinstance(image, Image.Image):
         return to_rgb(image)
-    if not os.path.isfile(image):
+    if not os.path.exists(image):
         raise FileNotFoundError(f"image not found: {image}")
+    if os.path.isdir(image):
+        raise ValueError(f"{image}: is a directory, not an image file")
+    if not os.path.isfile(image):
+        raise ValueError(f"{image}: is not a regular file (a FIFO or a device?), not an image file")
     try:
         with Image.open(image) as im:
             return to_rgb(im, image)
@@ -324,7 +328,6 @@ def load_image(image):
         raise ValueError(f"{image}: refused: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:  # SyntaxError: Pillow's word for some bad files
         raise ValueError(f"cannot read image {image}: {e}") from None
-
 
 
 # -----------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 import data
 import scoring
 import tinygptv as tg
-from checkpoints import read_json, write_atomically, write_json
+from checkpoints import file_digest, read_json, write_atomically, write_folder_atomically, write_json
 from layouts import load_model, load_phi2, save_pretrained
 from phi2 import Phi2
 from qformer import QFormer
@@ -335,7 +335,13 @@ def build_backbones(split, root, schedule, lm_steps=2500, vision_steps=3000, rep
     log(f"stage 0 | training the demo's stand-in backbones into {os.path.relpath(root)} "
         "(real runs use pretrained EVA, BLIP-2, Phi-2)")
     t0 = time.time()
-    os.makedirs(root, exist_ok=True)
+    # the set replaces `root` only once whole: an interrupted stage 0 leaves the old one as it was
+    write_folder_atomically(root, lambda tmp: train_backbones(tmp, split, schedule, lm_steps, vision_steps, report))
+    log(f"stage 0 | done in {time.time() - t0:.0f}s")
+
+
+def train_backbones(root, split, schedule, lm_steps, vision_steps, report):
+    os.makedirs(root)
     scenes = split.scenes()["train"]
     texts = lm_texts(scenes, split.seed)
     tok = train_tokenizer(text_corpus(scenes) + [q + a for q, a in texts], os.path.join(root, "tokenizer.json"))
@@ -354,7 +360,6 @@ def build_backbones(split, root, schedule, lm_steps=2500, vision_steps=3000, rep
     stamp = {**world_fingerprint(), "seed": split.seed, "demo_train": split.n_train, "demo_eval": split.n_eval,
              "lm_steps": lm_steps, "vision_steps": vision_steps}
     write_atomically(os.path.join(root, "DONE"), lambda tmp: write_json(stamp, tmp))
-    log(f"stage 0 | done in {time.time() - t0:.0f}s")
 
 
 def read_stamp(where):
@@ -405,7 +410,7 @@ def prepare_backbones(out, split, schedule, held_out=True, report=True, lm_steps
         if stamp is None:
             continue
         if {k: stamp.get(k) for k in world_fingerprint()} != world_fingerprint():
-            again = "delete it to use the shipped ones" if where == root else "train them again with `python train.py --stage 0`"
+            again = "delete it to use the shipped ones" if where == root else "train them again with `python train.py --stage 0 --force`"
             raise ValueError(f"{where} holds stand-in backbones trained for another demo world: {again}")
         why = leak(where, stamp, split) if held_out else ""
         if why and where == root:
@@ -414,9 +419,9 @@ def prepare_backbones(out, split, schedule, held_out=True, report=True, lm_steps
             log(f"stage 0 | {why}; training this split's own")
             break
         if where == PRETRAINED and where != root:
-            shutil.copytree(PRETRAINED, root, dirs_exist_ok=True)
+            write_folder_atomically(root, lambda tmp: shutil.copytree(PRETRAINED, tmp))  # whole, or not at all
             log(f"stage 0 | the stand-in backbones come from {os.path.relpath(PRETRAINED)} "
-                f"(stage 0 trained once: `python train.py --stage 0` trains them again)")
+                f"(stage 0 trained once: `python train.py --stage 0 --force` trains them again)")
             if report and os.path.isdir(os.path.join(root, "phi2")):  # (building the model says if it is missing)
                 report_language_model(load_phi2(os.path.join(root, "phi2")), tg.load_tokenizer(root), split)
         return
@@ -458,26 +463,33 @@ def table_title(stage):
 
 def table_before(model, tok, out, stage, split, n):
     """Stage N starts as stage N-1 ended (new LoRA adapters have B = 0, so they change nothing):
-    its "before" column is stage N-1's "after" when that was measured on the same held-out
-    samples (its stageN.eval.json says which), else measured now."""
-    path = os.path.join(out, f"stage{stage - 1}.eval.json")
+    its "before" column is stage N-1's "after" when that was measured on the same held-out samples
+    and of the very checkpoint stage N starts from (its stageN.eval.json says both), else measured now."""
+    path, checkpoint = (os.path.join(out, f"stage{stage - 1}.{kind}") for kind in ("eval.json", "safetensors"))
     if stage > 1 and os.path.isfile(path):
         try:
             saved = read_json(path)
-            if saved.get("eval_set") == eval_set(split, n):
-                return saved["after"]
+            rows = saved["after"]
+            if not all(isinstance(r["image"], (int, float)) and isinstance(r["blank"], (int, float))
+                       for r in rows.values()):
+                raise TypeError("not a table")
+            if saved.get("eval_set") == eval_set(split, n) and saved.get("checkpoint") == file_digest(checkpoint):
+                return rows
         except (ValueError, KeyError, TypeError, AttributeError):
             log(f"stage {stage} | {path} is unreadable; measuring the \"before\" column again")
     return evaluate(model, tok, split, stage - 1, n)
 
 
 def table_after(model, tok, out, stage, split, n, before, held_out=None, eval_data=None):
-    """The finished stage's table, printed and written to stageN.eval.json: on a user's held-out
-    samples (train.py --eval-data) if given, else on the demo's held-out scenes, beside `before`."""
+    """The finished stage's table, printed and written to stageN.eval.json beside the digest of the
+    checkpoint it scored: on a user's held-out samples (train.py --eval-data) if given, else on the
+    demo's held-out scenes, beside `before`."""
+    checkpoint = file_digest(os.path.join(out, f"stage{stage}.safetensors"))
     if held_out is not None:
         result = {"after": scoring.score(model, tok, held_out, stage, progress=True), "eval_data": eval_data}
     else:
         result = {"before": before, "after": evaluate(model, tok, split, stage, n), "eval_set": eval_set(split, n)}
+    result["checkpoint"] = checkpoint
     scoring.print_table(table_title(stage), result["after"], result.get("before", {}))
     write_atomically(os.path.join(out, f"stage{stage}.eval.json"), lambda tmp: write_json(result, tmp))
 

@@ -68,7 +68,7 @@ import torch
 import data
 import scoring
 import tinygptv as tg
-from checkpoints import read_json, write_atomically, write_json
+from checkpoints import output_file, read_json, write_atomically, write_json
 from cli import ArgumentParser, add_weight_options, at_least, device_option, load_for_inference, run_cli
 from fastpaths import decoder_for
 from scoring import batches, percent
@@ -453,12 +453,14 @@ def main(argv=None):
     p.add_argument("--template", choices=("official", "stage4"), default="official", help="benchmarks: the "
                    "official code's ###Human wrapping, or the [INST] one this project's stage 4 trains on")
     p.add_argument("--out", help="the results JSON (default: eval_TASK.json)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     add_weight_options(p)
     p.add_argument("--device", type=device_option, default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     task, root = args.task, args.images or os.path.dirname(os.path.abspath(args.data))
     if task not in READERS and task not in scoring.METRICS:
         raise ValueError(f"unknown task '{task}': expected one of {', '.join([*READERS, *scoring.METRICS])}")
+    out = output_file(args.out or f"eval_{task}.json", args.force, "the results")  # refused before any work
     skipped = 0  # (our own loaders skip and count bad images themselves)
     if task in READERS:  # a missing or undecodable image is skipped and counted, as in training
         records = READERS[task](args.data, root, args)[:args.limit]
@@ -481,7 +483,6 @@ def main(argv=None):
     else:
         scores = scoring.score(model, tok, samples, stage, args.batch_size, preds, progress=True)
         scoring.print_table(f"{task} | {len(samples)} scored, {skipped} skipped | {args.data}", scores)
-    out = args.out or f"eval_{task}.json"
     result = {"task": task, "data": args.data, "scored": len(samples), "skipped": skipped, "stage": stage,
               "weights": args.checkpoint or (args.run or "demo"), "scores": scores, "predictions": preds}
     write_atomically(out, lambda tmp: write_json(result, tmp))

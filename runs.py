@@ -15,40 +15,60 @@ import re
 import torch
 
 import tinygptv as tg
-from checkpoints import write_atomically
+from checkpoints import pid_alive, write_atomically
 
 
-def take_lock(out):
+def take_lock(folder, name=".lock"):
     """One writer per run directory: two train.py processes on one --out would each overwrite the
-    other's checkpoints. The lock file `.lock` holds the PID; a lock whose process is gone is taken
-    over, and so are the temporaries its killed writes left behind. -> the lock's path, to remove."""
-    path = os.path.join(out, ".lock")
+    other's checkpoints. The lock file holds the writer's PID and its process's start time; a lock
+    whose process is gone, or is another process under the same PID (a container's PID 1 after a
+    restart, or this very process), is taken over, and so are the temporaries its killed writes left
+    behind (for the run directory's own lock). -> the lock's path, to remove."""
+    path = os.path.join(folder, name)
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
         except FileExistsError:
-            with open(path) as f:
-                text = f.read().strip()
-            if text.isdigit() and pid_alive(int(text)):
-                raise ValueError(f"{out} is in use by another train.py (pid {text}); wait for it to finish, "
-                                 "or train into another --out") from None
+            with open(path, errors="replace") as f:
+                text = f.read().split()
+            if holder_alive(text):
+                raise ValueError(f"{folder} is in use by another train.py (pid {text[0]}); wait for it to finish, "
+                                 f"or train into another --out (if no train.py is running, delete {path})") from None
             os.remove(path)  # its process is gone
     with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    for tmp in remove_stale_temporaries(out, pid_alive):
-        print(f"removed {tmp}, left by an interrupted write", flush=True)
+        f.write(f"{os.getpid()} {process_start(os.getpid())}")
+    if name == ".lock":
+        for tmp in remove_stale_temporaries(folder, pid_alive):
+            print(f"removed {tmp}, left by an interrupted write", flush=True)
     return path
 
 
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def holder_alive(words):
+    """Whether a lock's words [pid, start time] name a live process other than this one. The start
+    time tells a PID's process from a later one under the same number (a restarted container's PID
+    1); a lock of PID alone (an older train.py's) counts only while that PID runs a train.py."""
+    if not words or not words[0].isdigit() or int(words[0]) == os.getpid() or not pid_alive(int(words[0])):
         return False
-    except PermissionError:  # alive, someone else's
+    pid = int(words[0])
+    if len(words) >= 2:
+        started = process_start(pid)
+        return started is None or started == words[1]
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"train.py" in f.read()
+    except OSError:  # no /proc to ask: alive
         return True
-    return True
+
+
+def process_start(pid):
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat's 22nd field), or None
+    where /proc does not say."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def remove_stale_temporaries(folder, alive):

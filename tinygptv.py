@@ -23,6 +23,7 @@ The module names are the official code's, so its checkpoint keys can be held aga
 `llama_model` is Phi-2, under the name MiniGPT-4 gave LLaMA.
 """
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -167,6 +168,11 @@ def load_tokenizer(path):
     return tok
 
 
+def tokenizer_digest(tok):
+    """A hash of the vocabulary: stage checkpoints record the tokenizer they were trained with."""
+    return hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()[:16]
+
+
 def encode(tok, text):
     return tok.encode(text, add_special_tokens=False).ids
 
@@ -181,7 +187,10 @@ class Example:
 
 def make_example(tok, stage, instruction, answer=None, template=None):
     """template: another prompt around `{}` and `<ImageHere>` (eval.py's official one); default the stage's."""
-    before, after = (template or TEMPLATES[stage]).format(instruction).split("<ImageHere>")
+    text = (template or TEMPLATES[stage]).format(instruction)
+    if text.count("<ImageHere>") != 1:  # the image has one place
+        raise ValueError(f"{instruction[:60]!r}: an instruction may not hold <ImageHere>, where the image goes")
+    before, after = text.split("<ImageHere>")
     ids_answer = []
     if answer is not None:  # the end marker is learned too, so the model knows when to stop
         ids_answer = encode(tok, answer)[: MAX_TEXT_TOKENS[stage] - 1] + encode(tok, END_MARKERS[stage])

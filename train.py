@@ -197,10 +197,14 @@ def mixed_precision(args):
 
 
 def run_settings(args, stage):
-    """What a resumed run must share with the interrupted one, or it would silently become a third run."""
+    """What a resumed run must share with the interrupted one: every option that changes what the rest
+    of the stage trains, or it would silently become a third run."""
     sc = args.stages[stage]
-    return {"--seed": args.seed, "--data": args.data, "--paper": args.paper, "--steps": sc.steps,
-            "--batch-size": sc.batch_size}
+    return {"--seed": args.seed, "--data": args.data, "--image-root": args.image_root, "--paper": args.paper,
+            "--steps": sc.steps, "--batch-size": sc.batch_size, "--grad-accum": args.grad_accum,
+            "--dropout": args.dropout if args.dropout is not None else sc.dropout, "--amp": args.amp,
+            "--phi2": args.phi2, "--blip2": args.blip2, "--qformer": args.qformer,
+            "--demo-train": args.demo_train, "--demo-eval": args.demo_eval}
 
 
 def train_stage(args, stage):
@@ -225,10 +229,12 @@ def train_stage(args, stage):
     log(f"stage {stage} | {len(samples)} samples | training {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
         f"parameters in {len(trained)} tensors ({'projections, norms, LoRA' if model.has_lora else 'projections, norms'})")
 
+    table = args.eval and not args.data and rank == 0  # the demo's held-out table, before and after
+    before = demo.table_before(model, tok, args.out, stage, args.split, args.eval_samples) if table else {}
     opt = torch.optim.AdamW(param_groups(model, sc.weight_decay), lr=sc.lr, betas=(0.9, 0.999))
     amp_dtype, scaler = mixed_precision(args)
     net = nn.parallel.DistributedDataParallel(model) if nproc > 1 else model  # DDP all-reduces the gradients
-    step = 0 if st is None else runs.restore(st, state_path, model, opt, scaler)
+    step = 0 if st is None else runs.restore(st, state_path, model, opt, scaler)  # after `before`: it is the start's
     if st is not None:
         log(f"stage {stage} | resumed at step {step} from {state_path}")
 
@@ -236,8 +242,6 @@ def train_stage(args, stage):
         if rank == 0:
             runs.save_state(state_path, model, opt, scaler, step, asdict(sc), run_settings(args, stage))
 
-    table = args.eval and not args.data and rank == 0  # the demo's held-out table, before and after
-    before = demo.table_before(model, tok, args.out, stage, args.split, args.eval_samples) if table else {}
     model.train()
     t0, done_here, seen, losses = time.time(), 0, 0, []
     while step < sc.steps:
@@ -288,7 +292,7 @@ def train_stage(args, stage):
             log(f"stage {stage} | stopped after {done_here} steps as asked; `--resume` continues")
             return losses, False
     if rank == 0:
-        tg.save_checkpoint(model, stage_path(args, stage), stage)
+        tg.save_checkpoint(model, stage_path(args, stage), stage, {"tokenizer": tg.tokenizer_digest(tok)})
         log(f"stage {stage} | wrote {stage_path(args, stage)}")
         if held_out is not None or table:  # the user's held-out file, or the demo's scenes
             demo.table_after(model, tok, args.out, stage, args.split, args.eval_samples, before, held_out, args.eval_data)
@@ -313,9 +317,15 @@ def evaluate_stage(args, stage):
 
 
 def train_stages(args):
-    if args.stage == 0:  # regenerate the demo's shipped stand-in backbones
-        return demo.build_backbones(args.split, demo.PRETRAINED, warmup_cosine, args.lm_steps, args.vision_steps,
-                                    args.eval)
+    if args.stage == 0:  # regenerate the demo's shipped stand-in backbones, one stage 0 at a time
+        if os.path.isdir(demo.PRETRAINED) and not args.force:
+            raise ValueError(f"--stage 0 would replace the shipped stand-ins in {demo.PRETRAINED}; pass --force")
+        lock = runs.take_lock(os.path.dirname(demo.PRETRAINED), ".demo_backbones.lock")
+        try:
+            return demo.build_backbones(args.split, demo.PRETRAINED, warmup_cosine, args.lm_steps, args.vision_steps,
+                                        args.eval)
+        finally:
+            os.remove(lock)
     if not args.phi2 and world()[0] == 0:
         demo.prepare_backbones(args.out, args.split, warmup_cosine, not args.data, args.eval, args.lm_steps,
                                args.vision_steps)
@@ -343,7 +353,8 @@ def parse_args(argv=None):
     count, pos = at_least(1), at_least(0.0, float)
     p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", type=int, choices=(0, 1, 2, 3, 4), help="run only this stage (default: all; "
-                   "0 trains the demo's stand-in backbones again, into demo_backbones/)")
+                   "0 trains the demo's stand-in backbones again, into demo_backbones/, with --force)")
+    p.add_argument("--force", action="store_true", help="--stage 0: replace the shipped stand-in backbones")
     p.add_argument("--resume", action="store_true", help="continue the interrupted stage from its last step checkpoint")
     p.add_argument("--restart", action="store_true", help="start the interrupted stage over, discarding its steps")
     p.add_argument("--out", default=demo.DEMO_RUN)

@@ -212,7 +212,7 @@ def test_each_stage_writes_its_evaluation_in_one_layout(tmp_path, backbones):
         train.run(args)
         path = out / f"stage{stage}.eval.json"
         saved[stage] = json.loads(path.read_text())
-        assert set(saved[stage]) == {"before", "after", "eval_set"}
+        assert set(saved[stage]) == {"before", "after", "eval_set", "checkpoint"}
         assert saved[stage]["eval_set"] == demo.eval_set(args.split, args.eval_samples) == [10, 8, 48, 0]
         for column in ("before", "after"):
             table = saved[stage][column]

@@ -578,7 +578,8 @@ def state_model(change):
 def lock_held_by_a_live_process(out, request):
     holder = subprocess.Popen(["sleep", "30"])
     request.addfinalizer(lambda: (holder.kill(), holder.wait()))
-    (out / ".lock").write_text(f"{holder.pid}\n")
+    started = Path(f"/proc/{holder.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]  # as train.py writes it
+    (out / ".lock").write_text(f"{holder.pid} {started}\n")
     return {"pid": holder.pid}
 
 

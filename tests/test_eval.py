@@ -75,7 +75,7 @@ def run(monkeypatch, tmp_path, raw, *argv):
 
     monkeypatch.setattr(ev, "generate_raw", generate_raw)
     monkeypatch.setattr(ev, "load_model", lambda args: (StandIn({}), None, 4))
-    result = ev.main([*argv, "--out", str(tmp_path / "results.json")])
+    result = ev.main([*argv, "--out", str(tmp_path / "results.json"), "--force"])  # (a test may run twice)
     result["templates"] = templates
     assert json.loads((tmp_path / "results.json").read_text())["scores"] == result["scores"]
     return result
