@@ -227,6 +227,43 @@ def test_each_stage_writes_its_evaluation_in_one_layout(tmp_path, backbones):
     assert saved[2]["before"] == saved[1]["after"]
 
 
+def test_a_table_of_another_checkpoint_is_never_read_as_this_ones(tmp_path, backbones):
+    # stage 1 trained again without its table (--restart --no-eval): the old stage1.eval.json scored
+    # another checkpoint, so stage 2's "before" is measured, not read from it
+    out = tmp_path / "run"
+    shutil.copytree(backbones, out / "backbones")
+    first = args_for(out, "--stage", "1", "--steps", "2", "--eval-samples", "10")
+    first.eval = True
+    train.run(first)
+    path = out / "stage1.eval.json"
+    saved = json.loads(path.read_text())
+    saved["after"] = {task: {"image": 42.0, "blank": 4.2} for task in saved["after"]}  # marked, as above
+    path.write_text(json.dumps(saved))
+    train.run(args_for(out, "--stage", "1", "--steps", "3", "--restart"))  # a new stage 1, no table
+    second = args_for(out, "--stage", "2", "--steps", "1", "--eval-samples", "10")
+    second.eval = True
+    train.run(second)
+    before = json.loads((out / "stage2.eval.json").read_text())["before"]
+    assert before != saved["after"] and all(r["image"] != 42.0 for r in before.values())
+
+
+def test_a_resumed_stage_scores_its_start_as_before(tmp_path, backbones, monkeypatch):
+    # the "before" column is the model the stage starts from, also when the stage is resumed half way:
+    # the weights it is measured on are the start's, not the resumed ones
+    seen = []
+    monkeypatch.setattr(demo, "table_before", lambda model, *a: seen.append(model.llama_proj.weight.clone()) or {})
+    out = tmp_path / "run"
+    shutil.copytree(backbones, out / "backbones")
+    for extra in (["--stop-after", "2"], ["--resume"]):
+        args = args_for(out, "--stage", "1", "--steps", "4", *extra)
+        args.eval = True
+        train.run(args)
+    start, resumed = seen
+    assert torch.equal(resumed, start)
+    trained = train.build_model(args_for(out, "--stage", "2"), 2)[0].llama_proj.weight  # after the stage
+    assert not torch.equal(trained, start)  # (so the check above could tell them apart)
+
+
 class Knower:
     """A model that answers right where `knows(sample)` says, from the held-out samples' own answers
     keyed by picture and instruction, and says nothing otherwise (to a blank picture above all)."""

@@ -288,6 +288,19 @@ def d(backbones, tmp_path_factory):
     big = Tokenizer.from_file(str(b / "tokenizer.json"))
     big.add_tokens([f"<extra_{i}>" for i in range(8)])
     big.save(str(v / "tokenizer.json"))
+    # a checkpoint that records the tokenizer it was trained with (train.py's do), and a Phi-2 directory
+    # with another valid tokenizer of the same size: two of its tokens trade ids
+    tok = Tokenizer.from_file(str(b / "tokenizer.json"))
+    tg.save_checkpoint(model, str(d / "recorded.safetensors"), stage=4, extra={"tokenizer": tg.tokenizer_digest(tok)})
+    other = d / "other-tokenizer-phi2"
+    shutil.copytree(b / "phi2", other)
+    spec = json.loads((b / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a_, b_ = sorted(vocab)[-2:]
+    vocab[a_], vocab[b_] = vocab[b_], vocab[a_]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    os.mkfifo(d / "pipe.png")
+    (d / "held.json").write_text(json.dumps([{"image": "red.png", "question": "what color?", "answer": "red"}]))
     return d
 
 
@@ -324,6 +337,19 @@ TINYGPTV_ROWS = [
     ("ViT directory as --phi2", VIT_AS_PHI2, 2, ("Phi-2", Not("rotary_dim"))),
     ("sharded index with a list for weight_map", CKPT + ["--phi2", "{d}/sharded-phi2"], 2, "weight_map"),
     ("tokenizer larger than the vocabulary", CKPT + ["--phi2", "{d}/big-vocab-phi2"], 2, "tokenizer"),
+    ("another tokenizer than the checkpoint's", REAL + ["--checkpoint", "{d}/recorded.safetensors",
+                                                        "--phi2", "{d}/other-tokenizer-phi2"], 2, "tokenizer"),
+    ("--device mps", RUN + ["--device", "mps"], 2, ("--device", "mps")),
+    ("--device xpu", RUN + ["--device", "xpu"], 2, ("--device", "xpu")),
+    ("--device meta", RUN + ["--device", "meta"], 2, ("--device", "meta")),
+    ("a prompt that is not UTF-8", RUN + ["--prompt", "[vqa] what caf\udce9 color"], 2, "--prompt"),
+    ("<ImageHere> in the prompt", RUN + ["--prompt", "[vqa] what is <ImageHere> here"], 2, "<ImageHere>"),
+    ("a directory as the image", RUN + ["--image", "{d}/backbones"], 2, ("{d}/backbones", "directory",
+                                                                        Not("not found"))),
+    ("a FIFO as the image", RUN + ["--image", "{d}/pipe.png"], 2, ("{d}/pipe.png", "FIFO", Not("not found"))),
+    ("a device as the image", RUN + ["--image", "/dev/zero"], 2, ("/dev/zero", "not a regular file")),
+    ("a checkpoint name that is not UTF-8", REAL + ["--checkpoint", "{d}/st\udce9ge4.safetensors"], 2,
+     ("--checkpoint", Not("corrupt"))),
 ]
 
 
@@ -342,6 +368,36 @@ def test_tinygptv_refuses_in_one_line(cli, d, what, args, code, names):
     assert_unchanged(before)
 
 
+# -----------------------------------------------------------------------------
+# python eval.py: what it writes never replaces what a user has without --force
+
+EVAL = ["--task", "vqa", "--data", "{d}/held.json", "--run", "{d}", "--device", "cpu"]
+EVAL_ROWS = [
+    ("--out is the data file", ["--out", "{d}/held.json"], 2, ("{d}/held.json", "--force")),
+    ("--out is a stage checkpoint", ["--out", "{d}/stage4.safetensors"], 2, ("{d}/stage4.safetensors", "--force")),
+    ("--out is a directory", ["--out", "{d}/backbones"], 2, ("{d}/backbones", "directory")),
+    ("--out in a missing directory", ["--out", "{d}/nowhere/r.json"], 2, "{d}/nowhere"),
+    ("--device mps", ["--device", "mps", "--out", "{d}/r.json"], 2, ("--device", "mps")),
+]
+
+
+@pytest.mark.parametrize("what, args, code, names", EVAL_ROWS, ids=row_ids(EVAL_ROWS))
+def test_eval_refuses_in_one_line(cli, d, what, args, code, names):
+    before = snapshot(d)
+    r = cli("eval.py", *fill(EVAL + args, d=d))
+    assert_one_line(r, code, fill([names] if isinstance(names, str) else list(names), d=d))
+    assert_unchanged(before)
+
+
+def test_eval_replaces_its_output_with_force(cli, d, tmp_path):
+    out = tmp_path / "r.json"
+    out.write_text("an earlier result\n")
+    r = cli("eval.py", *fill(EVAL, d=d), "--out", out, "--force")
+    assert r.rc == 0, r.err[-3000:]
+    assert json.loads(out.read_text())["task"] == "vqa"
+
+
+# -----------------------------------------------------------------------------
 # Images: every mode Pillow opens reaches the model as the colours it shows, or is refused in one
 # line. The mode, the file format that keeps it, the pixel value, the RGB the model must see.
 MODES = [
@@ -616,6 +672,10 @@ TRAIN_ROWS = [
     ("a lock held by a live process", lock_held_by_a_live_process, [], 2, "{pid}"),
     ("--out under a regular file", out_under_a_file, ["--out", "{out}/file.txt/run"], 2, "{out}/file.txt"),
     ("a read-only --out", read_only_out, [], 2, "{out}"),
+    ("--resume with other --dropout", state(), ["--resume", "--dropout", "0.3"], 2, "--dropout"),
+    ("--device mps", None, ["--device", "mps"], 2, ("--device", "mps")),
+    ("--data named in another encoding", None, ["--data", "{out}/d\udce9.json"], 2, ("--data", Not("Traceback"))),
+    ("--stage 0 over the shipped backbones without --force", None, ["--stage", "0"], 2, ("--force", "demo_backbones")),
 ]
 
 
@@ -653,11 +713,13 @@ def test_a_killed_runs_lock_and_temporaries_are_cleared_at_the_next_start(cli, t
     assert not tmp.exists() and (out / "stage1.safetensors").is_file()
 
 
-def test_an_unreadable_eval_file_does_not_block_the_next_stage(cli, tmp_path, backbones):
+@pytest.mark.parametrize("text", ["{", '{"after": [1, 2]}', '{"after": {"vqa": 5}, "eval_set": []}'],
+                         ids=["cut short", "a list for a table", "a number for a row"])
+def test_an_unreadable_eval_file_does_not_block_the_next_stage(cli, tmp_path, backbones, text):
     out = new_run(tmp_path, backbones)
     args = args_for(out, "--stage", "1")
     tg.save_checkpoint(train.build_model(args, 1)[0], str(out / "stage1.safetensors"), 1)  # stage 1, untrained
-    (out / "stage1.eval.json").write_text("{")  # cut short, as a killed plain write would leave it
+    (out / "stage1.eval.json").write_text(text)  # cut short, as a killed plain write would leave it, or of another shape
     small_with_eval = [a for a in SMALL if a != "--no-eval"]
     r = cli("train.py", *small_with_eval, "--eval-samples", "2", "--stage", "2", "--steps", "1", "--out", out)
     assert "Traceback" not in r.err, r.err[-3000:]
@@ -683,6 +745,83 @@ def test_a_truncated_jpeg_in_the_data_is_skipped_and_the_stage_finishes(cli, tmp
     assert r.rc == 0 and "Traceback" not in r.err, r.err[-3000:]
     assert "skipped" in r.out + r.err, r.out + r.err
     assert (out / "stage1.safetensors").is_file()
+
+
+@pytest.mark.parametrize("lock", ["1", "1 99999999"], ids=["pid 1 alone", "pid 1 started at another time"])
+def test_a_lock_of_another_process_under_the_holders_pid_is_taken_over(cli, tmp_path, backbones, lock):
+    # A train.py killed as a container's PID 1 leaves `1 START` (`1` from an older train.py). PID 1 here
+    # is another process, not a train.py and not started then: the lock is stale and taken over.
+    out = new_run(tmp_path, backbones)
+    (out / ".lock").write_text(lock + "\n")
+    r = cli("train.py", *fill(TRAIN, out=out), "--steps", "1")
+    assert r.rc == 0 and "in use" not in r.err, r.err[-3000:]
+    assert (out / "stage1.safetensors").is_file() and not (out / ".lock").exists()
+
+
+def test_an_interrupted_stage0_leaves_the_shipped_backbones_whole_and_in_use(cli, tmp_path, backbones):
+    shipped = Path(demo.PRETRAINED)
+    before = snapshot(shipped)
+    # stage 0 for real, into the shipped folder, killed (SIGKILL, as a time limit does) while it trains
+    r = cli("train.py", "--stage", "0", "--force", "--lm-steps", "100000", "--demo-train", "48",
+            "--demo-eval", "8", "--no-eval", "--device", "cpu", "--out", tmp_path / "run0", timeout=20)
+    assert r.rc is None, (r.out, r.err)  # killed, not finished
+    try:
+        assert_unchanged(before)
+        assert snapshot(shipped).keys() == before.keys()  # nothing added either
+        # and a new run uses them as they are
+        out = tmp_path / "run"
+        r = cli("train.py", *fill(TRAIN, out=out), "--steps", "1")
+        assert r.rc == 0 and "come from" in r.out, r.err[-3000:]
+        assert (out / "backbones" / "DONE").read_text() == (shipped / "DONE").read_text()
+    finally:  # what the killed stage 0 left beside the shipped set: its lock and its unfinished folder
+        for left in list(shipped.parent.glob("demo_backbones.tmp*")):
+            shutil.rmtree(left)
+        (shipped.parent / ".demo_backbones.lock").unlink(missing_ok=True)
+
+
+def test_stage_checkpoints_have_the_permissions_of_every_other_file(cli, tmp_path, backbones):
+    out = new_run(tmp_path, backbones)
+    r = cli("train.py", *fill(TRAIN, out=out), "--steps", "2")
+    assert r.rc == 0, r.err[-3000:]
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("stage1.safetensors", "stage1.state.pt"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device"),
+    RuntimeError("[enforce fail at inline_container.cc:595] . PytorchStreamWriter failed writing file data/0"),
+    __import__("safetensors").SafetensorError("No space left on device (os error 28)"),
+], ids=["OSError", "torch's RuntimeError", "SafetensorError"])
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_it_whole(tmp_path, error):
+    from checkpoints import write_atomically, write_folder_atomically
+    target = existing(tmp_path / "stage1.state.pt", "the last good state\n")
+
+    def fail(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise error
+
+    with pytest.raises(OSError) as e:
+        write_atomically(target, fail)
+    assert target in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert Path(target).read_text() == "the last good state\n" and os.listdir(tmp_path) == ["stage1.state.pt"]
+    # a folder of files that belong together: the old set stays whole
+    folder = tmp_path / "backbones"
+    folder.mkdir()
+    (folder / "DONE").write_text("{}")
+    before = snapshot(folder)
+
+    def fail_half_way(tmp):
+        os.makedirs(tmp)
+        (Path(tmp) / "DONE").write_text("{}")
+        raise error
+
+    with pytest.raises(OSError) as e:
+        write_folder_atomically(str(folder), fail_half_way)
+    assert str(folder) in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert_unchanged(before)
+    assert sorted(os.listdir(tmp_path)) == ["backbones", "stage1.state.pt"]
 
 
 # -----------------------------------------------------------------------------
