@@ -1,6 +1,7 @@
 """Reading and writing files strictly and safely: the leaf every other module reads weights through.
 
 A reader of the paper may skip this file. Its jobs:
+- `regular_file`: a path that is a readable file, or a one-line error saying what it is instead;
 - `open_safetensors`: open a checkpoint lazily (one file, a directory, or a sharded directory as
   transformers writes real downloads), so a loader can check names and shapes before reading data;
 - `StrictReader`: hand out a checkpoint's tensors one at a time, checking each name, shape and
@@ -34,6 +35,18 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool}
 
 
+def regular_file(path, what="file"):
+    """`path`, if it is a file that can be read; else a one-line error that says what it is instead
+    (a directory, a FIFO or a device would block, or fail deep inside whatever reads it)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, not a {what}")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: is not a regular file (a FIFO or a device?), not a {what}")
+    return path
+
+
 def open_safetensors(path):
     """Open a checkpoint lazily: a directory holding model.safetensors, or shards listed in
     model.safetensors.index.json, or a single .safetensors file. Returns {key: (open file, path)};
@@ -56,8 +69,7 @@ def open_safetensors(path):
         files = [path]
     tensors = {}
     for file in files:
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file}: checkpoint shard not found")
+        regular_file(file, "checkpoint file")
         try:
             handle = safe_open(file, framework="pt")
             keys = list(handle.keys())
@@ -190,8 +202,7 @@ def read_json(path, kind=dict):
     """The `kind` (dict or list; None: either) a JSON file holds, or, for JSON lines (a .jsonl file,
     or several lines of which the first is a whole object), a list of (line number, record). One-line
     errors name the file, and the line of bad JSON."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
+    regular_file(path)
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

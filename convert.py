@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 import tinygptv as tg
-from checkpoints import output_file, write_atomically
+from checkpoints import output_file, regular_file, write_atomically
 from layouts import legacy_qkv_to_ours
 
 OFFICIAL_PREFIX = "llama_model.base_model.model.model."  # peft wrapper + PhiForCausalLM's .model
@@ -26,8 +26,7 @@ OFFICIAL_PREFIX = "llama_model.base_model.model.model."  # peft wrapper + PhiFor
 
 def _torch_load(path):
     """A .pth's state dict, read with weights_only (tensors and plain containers, never code)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file" + (" (a directory)" if os.path.isdir(path) else ""))
+    regular_file(path, ".pth file")
     with open(path, "rb") as f:
         magic = f.read(2)
     if magic not in (b"PK", b"\x80\x02"):  # torch.save's zip archive, or the legacy pickle protocol 2

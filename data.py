@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from checkpoints import read_json
+from checkpoints import read_json, regular_file
 
 # -----------------------------------------------------------------------------
 # The world. Deliberately small: one object per picture, in one cell of a 3x3 grid, with few and
@@ -315,12 +315,7 @@ def load_image(image):
     or oversized file (Pillow's decompression-bomb limit)."""
     if isinstance(image, Image.Image):
         return to_rgb(image)
-    if not os.path.exists(image):
-        raise FileNotFoundError(f"image not found: {image}")
-    if os.path.isdir(image):
-        raise ValueError(f"{image}: is a directory, not an image file")
-    if not os.path.isfile(image):
-        raise ValueError(f"{image}: is not a regular file (a FIFO or a device?), not an image file")
+    regular_file(image, "image")
     try:
         with Image.open(image) as im:
             return to_rgb(im, image)

@@ -503,7 +503,8 @@ def write_example(out, split):
     """A held-out picture to ask questions about, and the command that asks one."""
     example = os.path.join(out, "example.png")
     scene = split.scenes()["test"][0]
-    data.render(scene, tg.image_size(IMAGE_SIZE, 4)).save(example)
+    picture = data.render(scene, tg.image_size(IMAGE_SIZE, 4))
+    write_atomically(example, lambda tmp: picture.save(tmp, format="PNG"))
     run = "" if os.path.abspath(out) == DEMO_RUN else f" --run {os.path.relpath(out)}"
     log(f"try: python tinygptv.py --image {os.path.relpath(example)}{run} "
         f"--prompt \"[vqa] what color is the {scene.objects[0].shape}?\"")

@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from checkpoints import StrictReader, write_atomically
+from checkpoints import StrictReader, regular_file, write_atomically
 from lora import LoRALinear, add_lora
 from phi2 import Phi2, Phi2Config
 from qformer import QFormer, QFormerConfig
@@ -157,8 +157,7 @@ def load_tokenizer(path):
     """A `tokenizer.json` file, or a directory holding one (a Phi-2 download, or the demo's)."""
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer not found: {path}")
+    regular_file(path, "tokenizer")
     try:
         tok = Tokenizer.from_file(path)
     except Exception as e:
@@ -352,8 +351,7 @@ def save_checkpoint(model, path, stage, extra=None):
 
 def read_checkpoint(path):
     """-> (tensors, metadata) with one-line errors for a missing or corrupt file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    regular_file(path, "checkpoint")
     try:
         tensors = load_file(path)
         with safe_open(path, "pt") as f:

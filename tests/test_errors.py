@@ -348,6 +348,9 @@ TINYGPTV_ROWS = [
                                                                         Not("not found"))),
     ("a FIFO as the image", RUN + ["--image", "{d}/pipe.png"], 2, ("{d}/pipe.png", "FIFO", Not("not found"))),
     ("a device as the image", RUN + ["--image", "/dev/zero"], 2, ("/dev/zero", "not a regular file")),
+    ("a directory as the checkpoint", REAL + ["--checkpoint", "{d}/backbones"], 2, ("{d}/backbones", "directory")),
+    ("a FIFO as the checkpoint", REAL + ["--checkpoint", "{d}/pipe.png"], 2, ("{d}/pipe.png", "FIFO")),
+    ("a FIFO as the Phi-2 weights", CKPT + ["--phi2", "{d}/pipe.png"], 2, ("{d}/pipe.png", "FIFO")),
     ("a checkpoint name that is not UTF-8", REAL + ["--checkpoint", "{d}/st\udce9ge4.safetensors"], 2,
      ("--checkpoint", Not("corrupt"))),
 ]
@@ -643,6 +646,10 @@ def out_under_a_file(out, request):
     (out / "file.txt").write_text("a file, not a folder\n")
 
 
+def fifo_data(out, request):
+    os.mkfifo(out / "pipe.json")  # reading it would wait for a writer forever
+
+
 def read_only_out(out, request):
     read_only(out)  # the backbones are in it: only what train.py would write is refused
 
@@ -673,6 +680,7 @@ TRAIN_ROWS = [
     ("--out under a regular file", out_under_a_file, ["--out", "{out}/file.txt/run"], 2, "{out}/file.txt"),
     ("a read-only --out", read_only_out, [], 2, "{out}"),
     ("--resume with other --dropout", state(), ["--resume", "--dropout", "0.3"], 2, "--dropout"),
+    ("a FIFO as --data", fifo_data, ["--data", "{out}/pipe.json"], 2, ("{out}/pipe.json", "FIFO")),
     ("--device mps", None, ["--device", "mps"], 2, ("--device", "mps")),
     ("--data named in another encoding", None, ["--data", "{out}/d\udce9.json"], 2, ("--data", Not("Traceback"))),
     ("--stage 0 over the shipped backbones without --force", None, ["--stage", "0"], 2, ("--force", "demo_backbones")),
