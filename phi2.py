@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from checkpoints import StrictReader, check_overrides, config_file, open_safetensors, read_json
 
 
@@ -220,6 +221,7 @@ class Phi2(nn.Module):
         self.layers = nn.ModuleList(Phi2Block(config) for _ in range(config.num_hidden_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)  # untied, with bias
+        self.grad_checkpointing = False  # train.py turns it on for the paper's stage 4
         self.apply(self._init_weights)
 
     @staticmethod
@@ -258,7 +260,12 @@ class Phi2(nn.Module):
         mask = causal[None, None] & keep[:, None, None, :]  # (B, 1, T, S)
         cos, sin = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta, x.dtype)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, mask, kv_cache, i)  # (B, T, C)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only the block's input; backward runs it again for the rest (the official stage 4
+                # config's use_grad_checkpoint: 1024 tokens x 3 do not fit 24 GB otherwise, docs/PAPER.md)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, kv_cache, i, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, kv_cache, i)  # (B, T, C)
         return self.final_layernorm(x)  # (B, T, C)
 
     @torch.no_grad()

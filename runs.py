@@ -130,6 +130,8 @@ def restore(st, path, model, opt, scaler):
         opt.load_state_dict(st["optimizer"])
         scaler.load_state_dict(st["scaler"])
         torch.set_rng_state(st["rng"])
+        if st.get("cuda_rng") and torch.cuda.is_available():  # dropout on a GPU draws from CUDA's generators
+            torch.cuda.set_rng_state_all(st["cuda_rng"])
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise ValueError(f"{path}: its optimizer state does not fit this model ({e}); "
                          "--restart starts the stage over") from None
@@ -140,5 +142,6 @@ def save_state(path, model, opt, scaler, step, stage_config, settings):
     """The step checkpoint: what trains, the optimizer, the scaler, the RNG, the step and the settings
     a resume must share, written atomically (an interruption leaves the previous file whole)."""
     state = {"model": tg.trainable_state_dict(model), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-             "rng": torch.get_rng_state(), "step": step, "stage_config": stage_config, "settings": settings}
+             "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+             "step": step, "stage_config": stage_config, "settings": settings}
     write_atomically(path, lambda tmp: torch.save(state, tmp))

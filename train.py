@@ -13,11 +13,12 @@ What each stage trains (everything else is frozen: ViT, ln_vision, Q-Former, Phi
     stage 3 instruction   same, "###Human: ... ###Assistant:" prompts     detailed descriptions
     stage 4 multi-task    same, "[INST] [task] ... [/INST]", 2x image     VQA, refer, identify, ...
 The official code also trained LoRA in stage 1 (a config default); this file follows the paper.
-Without --phi2/--blip2 the stages run on demo.py's stand-in backbones, exactly as on real ones.
+With --phi2/--blip2 the stages follow the paper's table (PAPER_STAGES); without, they run on demo.py's
+stand-in backbones with the demo's (DEMO_STAGES, minutes on a CPU), exactly as on real ones.
 
 Notable features: AdamW with decay only on >= 2-D tensors, linear warm-up then cosine per step,
-gradient accumulation and clipping, bf16 autocast on CUDA (fp16 + GradScaler where bf16 is
-missing), exact resume (weights, optimizer, step, data order, RNG), a NaN guard, a progress line.
+gradient accumulation and clipping, activation checkpointing, real frozen weights in bf16 with
+bf16 autocast where the device computes in bf16 (fp16 + GradScaler on GPUs without), exact resume (weights, optimizer, step, data order, RNG), a NaN guard, a progress line.
 """
 
 import argparse
@@ -36,6 +37,7 @@ import runs
 import scoring
 import tinygptv as tg
 from cli import ArgumentParser, at_least, check_real_weights, device_option, run_cli
+from fastpaths import CPU_BF16_MATMUL
 from layouts import load_model
 from lora import mark_trainable
 
@@ -110,8 +112,8 @@ def build_model(args, stage, report=True):
     """Backbones (real or the demo's) + the previous stage's checkpoint + LoRA from stage 2 on. Only
     stage 1 starts the stabilizer norms at 1, and says so unless report=False (resumed, evaluated)."""
     report = report and stage == 1
-    if args.phi2:
-        model, _ = load_model(args.phi2, args.blip2, args.qformer, report=report)
+    if args.phi2:  # the paper's sizes: frozen weights in the device's compute dtype, 2 bytes each where bf16
+        model, _ = load_model(args.phi2, args.blip2, args.qformer, dtype=compute_dtype(args), report=report)
         tok = tg.load_tokenizer(args.phi2)
     else:
         model, tok = demo.load_backbones(args.out, report=report)
@@ -119,12 +121,18 @@ def build_model(args, stage, report=True):
         model.add_lora()
     if stage > 1:  # a stage-1 file has no LoRA: stage 2's adapters then start fresh (B = 0)
         tg.load_checkpoint(model, stage_path(args, stage - 1))
+    # the official stage 4 recomputes each Phi-2 block's activations in backward (use_grad_checkpoint)
+    model.llama_model.grad_checkpointing = args.grad_checkpoint == "on" or (
+        args.grad_checkpoint == "auto" and stage == 4 and args.phi2 is not None)
     dropout = args.dropout if args.dropout is not None else args.stages[stage].dropout
     if dropout is not None:  # Phi-2's residual dropout (0.1) and LoRA's (0.05) otherwise
         for m in model.modules():
             if isinstance(m, nn.Dropout):
                 m.p = dropout
     mark_trainable(model, tg.is_trainable)
+    for name, p in model.named_parameters():  # what trains, and AdamW's state with it, in fp32; vectors too,
+        if p.requires_grad or p.dim() == 1:  # as a norm's weight (trained) and bias (frozen) share a dtype
+            p.data = p.data.float()
     return model.to(args.device), tok
 
 
@@ -181,15 +189,32 @@ def param_groups(model, weight_decay):
             {"params": [p for n, p in trainable if p.dim() < 2], "weight_decay": 0.0}]
 
 
+def compute_dtype(args):
+    """What real frozen weights are stored and multiplied in: bf16 where the device does it at full
+    speed (a CUDA GPU with bf16, a CPU with fast bf16 matmuls as fastpaths.py decides), else fp32.
+    Phi-2 and the vision tower then take 7.8 GB instead of 15.7 (docs/PAPER.md section 9)."""
+    if args.amp == "off" or args.amp == "fp16":
+        return torch.float32
+    if args.device.startswith("cuda"):
+        return torch.bfloat16 if args.amp == "bf16" or torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if args.phi2 and (args.amp == "bf16" or CPU_BF16_MATMUL) else torch.float32
+
+
+def autocast(args):
+    """The autocast context every forward of a run takes, training and tables alike (mixed_precision)."""
+    dtype = mixed_precision(args)[0]
+    return torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype is not None)
+
+
 def mixed_precision(args):
-    """-> (autocast dtype or None, GradScaler). CUDA: bf16 autocast where the GPU has it, else fp16
-    with a GradScaler (fp16's narrow range underflows small gradients unless the loss is scaled up
-    first); the CPU trains in fp32."""
-    if not args.device.startswith("cuda") or args.amp == "off":
-        return None, torch.amp.GradScaler("cuda", enabled=False)
-    bf16 = args.amp == "bf16" or (args.amp == "auto" and torch.cuda.is_bf16_supported())
-    return (torch.bfloat16, torch.amp.GradScaler("cuda", enabled=False)) if bf16 else \
-        (torch.float16, torch.amp.GradScaler("cuda"))
+    """-> (autocast dtype or None, GradScaler). bf16 autocast where the frozen weights are bf16 (see
+    compute_dtype); on a CUDA GPU without bf16, fp16 with a GradScaler (fp16's narrow range
+    underflows small gradients unless the loss is scaled up first); else fp32 (the demo on a CPU)."""
+    if compute_dtype(args) == torch.bfloat16:
+        return torch.bfloat16, torch.amp.GradScaler("cuda", enabled=False)
+    if args.device.startswith("cuda") and args.amp != "off":
+        return torch.float16, torch.amp.GradScaler("cuda")
+    return None, torch.amp.GradScaler("cuda", enabled=False)
 
 
 # -----------------------------------------------------------------------------
@@ -200,7 +225,7 @@ def run_settings(args, stage):
     """What a resumed run must share with the interrupted one: every option that changes what the rest
     of the stage trains, or it would silently become a third run."""
     sc = args.stages[stage]
-    return {"--seed": args.seed, "--data": args.data, "--image-root": args.image_root, "--paper": args.paper,
+    return {"--seed": args.seed, "--data": args.data, "--image-root": args.image_root, "--recipe": args.recipe,
             "--steps": sc.steps, "--batch-size": sc.batch_size, "--grad-accum": args.grad_accum,
             "--dropout": args.dropout if args.dropout is not None else sc.dropout, "--amp": args.amp,
             "--phi2": args.phi2, "--blip2": args.blip2, "--qformer": args.qformer,
@@ -224,15 +249,17 @@ def train_stage(args, stage):
     held_out = data.load_dataset(args.eval_data, args.image_root) if args.eval_data else None  # bad files fail now
     examples = [tg.make_example(tok, stage, tg.stage_instruction(stage, s), s.answer) for s in samples]
     lengths = [len(e.before) + len(e.after) + len(e.answer) for e in examples]  # text tokens
-    queries, image_row = encode_all(model, samples, stage, args.device) if args.cache_features else (None, None)
+    _, scaler = mixed_precision(args)
+    with autocast(args):
+        queries, image_row = encode_all(model, samples, stage, args.device) if args.cache_features else (None, None)
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     log(f"stage {stage} | {len(samples)} samples | training {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
         f"parameters in {len(trained)} tensors ({'projections, norms, LoRA' if model.has_lora else 'projections, norms'})")
 
     table = args.eval and not args.data and rank == 0  # the demo's held-out table, before and after
-    before = demo.table_before(model, tok, args.out, stage, args.split, args.eval_samples) if table else {}
+    with autocast(args):
+        before = demo.table_before(model, tok, args.out, stage, args.split, args.eval_samples) if table else {}
     opt = torch.optim.AdamW(param_groups(model, sc.weight_decay), lr=sc.lr, betas=(0.9, 0.999))
-    amp_dtype, scaler = mixed_precision(args)
     net = nn.parallel.DistributedDataParallel(model) if nproc > 1 else model  # DDP all-reduces the gradients
     step = 0 if st is None else runs.restore(st, state_path, model, opt, scaler)  # after `before`: it is the start's
     if st is not None:
@@ -259,7 +286,7 @@ def train_stage(args, stage):
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for m in micro:
-            with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
+            with autocast(args):
                 if queries is not None:
                     logits, targets = net([examples[i] for i in m], queries=queries[image_row[m]])
                 else:
@@ -295,7 +322,8 @@ def train_stage(args, stage):
         tg.save_checkpoint(model, stage_path(args, stage), stage, {"tokenizer": tg.tokenizer_digest(tok)})
         log(f"stage {stage} | wrote {stage_path(args, stage)}")
         if held_out is not None or table:  # the user's held-out file, or the demo's scenes
-            demo.table_after(model, tok, args.out, stage, args.split, args.eval_samples, before, held_out, args.eval_data)
+            with autocast(args):
+                demo.table_after(model, tok, args.out, stage, args.split, args.eval_samples, before, held_out, args.eval_data)
     return losses, True
 
 
@@ -309,7 +337,8 @@ def evaluate_stage(args, stage):
     demo.check_held_out(args.out, args.split)
     model, tok = build_model(args, stage, report=False)
     tg.load_checkpoint(model, path)
-    scoring.print_table(demo.table_title(stage), demo.evaluate(model, tok, args.split, stage, args.eval_samples), {})
+    with autocast(args):
+        scoring.print_table(demo.table_title(stage), demo.evaluate(model, tok, args.split, stage, args.eval_samples), {})
 
 
 # -----------------------------------------------------------------------------
@@ -365,7 +394,9 @@ def parse_args(argv=None):
     p.add_argument("--phi2", help="a real Phi-2 directory (with tokenizer.json)")
     p.add_argument("--blip2", help="a real BLIP-2 directory or converted LAVIS file (ViT, ln_vision, Q-Former)")
     p.add_argument("--qformer", help="the Q-Former, if it is not in the --blip2 path")
-    p.add_argument("--paper", action="store_true", help="use the paper's stage settings instead of the demo's")
+    p.add_argument("--recipe", choices=("paper", "demo"), help="the stage table: the paper's (the default with "
+                   "--phi2/--blip2) or the demo's (the default on its stand-ins: fewer steps, higher rates)")
+    p.add_argument("--paper", dest="recipe", action="store_const", const="paper", help="= --recipe paper")
     p.add_argument("--steps", type=count, help="override the stage's number of steps")
     p.add_argument("--batch-size", type=count, help="override the stage's global batch size")
     p.add_argument("--grad-accum", type=count, default=1, help="split each batch into this many micro-batches")
@@ -379,8 +410,11 @@ def parse_args(argv=None):
     p.add_argument("--device", type=device_option, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dropout", type=pos, help="set every dropout (Phi-2 residual, LoRA) to this (the demo's "
                    "stages use 0, the paper's the model's own); 0 makes runs with different process counts comparable")
+    p.add_argument("--grad-checkpoint", choices=("auto", "on", "off"), default="auto", help="recompute Phi-2's "
+                   "activations in backward instead of storing them (auto: stage 4 on real weights, as the paper)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                   help="CUDA mixed precision (auto: bf16 if supported, else fp16 with a GradScaler)")
+                   help="mixed precision (auto: bf16 where the device computes in bf16: a CUDA GPU that has it, "
+                   "a CPU with fast bf16 for real weights; fp16 with a GradScaler on other GPUs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--demo-train", type=count, default=560, help="demo scenes for training")
     p.add_argument("--demo-eval", type=count, default=300, help="demo scenes for validation and test, each")
@@ -394,7 +428,8 @@ def parse_args(argv=None):
         p.error("--resume and --restart exclude each other: continue the stage, or start it over")
     if a.dropout is not None and a.dropout >= 1:
         p.error(f"--dropout {a.dropout}: must be below 1")
-    stages = PAPER_STAGES if a.paper else DEMO_STAGES
+    a.recipe = a.recipe or ("paper" if a.phi2 else "demo")  # real weights train as the paper did
+    stages = PAPER_STAGES if a.recipe == "paper" else DEMO_STAGES
     a.stages = {k: replace(v, **({"steps": a.steps} if a.steps else {}), **({"batch_size": a.batch_size} if a.batch_size else {}))
                 for k, v in stages.items()}
     a.split = demo.Split(a.seed, a.demo_train, a.demo_eval)

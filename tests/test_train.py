@@ -5,6 +5,7 @@ stage is built first, a NaN stops without harming the last checkpoint, and bad d
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -176,7 +177,10 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, backbones):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r1 = subprocess.run([sys.executable, *common, "--out", str(one)], cwd=ROOT, capture_output=True, text=True, env=env)
     assert r1.returncode == 0, r1.stderr
-    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    with socket.socket() as free:  # a port nobody holds now (a fixed one can still be in use by an earlier run)
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                          *common, "--out", str(two)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert r2.returncode == 0, r2.stderr[-3000:]
     w1, w2 = load_file(str(one / "stage1.safetensors")), load_file(str(two / "stage1.safetensors"))
@@ -293,3 +297,85 @@ def test_eval_data_scores_a_held_out_file_after_the_stage(tmp_path, backbones):
     assert set(saved["after"]) == {"vqa"} and set(saved["after"]["vqa"]) == {"image", "blank"}
     assert all(0.0 <= v <= 100.0 for v in saved["after"]["vqa"].values())
     assert "VQA exact match" in r.stdout
+
+
+# -----------------------------------------------------------------------------
+# The paper's scale: its recipe, its memory plan
+
+
+def real_weights(backbones, tmp_path):
+    """The stand-ins as a user's downloads: a Phi-2 directory holding its tokenizer, the ViT, the Q-Former."""
+    phi2 = tmp_path / "phi-2"
+    shutil.copytree(backbones / "phi2", phi2)
+    shutil.copy(backbones / "tokenizer.json", phi2)
+    return ["--phi2", str(phi2), "--blip2", str(backbones / "vit"), "--qformer", str(backbones / "qformer")]
+
+
+def test_real_weights_train_with_the_papers_table_and_the_demo_with_its_own(tmp_path, backbones):
+    real = real_weights(backbones, tmp_path)
+    assert train.parse_args(["--device", "cpu", *real]).stages == train.PAPER_STAGES
+    assert train.parse_args(["--device", "cpu"]).stages == train.DEMO_STAGES
+    assert train.parse_args(["--device", "cpu", *real, "--recipe", "demo"]).stages == train.DEMO_STAGES
+    assert train.parse_args(["--device", "cpu", "--paper"]).stages == train.PAPER_STAGES
+    help_text = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "--recipe" in help_text and "paper" in help_text
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_frozen_real_weights_are_bf16_where_the_device_computes_in_bf16(tmp_path, backbones, monkeypatch, fast_bf16):
+    # the paper's memory plan: frozen matrices in bf16 where the CPU (or GPU) multiplies bf16 at full
+    # speed, else fp32; what trains, every vector and AdamW's state in fp32
+    monkeypatch.setattr(train, "CPU_BF16_MATMUL", fast_bf16)
+    out = tmp_path / "run"
+    args = train.parse_args(["--out", str(out), "--device", "cpu", *real_weights(backbones, tmp_path), "--stage", "2",
+                             "--steps", "1", "--batch-size", "2", "--no-eval"])
+    tg.save_checkpoint(train.build_model(args, 1)[0], str(out / "stage1.safetensors"), 1)
+    model, _ = train.build_model(args, 2)
+    frozen = {p.dtype for n, p in model.named_parameters() if not p.requires_grad and p.dim() >= 2}
+    assert frozen == ({torch.bfloat16} if fast_bf16 else {torch.float32})
+    assert {p.dtype for p in model.parameters() if p.requires_grad or p.dim() == 1} == {torch.float32}
+    assert train.mixed_precision(args)[0] == (torch.bfloat16 if fast_bf16 else None)
+    losses, finished = train.train_stage(args, 2)  # one step, bf16 autocast over the mixed dtypes
+    assert finished and all(torch.isfinite(torch.tensor(losses)))
+    # the demo's stand-ins keep training in fp32
+    assert train.compute_dtype(train.parse_args(["--device", "cpu"])) == torch.float32
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    model = tg.TinyGPTV(tg.TinyGPTVConfig.tiny(vocab_size=300))
+    model.add_lora()
+    for name, p in model.named_parameters():
+        p.requires_grad_(tg.is_trainable(name))
+        if ".lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)  # a trained adapter
+    examples = [tg.Example([1, 2, 3], [4, 5], [6, 7, 8]), tg.Example([1, 9], [4], [6, 7])]
+    pixels = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    results = []
+    for checkpointing in (False, True):
+        model.llama_model.grad_checkpointing = checkpointing
+        model.train()  # dropout on: checkpointing must replay the same masks
+        model.zero_grad()
+        torch.manual_seed(2)
+        loss = tg.lm_loss(*model(examples, pixel_values=pixels))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (loss0, grads0), (loss1, grads1) = results
+    torch.testing.assert_close(loss1, loss0)
+    for g1, g0 in zip(grads1, grads0):
+        torch.testing.assert_close(g1, g0)
+    assert any(g.abs().sum() > 0 for g in grads0)
+
+
+def test_stage4_on_real_weights_checkpoints_activations_by_default(tmp_path, backbones):
+    real = real_weights(backbones, tmp_path)
+    out = tmp_path / "run"
+    args = train.parse_args(["--out", str(out), "--device", "cpu", *real, "--no-eval"])
+    model = train.build_model(args, 1)[0]
+    assert not model.llama_model.grad_checkpointing
+    for stage in (1, 2, 3):
+        tg.save_checkpoint(model if stage == 1 else train.build_model(args, stage)[0],
+                           str(out / f"stage{stage}.safetensors"), stage)
+    assert train.build_model(args, 4)[0].llama_model.grad_checkpointing
+    off = train.parse_args(["--out", str(out), "--device", "cpu", *real, "--grad-checkpoint", "off"])
+    assert not train.build_model(off, 4)[0].llama_model.grad_checkpointing
