@@ -42,7 +42,8 @@ class ArgumentParser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)
         for name, value in vars(parsed).items():
-            for text in value if isinstance(value, list) else [value]:
+            texts = [t for v in (value if isinstance(value, list) else [value]) for t in (v if isinstance(v, tuple) else [v])]
+            for text in texts:
                 if isinstance(text, str) and any("\ud800" <= c <= "\udfff" for c in text):
                     option = name if name in ("sources", "dst") else "--" + name.replace("_", "-")
                     raise ValueError(f"{option}: {text!r} is not valid UTF-8 text; use a UTF-8 terminal, "
@@ -84,6 +85,16 @@ def device_option(text):
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return str(device)
+
+
+def mixture_item(text):
+    """An argparse type for one of --data's words: 'gqa.json:50' -> ('gqa.json', 50.0); no weight: 1."""
+    path, _, weight = text.rpartition(":")
+    if not path or not re.fullmatch(r"\d+(\.\d+)?", weight):
+        return text, 1.0
+    if float(weight) <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: a weight must be positive")
+    return path, float(weight)
 
 
 def run_cli(main, interrupted="interrupted"):

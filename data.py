@@ -21,9 +21,12 @@ Shapes in and out: `render(scene, size)` -> RGB PIL image (size, size); boxes ar
 ints (x1, y1, x2, y2) in 0-100; every sample is a `Sample(image, task, query, answer, meta)`.
 """
 
+import io
+import json
 import os
 import random
 import re
+import tarfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
@@ -315,10 +318,15 @@ def load_image(image):
     or oversized file (Pillow's decompression-bomb limit)."""
     if isinstance(image, Image.Image):
         return to_rgb(image)
-    regular_file(image, "image")
+    if isinstance(image, TarMember):  # a picture inside a webdataset shard: just its bytes
+        with open(image.shard, "rb") as f:
+            f.seek(image.offset)
+            source = io.BytesIO(f.read(image.size))
+    else:
+        source = regular_file(image, "image")
     try:
-        with Image.open(image) as im:
-            return to_rgb(im, image)
+        with Image.open(source) as im:
+            return to_rgb(im, str(image))
     except Image.DecompressionBombError as e:
         raise ValueError(f"{image}: refused: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:  # SyntaxError: Pillow's word for some bad files
@@ -357,25 +365,29 @@ def need(path, where, record, name, types=str):
     return record[name]
 
 
-def _image_status(file):
+def _image_status(file, decode=True):
     """-> ("ok", (w, h)), ("missing", None) or ("corrupt", None)."""
     if not os.path.isfile(file):
         return "missing", None
     try:
         with Image.open(file) as im:
             size = im.size
-            im.load()  # a full decode: verify() would pass a truncated JPEG, which then fails mid-stage
+            if decode:
+                im.load()  # a full decode: verify() would pass a truncated JPEG, which then fails mid-stage
     except Exception:  # Pillow raises many kinds (OSError, SyntaxError, struct.error...) for bad files
         return "corrupt", None
     return "ok", size
 
 
-def keep_readable(path, samples):
-    """Drop samples whose image is missing or corrupt, print the count; -> (kept, {file: size})."""
+def keep_readable(path, samples, decode=True):
+    """Drop samples whose image is missing or corrupt, print the count; -> (kept, {file: size}).
+    decode=False reads each image's header only (a missing file, or one that is no image at all), not
+    its pixels: training leaves the decoding to its loader's workers, which skip and count what
+    fails there (a truncated JPEG)."""
     status, kept, skipped = {}, [], Counter()
     for s in samples:
         if s.image not in status:
-            status[s.image] = _image_status(s.image)
+            status[s.image] = _image_status(s.image, decode)
         state, _ = status[s.image]
         if state == "ok":
             kept.append(s)
@@ -387,7 +399,7 @@ def keep_readable(path, samples):
     return kept, {f: size for f, (state, size) in status.items() if state == "ok"}
 
 
-def _caption_samples(path, records, root):
+def _caption_samples(path, records, root, decode=True):
     """{"image", "caption"} pairs -> caption samples, cleaned as the paper's stage 1-2 captions.
     MiniGPT-4's cc_sbu_align ({"image_id", "caption"} under "annotations") is stage-3 data: its
     long descriptions stay as written and become "describe" samples with one of our instructions."""
@@ -401,10 +413,10 @@ def _caption_samples(path, records, root):
         else:
             image, text = need(path, where, r, "image"), need(path, where, r, "caption")
             out.append(Sample(os.path.join(root, image), "caption", "", clean_caption(text), {}))
-    return keep_readable(path, out)[0]
+    return keep_readable(path, out, decode)[0]
 
 
-def _llava_samples(path, records, root):
+def _llava_samples(path, records, root, decode=True):
     """One "chat" sample per (human, gpt) turn pair; the `<image>` marker is dropped from the
     question because the template places the image."""
     out = []
@@ -422,10 +434,10 @@ def _llava_samples(path, records, root):
                 pair.append(turn["value"])
             query = pair[0].replace("<image>", "").strip()
             out.append(Sample(image, "chat", query, pair[1].strip(), {"turn": t // 2}))
-    return keep_readable(path, out)[0]
+    return keep_readable(path, out, decode)[0]
 
 
-def _vqa_samples(path, records, root):
+def _vqa_samples(path, records, root, decode=True):
     """{"image", "question", "answer"}; a list of answers (VQAv2's ten) trains on the most common."""
     out = []
     for where, r in records:
@@ -437,10 +449,10 @@ def _vqa_samples(path, records, root):
         best = Counter(answers).most_common(1)[0][0]  # ties: the first one given
         out.append(Sample(os.path.join(root, image), "vqa", question.strip(), best.strip(),
                           {"qtype": r.get("question_type", "real"), "answers": answers}))
-    return keep_readable(path, out)[0]
+    return keep_readable(path, out, decode)[0]
 
 
-def _refexp_samples(path, records, root):
+def _refexp_samples(path, records, root, decode=True):
     """{"image", "phrase", "box": [x, y, w, h] in pixels} -> [refer] samples with the box in 0-100
     of the image's size, which is read from the file."""
     out = []
@@ -450,7 +462,7 @@ def _refexp_samples(path, records, root):
         if len(box) != 4 or not all(isinstance(v, (int, float)) for v in box) or box[2] <= 0 or box[3] <= 0:
             raise ValueError(f"{path}: {where}: field 'box' should be [x, y, w, h] with w, h > 0")
         out.append(Sample(os.path.join(root, image), "refer", text.strip(), "", {"box_px": tuple(box)}))
-    kept, sizes = keep_readable(path, out)
+    kept, sizes = keep_readable(path, out, decode)  # (the box needs the image's size: its header, at least)
     for s in kept:
         (w, h), (x, y, bw, bh) = sizes[s.image], s.meta.pop("box_px")
         box = tuple(min(100, max(0, round(100 * v / d))) for v, d in ((x, w), (y, h), (x + bw, w), (y + bh, h)))
@@ -462,9 +474,12 @@ def _root(path, image_root):
     return image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
 
 
-def load_dataset(path, image_root=None):
+def load_dataset(path, image_root=None, decode=True):
     """Any of the four formats, told apart by the first record's fields. Image paths are relative
-    to image_root (default: the data file's folder)."""
+    to image_root (default: the data file's folder). decode=False: images are checked by their headers
+    only (keep_readable); webdataset shards (`.tar`, a brace pattern) read as `load_shards` does."""
+    if str(path).endswith(".tar") or "{" in str(path):
+        return load_shards(path)
     records = _read_records(path)
     keys = set(records[0][1]) if records else set()
     if "conversations" in keys:
@@ -479,4 +494,61 @@ def load_dataset(path, image_root=None):
         raise ValueError(f"{path}: cannot tell the format from the first record's fields {sorted(keys)}: expected "
                          "caption pairs (image, caption), LLaVA (image, conversations), VQA (image, question, "
                          "answer) or referring expressions (image, phrase, box)")
-    return load(path, records, _root(path, image_root))
+    return load(path, records, _root(path, image_root), decode)
+
+
+# -----------------------------------------------------------------------------
+# webdataset tar shards (img2dataset's output, the official stages 1-2 data): each sample is the
+# members {key}.jpg (or .png, .webp) and {key}.txt (its caption) or {key}.json (with "caption").
+# Only the headers and the small text members are read up front; a picture is read where it is used.
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """A picture inside a tar shard: where its bytes are, so that a worker reads just them."""
+    shard: str
+    name: str
+    offset: int
+    size: int
+
+    def __str__(self):
+        return f"{self.shard}:{self.name}"
+
+
+def expand_braces(pattern):
+    """'laion/{00000..00002}.tar' -> ['laion/00000.tar', 'laion/00001.tar', 'laion/00002.tar'] (webdataset's
+    notation: numbered ranges keep their zero padding; 'a{b,c}' lists alternatives)."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    body = m.group(1)
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    items = ([str(i).zfill(len(r.group(1))) for i in range(int(r.group(1)), int(r.group(2)) + 1)] if r
+             else body.split(","))
+    return [p for item in items for p in expand_braces(pattern[:m.start()] + item + pattern[m.end():])]
+
+
+def load_shards(pattern):
+    """Caption samples from webdataset tar shards (a file, or a brace pattern): see above."""
+    out = []
+    for shard in expand_braces(str(pattern)):
+        regular_file(shard, "shard")
+        pictures, texts = {}, {}
+        try:
+            with tarfile.open(shard) as tf:
+                for m in tf:
+                    key, _, ext = m.name.rpartition(".")
+                    if not m.isfile() or not key:
+                        continue
+                    if ext.lower() in ("jpg", "jpeg", "png", "webp"):
+                        pictures[key] = TarMember(shard, m.name, m.offset_data, m.size)
+                    elif ext in ("txt", "json"):
+                        raw = tf.extractfile(m).read().decode("utf-8", errors="replace")
+                        text = raw if ext == "txt" else json.loads(raw).get("caption")
+                        if isinstance(text, str):
+                            texts[key] = text
+        except (tarfile.TarError, json.JSONDecodeError, AttributeError) as e:
+            raise ValueError(f"{shard}: not a readable webdataset shard ({e})") from None
+        out += [Sample(pictures[k], "caption", "", clean_caption(texts[k]), {"key": k}) for k in pictures if k in texts]
+    return out
+

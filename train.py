@@ -33,10 +33,11 @@ import torch.nn as nn
 
 import data
 import demo
+import loader
 import runs
 import scoring
 import tinygptv as tg
-from cli import ArgumentParser, at_least, check_real_weights, device_option, run_cli
+from cli import ArgumentParser, at_least, check_real_weights, device_option, mixture_item, run_cli
 from fastpaths import CPU_BF16_MATMUL
 from layouts import load_model
 from lora import mark_trainable
@@ -137,10 +138,18 @@ def build_model(args, stage, report=True):
 
 
 def stage_data(args, stage):
-    """The stage's training samples: a user's file via --data, or the demo's."""
-    if args.data:
-        return data.load_dataset(args.data, args.image_root)
-    return demo.stage_samples(args.split, stage)
+    """The stage's training samples, and order(step) -> the samples of that step: a user's files
+    (--data: one, or a mixture drawn by weight) or the demo's."""
+    sources = [data.load_dataset(path, args.image_root, decode=False) for path, _ in args.data] if args.data \
+        else [demo.stage_samples(args.split, stage)]
+    for (path, _), found in zip(args.data or [], sources):
+        if not found:
+            raise ValueError(f"--data {path}: no training samples in it")
+    samples, bs, seed = [s for found in sources for s in found], args.stages[stage].batch_size, args.seed + stage
+    if len(sources) == 1:
+        return samples, lambda step: batch_indices(step, len(samples), bs, seed)
+    sizes, weights = [len(found) for found in sources], [w for _, w in args.data]
+    return samples, lambda step: loader.mixture_indices(step, sizes, weights, bs, seed)
 
 
 def batch_indices(step, n, batch_size, seed):
@@ -243,7 +252,7 @@ def train_stage(args, stage):
     st = runs.saved_state(state_path, stage, run_settings(args, stage), args.resume, args.restart, args.device)
     torch.manual_seed(args.seed + stage)
     model, tok = build_model(args, stage, report=st is None)
-    samples = stage_data(args, stage)
+    samples, order = stage_data(args, stage)
     if not samples:
         raise ValueError(f"stage {stage}: no training samples")
     held_out = data.load_dataset(args.eval_data, args.image_root) if args.eval_data else None  # bad files fail now
@@ -270,28 +279,35 @@ def train_stage(args, stage):
             runs.save_state(state_path, model, opt, scaler, step, asdict(sc), run_settings(args, stage))
 
     model.train()
-    t0, done_here, seen, losses = time.time(), 0, 0, []
+    batches = None if args.cache_features else iter(loader.stream(  # pictures decoded ahead, in workers
+        samples, model.image_size(stage), order, step, sc.steps, rank, nproc, args.workers, args.device.startswith("cuda")))
+    t0, done_here, seen, losses, waited, skipped = time.time(), 0, 0, [], 0.0, 0
     while step < sc.steps:
         # -- one optimizer step: this rank's share of the batch, in micro-batches, then AdamW --
         lr = lr_at(step, sc)
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = batch_indices(step, len(samples), sc.batch_size, args.seed + stage)[rank::nproc]
+        if batches is None:  # this rank's share of the step's samples (and below, positions in it)
+            idx, pixels = order(step)[rank::nproc], None
+        else:
+            t = time.time()
+            idx, pixels, failed = next(batches)  # (the pictures that failed to decode are left out)
+            waited, skipped = waited + time.time() - t, skipped + failed
         n_answer = torch.tensor(float(sum(len(examples[i].answer) for i in idx)))
         if nproc > 1:  # normalize by the whole global batch's answer tokens, as one process would
             dist.all_reduce(n_answer)
-        micro = [idx[i::args.grad_accum] for i in range(args.grad_accum)]
+        micro = [list(range(len(idx)))[i::args.grad_accum] for i in range(args.grad_accum)]
         if nproc == 1:  # (every DDP rank must run as many backward passes as the others)
-            micro = [part for m in micro for part in split_by_length(m, lengths)]
+            micro = [part for m in micro for part in split_by_length(m, [lengths[i] for i in idx])]
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for m in micro:
+            ex = [examples[idx[p]] for p in m]
             with autocast(args):
                 if queries is not None:
-                    logits, targets = net([examples[i] for i in m], queries=queries[image_row[m]])
+                    logits, targets = net(ex, queries=queries[image_row[[idx[p] for p in m]]])
                 else:
-                    px = model.pixels([data.load_image(samples[i].image) for i in m], stage).to(args.device)
-                    logits, targets = net([examples[i] for i in m], pixel_values=px)
+                    logits, targets = net(ex, pixel_values=pixels[m].to(args.device, model.llama_proj.weight.dtype))
                 # sum over tokens / global count: DDP averages over ranks, so scale by nproc
                 loss = tg.lm_loss(logits, targets, reduction="sum") / n_answer * nproc
             scaler.scale(loss).backward()
@@ -310,8 +326,9 @@ def train_stage(args, stage):
         seen += len(idx) * nproc
         if step % args.log_every == 0 or step == sc.steps:
             dt = time.time() - t0
+            fed = "" if batches is None else f" | data wait {100 * waited / dt:.0f}% | skipped {skipped} pictures"
             log(f"stage {stage} | step {step:5d}/{sc.steps} | loss {total:.4f} | lr {lr:.2e} | "
-                f"{seen / dt:.1f} samples/s | ETA {dt / done_here * (sc.steps - step):.0f}s")
+                f"{seen / dt:.1f} samples/s | ETA {dt / done_here * (sc.steps - step):.0f}s{fed}")
         if step % args.ckpt_every == 0 or step == sc.steps:
             save_state()
         if args.stop_after and done_here >= args.stop_after and step < sc.steps:
@@ -387,7 +404,10 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the interrupted stage from its last step checkpoint")
     p.add_argument("--restart", action="store_true", help="start the interrupted stage over, discarding its steps")
     p.add_argument("--out", default=demo.DEMO_RUN)
-    p.add_argument("--data", help="a real data file (caption pairs, LLaVA, VQA or refexp JSON) for the stage")
+    p.add_argument("--data", nargs="+", type=mixture_item, help="real data for the stage: caption pairs, "
+                   "LLaVA, VQA or refexp JSON, or webdataset shards (a.tar, 'laion/{00000..00099}.tar'); several, "
+                   "each FILE:WEIGHT, make a mixture drawn by weight (gqa.json:50 refcoco.json:25)")
+    p.add_argument("--workers", type=at_least(0), default=2, help="processes that decode --data's pictures")
     p.add_argument("--image-root", help="folder the data file's image names are relative to")
     p.add_argument("--eval-data", help="a held-out file in any --data format, scored after the stage "
                    "(with a blank-image column) into stageN.eval.json")

@@ -169,11 +169,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, backbones, 
     assert not (out / "stage1.safetensors").exists()
 
 
-def test_two_processes_take_the_same_step_as_one(tmp_path, backbones):
+@pytest.mark.parametrize("shards", [False, True], ids=["demo", "shards"])
+def test_two_processes_take_the_same_step_as_one(tmp_path, backbones, shards):
     one = new_run(tmp_path, backbones, "one")
     two = new_run(tmp_path, backbones, "two")
-    # dropout off: two processes draw different dropout masks than one (the only legitimate difference)
-    common = ["train.py", *SMALL, "--stage", "1", "--steps", "2", "--dropout", "0"]  # later flags win
+    # dropout off: two processes draw different dropout masks than one (the only legitimate difference);
+    # with shards each process decodes only its own share of each step's pictures
+    real = ["--data", write_shards(tmp_path / "shards"), "--workers", "1"] if shards else []
+    common = ["train.py", *SMALL, "--stage", "1", "--steps", "2", "--dropout", "0", *real]  # later flags win
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r1 = subprocess.run([sys.executable, *common, "--out", str(one)], cwd=ROOT, capture_output=True, text=True, env=env)
     assert r1.returncode == 0, r1.stderr
@@ -234,7 +237,7 @@ def test_length_split_takes_the_batch_step_with_less_padding(tmp_path, backbones
     # any other cut of the sorted batch and than the batch itself, and give the batch's own gradient
     args = args_for(new_run(tmp_path, backbones), "--dropout", "0")
     model, tok = train.build_model(args, 1)  # stage 1's trainable set: no stage-3 checkpoint needed
-    samples = train.stage_data(args, 4)
+    samples, _ = train.stage_data(args, 4)  # (and the order of its steps)
     examples = [tg.make_example(tok, 4, tg.stage_instruction(4, s), s.answer) for s in samples]
     lengths = [len(e.before) + len(e.after) + len(e.answer) for e in examples]
     idx = [i for i, s in enumerate(samples) if s.task in ("vqa", "identify")][:10]
@@ -379,3 +382,68 @@ def test_stage4_on_real_weights_checkpoints_activations_by_default(tmp_path, bac
     assert train.build_model(args, 4)[0].llama_model.grad_checkpointing
     off = train.parse_args(["--out", str(out), "--device", "cpu", *real, "--grad-checkpoint", "off"])
     assert not train.build_model(off, 4)[0].llama_model.grad_checkpointing
+
+
+# -----------------------------------------------------------------------------
+# Real data as the paper's stages read it: webdataset shards, mixtures, decoded in workers
+
+
+def write_shards(folder, n_shards=2, per_shard=10, corrupt=None):
+    """img2dataset-style shards {i}.tar of {key}.jpg + {key}.txt; sample number `corrupt` (in load
+    order) gets a JPEG cut in half, whose header reads fine."""
+    import io
+    import tarfile
+    folder.mkdir(exist_ok=True)
+    k = 0
+    for i in range(n_shards):
+        with tarfile.open(folder / f"{i:05d}.tar", "w") as tf:
+            for j in range(per_shard):
+                buf = io.BytesIO()
+                Image.new("RGB", (40, 40), (20 * j % 256, 10 * i, 255 - 20 * j % 256)).save(buf, "JPEG")
+                raw = buf.getvalue() if k != corrupt else buf.getvalue()[:len(buf.getvalue()) // 2]
+                text = f"picture {k} of shard {i}".encode()
+                for name, payload in ((f"{k:06d}.jpg", raw), (f"{k:06d}.txt", text)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tf.addfile(info, io.BytesIO(payload))
+                k += 1
+    return str(folder / ("{%05d..%05d}.tar" % (0, n_shards - 1)))
+
+
+def test_shards_read_by_brace_pattern_and_mixtures_drawn_by_weight(tmp_path):
+    pattern = write_shards(tmp_path / "shards")
+    assert data.expand_braces("a/{00008..00011}.tar") == ["a/00008.tar", "a/00009.tar", "a/00010.tar", "a/00011.tar"]
+    samples = data.load_dataset(pattern)
+    assert len(samples) == 20 and all(s.task == "caption" for s in samples)
+    assert samples[13].answer == "picture 13 of shard 1"
+    assert data.load_image(samples[13].image).size == (40, 40)  # read from inside the shard
+    # three sources weighted 1 : 3 : 6, drawn 200 steps x 32: each within 3 standard deviations
+    import loader
+    sizes, weights = [7, 50, 3], [1.0, 3.0, 6.0]
+    counts = [0, 0, 0]
+    for step in range(200):
+        for i in loader.mixture_indices(step, sizes, weights, 32, seed=5):
+            counts[0 if i < 7 else 1 if i < 57 else 2] += 1
+    n = 200 * 32
+    for c, w in zip(counts, weights):
+        p = w / sum(weights)
+        assert abs(c - n * p) < 3 * (n * p * (1 - p)) ** 0.5, (counts, weights)
+    assert loader.mixture_indices(7, sizes, weights, 32, seed=5) == loader.mixture_indices(7, sizes, weights, 32, seed=5)
+
+
+def test_a_corrupt_picture_in_a_shard_is_skipped_where_met_and_a_resume_across_it_is_exact(tmp_path, backbones):
+    first = train.batch_indices(0, 20, 8, seed=0 + 1)[0]  # stage 1's first step draws this sample
+    pattern = write_shards(tmp_path / "shards", corrupt=first)
+    runs = {}
+    for name, parts in (("whole", [[]]), ("resumed", [["--stop-after", "3"], ["--resume"]])):
+        out = new_run(tmp_path, backbones, name)
+        for extra in parts:
+            r = subprocess.run([sys.executable, "train.py", "--stage", "1", *SMALL, "--out", str(out), "--data", pattern,
+                                "--workers", "2", *extra], cwd=ROOT, capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = load_file(str(out / "stage1.safetensors"))
+        if name == "whole":
+            assert "skipped 1 pictures" in r.stdout and "data wait" in r.stdout, r.stdout
+    assert runs["whole"].keys() == runs["resumed"].keys()
+    for k in runs["whole"]:
+        assert torch.equal(runs["whole"][k], runs["resumed"][k]), k
