@@ -436,6 +436,22 @@ def load_backbones(out, report=True):
     return model, tg.load_tokenizer(root)
 
 
+@torch.no_grad()
+def encode_all(model, samples, stage, device, batch_size=256):
+    """train.py's features of the demo's pictures, which fit in memory: the Q-Former outputs of every
+    distinct image, once, since the vision tower is frozen: (images,
+    n_query, d), and each sample's row in it (N,); one row per sample would hold stage 4's ~14
+    questions per scene as 14 copies (0.85 GB at the demo's size)."""
+    row, images = {}, []
+    for s in samples:
+        if id(s.image) not in row:
+            row[id(s.image)] = len(images)
+            images.append(s.image)
+    out = [model.encode_queries(model.pixels(images[i:i + batch_size], stage).to(device))
+           for i in range(0, len(images), batch_size)]  # (b, n_query, d) each
+    return torch.cat(out), torch.tensor([row[id(s.image)] for s in samples], device=device)
+
+
 # -----------------------------------------------------------------------------
 # Held-out evaluation: each task with the image, and with a blank one
 

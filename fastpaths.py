@@ -1,5 +1,5 @@
-"""Speed paths for particular hardware: decode steps replayed as CUDA graphs, and a bf16 vision
-tower computed in float32 on CPUs without fast bf16 matrix products.
+"""Speed paths for particular hardware: decode steps replayed as CUDA graphs, a bf16 vision tower
+computed in float32 on CPUs without fast bf16 matrix products, and the dtype each device trains in.
 
 A reader of the paper may skip this file: it computes exactly what phi2.py and vit.py compute,
 only faster on some machines. Its jobs:
@@ -8,7 +8,8 @@ only faster on some machines. Its jobs:
   says whether a device gets it;
 - `CPU_BF16_MATMUL` and `Float32Blocks`: whether torch multiplies bf16 matrices at full speed on
   this CPU, decided once when this file is imported, and, where it does not, a ViT whose bf16
-  blocks are computed in float32, one block's weights widened at a time.
+  blocks are computed in float32, one block's weights widened at a time;
+- `compute_dtype`, `mixed_precision`, `autocast`: bf16 where a device computes in it at full speed.
 """
 
 import torch
@@ -164,6 +165,34 @@ class Float32Blocks(VisionTransformer):
             weights = {k: v.float() if v.is_floating_point() else v for k, v in block.state_dict().items()}
             x = torch.func.functional_call(block, weights, (x,))  # (B, T, D)
         return x
+
+
+def compute_dtype(device, amp="auto", real=True):
+    """What frozen weights are stored and multiplied in: bf16 where the device does it at full speed
+    (a CUDA GPU with bf16; for real weights a CPU with fast bf16), else fp32. Phi-2 and the vision
+    tower then take 7.8 GB instead of 15.7 (docs/PAPER.md section 9); the demo's tiny stand-ins
+    keep training in fp32 on a CPU, as their tables were measured."""
+    if amp in ("off", "fp16"):
+        return torch.float32
+    if device.startswith("cuda"):
+        return torch.bfloat16 if amp == "bf16" or torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if real and (amp == "bf16" or CPU_BF16_MATMUL) else torch.float32
+
+
+def mixed_precision(device, amp="auto", real=True):
+    """-> (autocast dtype or None, GradScaler): bf16 autocast where compute_dtype is bf16; on a CUDA
+    GPU without bf16, fp16 with a GradScaler (fp16's narrow range underflows small gradients unless
+    the loss is scaled up first); else fp32."""
+    if compute_dtype(device, amp, real) == torch.bfloat16:
+        return torch.bfloat16, torch.amp.GradScaler("cuda", enabled=False)
+    if device.startswith("cuda") and amp != "off":
+        return torch.float16, torch.amp.GradScaler("cuda")
+    return None, torch.amp.GradScaler("cuda", enabled=False)
+
+
+def autocast(device, amp="auto", real=True):
+    dtype = mixed_precision(device, amp, real)[0]
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
 
 
 def float32_blocks(vit):

@@ -4,7 +4,7 @@ and an interrupted stage continued only as the run it was.
 A reader of the paper may skip this file: train.py calls it around the stages. Its jobs:
 - `take_lock`: one train.py per run directory, its PID in `.lock`; a dead holder's lock is taken
   over, and so are the temporaries its killed writes left behind;
-- `saved_state`, `restore`, `save_state`: the step checkpoint of an interrupted stage (weights,
+- `settings`, `saved_state`, `restore`, `save_state`: the step checkpoint of an interrupted stage (weights,
   optimizer, step, RNG), written atomically and read weights-only, never as code, and refused when
   the settings it was trained with differ from the resumed run's.
 """
@@ -84,6 +84,17 @@ def remove_stale_temporaries(folder, alive):
                 os.remove(os.path.join(root, name))
                 removed.append(os.path.join(root, name))
     return removed
+
+
+def settings(args, stage):
+    """What a resumed run must share with the interrupted one: every option that changes what the rest
+    of the stage trains, or it would silently become a third run."""
+    sc = args.stages[stage]
+    return {"--seed": args.seed, "--data": args.data, "--image-root": args.image_root, "--recipe": args.recipe,
+            "--steps": sc.steps, "--batch-size": sc.batch_size, "--grad-accum": args.grad_accum,
+            "--dropout": args.dropout if args.dropout is not None else sc.dropout, "--amp": args.amp,
+            "--phi2": args.phi2, "--blip2": args.blip2, "--qformer": args.qformer,
+            "--demo-train": args.demo_train, "--demo-eval": args.demo_eval}
 
 
 def saved_state(path, stage, settings, resume, restart, device="cpu"):

@@ -13,12 +13,11 @@ What each stage trains (everything else is frozen: ViT, ln_vision, Q-Former, Phi
     stage 3 instruction   same, "###Human: ... ###Assistant:" prompts     detailed descriptions
     stage 4 multi-task    same, "[INST] [task] ... [/INST]", 2x image     VQA, refer, identify, ...
 The official code also trained LoRA in stage 1 (a config default); this file follows the paper.
-With --phi2/--blip2 the stages follow the paper's table (PAPER_STAGES); without, they run on demo.py's
-stand-in backbones with the demo's (DEMO_STAGES, minutes on a CPU), exactly as on real ones.
+Real weights (--phi2/--blip2) follow the paper's table; demo.py's stand-ins the demo's (minutes on a CPU).
 
 Notable features: AdamW with decay only on >= 2-D tensors, linear warm-up then cosine per step,
-gradient accumulation and clipping, activation checkpointing, real frozen weights in bf16 with
-bf16 autocast where the device computes in bf16 (fp16 + GradScaler on GPUs without), exact resume (weights, optimizer, step, data order, RNG), a NaN guard, a progress line.
+gradient accumulation and clipping, activation checkpointing, real frozen weights in bf16 where the
+device computes in bf16, exact resume (weights, optimizer, step, data order, RNG), a NaN guard.
 """
 
 import argparse
@@ -33,12 +32,12 @@ import torch.nn as nn
 
 import data
 import demo
+import fastpaths
 import loader
 import runs
 import scoring
 import tinygptv as tg
 from cli import ArgumentParser, at_least, check_real_weights, device_option, mixture_item, run_cli
-from fastpaths import CPU_BF16_MATMUL
 from layouts import load_model
 from lora import mark_trainable
 
@@ -114,7 +113,8 @@ def build_model(args, stage, report=True):
     stage 1 starts the stabilizer norms at 1, and says so unless report=False (resumed, evaluated)."""
     report = report and stage == 1
     if args.phi2:  # the paper's sizes: frozen weights in the device's compute dtype, 2 bytes each where bf16
-        model, _ = load_model(args.phi2, args.blip2, args.qformer, dtype=compute_dtype(args), report=report)
+        model, _ = load_model(args.phi2, args.blip2, args.qformer, report=report,
+                              dtype=fastpaths.compute_dtype(args.device, args.amp, real=True))
         tok = tg.load_tokenizer(args.phi2)
     else:
         model, tok = demo.load_backbones(args.out, report=report)
@@ -161,34 +161,6 @@ def batch_indices(step, n, batch_size, seed):
     return perm[k * batch_size:(k + 1) * batch_size].tolist()
 
 
-def split_by_length(idx, lengths):
-    """Two micro-batches that together are the batch idx, sorted by token length and cut where the
-    padding is least: the loss is a sum over answer tokens, so the update is the batch's own, only
-    cheaper (stage 4's few ~100-token [grounding] samples padded its ~71-token batches to 1.39x the
-    real tokens; split, 1.06x)."""
-    if len(idx) < 2:
-        return [idx]
-    idx = sorted(idx, key=lambda i: lengths[i])
-    n, L = len(idx), [lengths[i] for i in idx]
-    cut = min(range(1, n), key=lambda c: c * L[c - 1] + (n - c) * L[-1])  # padded tokens of the two parts
-    return [idx[:cut], idx[cut:]]
-
-
-@torch.no_grad()
-def encode_all(model, samples, stage, device, batch_size=256):
-    """Q-Former outputs of every distinct image, once, since the vision tower is frozen: (images,
-    n_query, d), and each sample's row in it (N,); one row per sample would hold stage 4's ~14
-    questions per scene as 14 copies (0.85 GB at the demo's size)."""
-    row, images = {}, []
-    for s in samples:
-        if id(s.image) not in row:
-            row[id(s.image)] = len(images)
-            images.append(s.image)
-    out = [model.encode_queries(model.pixels(images[i:i + batch_size], stage).to(device))
-           for i in range(0, len(images), batch_size)]  # (b, n_query, d) each
-    return torch.cat(out), torch.tensor([row[id(s.image)] for s in samples], device=device)
-
-
 def param_groups(model, weight_decay):
     """Weight decay on matrices only (nanoGPT, BLIP-2): decay pulls a weight toward zero, which
     regularizes a matrix, but a norm's weight at zero would switch its feature off and a bias has no
@@ -198,47 +170,13 @@ def param_groups(model, weight_decay):
             {"params": [p for n, p in trainable if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def compute_dtype(args):
-    """What real frozen weights are stored and multiplied in: bf16 where the device does it at full
-    speed (a CUDA GPU with bf16, a CPU with fast bf16 matmuls as fastpaths.py decides), else fp32.
-    Phi-2 and the vision tower then take 7.8 GB instead of 15.7 (docs/PAPER.md section 9)."""
-    if args.amp == "off" or args.amp == "fp16":
-        return torch.float32
-    if args.device.startswith("cuda"):
-        return torch.bfloat16 if args.amp == "bf16" or torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if args.phi2 and (args.amp == "bf16" or CPU_BF16_MATMUL) else torch.float32
-
-
 def autocast(args):
-    """The autocast context every forward of a run takes, training and tables alike (mixed_precision)."""
-    dtype = mixed_precision(args)[0]
-    return torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype is not None)
-
-
-def mixed_precision(args):
-    """-> (autocast dtype or None, GradScaler). bf16 autocast where the frozen weights are bf16 (see
-    compute_dtype); on a CUDA GPU without bf16, fp16 with a GradScaler (fp16's narrow range
-    underflows small gradients unless the loss is scaled up first); else fp32 (the demo on a CPU)."""
-    if compute_dtype(args) == torch.bfloat16:
-        return torch.bfloat16, torch.amp.GradScaler("cuda", enabled=False)
-    if args.device.startswith("cuda") and args.amp != "off":
-        return torch.float16, torch.amp.GradScaler("cuda")
-    return None, torch.amp.GradScaler("cuda", enabled=False)
+    """The autocast every forward of a run takes, steps and tables alike (fastpaths.mixed_precision)."""
+    return fastpaths.autocast(args.device, args.amp, real=args.phi2 is not None)
 
 
 # -----------------------------------------------------------------------------
 # One stage
-
-
-def run_settings(args, stage):
-    """What a resumed run must share with the interrupted one: every option that changes what the rest
-    of the stage trains, or it would silently become a third run."""
-    sc = args.stages[stage]
-    return {"--seed": args.seed, "--data": args.data, "--image-root": args.image_root, "--recipe": args.recipe,
-            "--steps": sc.steps, "--batch-size": sc.batch_size, "--grad-accum": args.grad_accum,
-            "--dropout": args.dropout if args.dropout is not None else sc.dropout, "--amp": args.amp,
-            "--phi2": args.phi2, "--blip2": args.blip2, "--qformer": args.qformer,
-            "--demo-train": args.demo_train, "--demo-eval": args.demo_eval}
 
 
 def train_stage(args, stage):
@@ -249,7 +187,7 @@ def train_stage(args, stage):
         raise ValueError(f"--grad-accum {args.grad_accum}: more micro-batches than the {sc.batch_size // nproc} "
                          f"samples each of {nproc} process(es) gets per step; lower it or raise --batch-size")
     state_path = os.path.join(args.out, f"stage{stage}.state.pt")
-    st = runs.saved_state(state_path, stage, run_settings(args, stage), args.resume, args.restart, args.device)
+    st = runs.saved_state(state_path, stage, runs.settings(args, stage), args.resume, args.restart, args.device)
     torch.manual_seed(args.seed + stage)
     model, tok = build_model(args, stage, report=st is None)
     samples, order = stage_data(args, stage)
@@ -258,9 +196,9 @@ def train_stage(args, stage):
     held_out = data.load_dataset(args.eval_data, args.image_root) if args.eval_data else None  # bad files fail now
     examples = [tg.make_example(tok, stage, tg.stage_instruction(stage, s), s.answer) for s in samples]
     lengths = [len(e.before) + len(e.after) + len(e.answer) for e in examples]  # text tokens
-    _, scaler = mixed_precision(args)
+    _, scaler = fastpaths.mixed_precision(args.device, args.amp, real=args.phi2 is not None)
     with autocast(args):
-        queries, image_row = encode_all(model, samples, stage, args.device) if args.cache_features else (None, None)
+        queries, image_row = demo.encode_all(model, samples, stage, args.device) if args.cache_features else (None, None)
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     log(f"stage {stage} | {len(samples)} samples | training {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
         f"parameters in {len(trained)} tensors ({'projections, norms, LoRA' if model.has_lora else 'projections, norms'})")
@@ -276,7 +214,7 @@ def train_stage(args, stage):
 
     def save_state():
         if rank == 0:
-            runs.save_state(state_path, model, opt, scaler, step, asdict(sc), run_settings(args, stage))
+            runs.save_state(state_path, model, opt, scaler, step, asdict(sc), runs.settings(args, stage))
 
     model.train()
     batches = None if args.cache_features else iter(loader.stream(  # pictures decoded ahead, in workers
@@ -298,7 +236,7 @@ def train_stage(args, stage):
             dist.all_reduce(n_answer)
         micro = [list(range(len(idx)))[i::args.grad_accum] for i in range(args.grad_accum)]
         if nproc == 1:  # (every DDP rank must run as many backward passes as the others)
-            micro = [part for m in micro for part in split_by_length(m, [lengths[i] for i in idx])]
+            micro = [part for m in micro for part in loader.split_by_length(m, [lengths[i] for i in idx])]
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for m in micro:
@@ -409,8 +347,7 @@ def parse_args(argv=None):
                    "each FILE:WEIGHT, make a mixture drawn by weight (gqa.json:50 refcoco.json:25)")
     p.add_argument("--workers", type=at_least(0), default=2, help="processes that decode --data's pictures")
     p.add_argument("--image-root", help="folder the data file's image names are relative to")
-    p.add_argument("--eval-data", help="a held-out file in any --data format, scored after the stage "
-                   "(with a blank-image column) into stageN.eval.json")
+    p.add_argument("--eval-data", help="a held-out file in any --data format, scored after the stage")
     p.add_argument("--phi2", help="a real Phi-2 directory (with tokenizer.json)")
     p.add_argument("--blip2", help="a real BLIP-2 directory or converted LAVIS file (ViT, ln_vision, Q-Former)")
     p.add_argument("--qformer", help="the Q-Former, if it is not in the --blip2 path")
@@ -425,16 +362,14 @@ def parse_args(argv=None):
     p.add_argument("--stop-after", type=count, help="stop after this many steps (resume later with --resume)")
     p.add_argument("--no-eval", dest="eval", action="store_false")
     p.add_argument("--eval-samples", type=count, default=300, help="held-out samples per task in each table")
-    p.add_argument("--evaluate", type=int, choices=(1, 2, 3, 4), help="only print the held-out table of this "
-                   "finished stage's checkpoint (train nothing)")
+    p.add_argument("--evaluate", type=int, choices=(1, 2, 3, 4), help="only score this finished stage")
     p.add_argument("--device", type=device_option, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dropout", type=pos, help="set every dropout (Phi-2 residual, LoRA) to this (the demo's "
                    "stages use 0, the paper's the model's own); 0 makes runs with different process counts comparable")
     p.add_argument("--grad-checkpoint", choices=("auto", "on", "off"), default="auto", help="recompute Phi-2's "
                    "activations in backward instead of storing them (auto: stage 4 on real weights, as the paper)")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                   help="mixed precision (auto: bf16 where the device computes in bf16: a CUDA GPU that has it, "
-                   "a CPU with fast bf16 for real weights; fp16 with a GradScaler on other GPUs)")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="mixed precision "
+                   "(auto: bf16 where the device computes in it at full speed, else fp16 on a GPU, fp32 on a CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--demo-train", type=count, default=560, help="demo scenes for training")
     p.add_argument("--demo-eval", type=count, default=300, help="demo scenes for validation and test, each")

@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 
 import data
 import demo
+import fastpaths
+import loader
 import scoring
 import tinygptv as tg
 import train
@@ -242,7 +244,7 @@ def test_length_split_takes_the_batch_step_with_less_padding(tmp_path, backbones
     lengths = [len(e.before) + len(e.after) + len(e.answer) for e in examples]
     idx = [i for i, s in enumerate(samples) if s.task in ("vqa", "identify")][:10]
     idx += sorted(range(len(samples)), key=lambda i: -lengths[i])[:2]  # the two longest
-    parts = train.split_by_length(idx, lengths)
+    parts = loader.split_by_length(idx, lengths)
     assert len(parts) == 2 and sorted(parts[0] + parts[1]) == sorted(idx)
     padded = lambda groups: sum(len(g) * max(lengths[i] for i in g) for g in groups)
     by_len = sorted(idx, key=lambda i: lengths[i])
@@ -328,7 +330,7 @@ def test_real_weights_train_with_the_papers_table_and_the_demo_with_its_own(tmp_
 def test_frozen_real_weights_are_bf16_where_the_device_computes_in_bf16(tmp_path, backbones, monkeypatch, fast_bf16):
     # the paper's memory plan: frozen matrices in bf16 where the CPU (or GPU) multiplies bf16 at full
     # speed, else fp32; what trains, every vector and AdamW's state in fp32
-    monkeypatch.setattr(train, "CPU_BF16_MATMUL", fast_bf16)
+    monkeypatch.setattr(fastpaths, "CPU_BF16_MATMUL", fast_bf16)
     out = tmp_path / "run"
     args = train.parse_args(["--out", str(out), "--device", "cpu", *real_weights(backbones, tmp_path), "--stage", "2",
                              "--steps", "1", "--batch-size", "2", "--no-eval"])
@@ -337,11 +339,11 @@ def test_frozen_real_weights_are_bf16_where_the_device_computes_in_bf16(tmp_path
     frozen = {p.dtype for n, p in model.named_parameters() if not p.requires_grad and p.dim() >= 2}
     assert frozen == ({torch.bfloat16} if fast_bf16 else {torch.float32})
     assert {p.dtype for p in model.parameters() if p.requires_grad or p.dim() == 1} == {torch.float32}
-    assert train.mixed_precision(args)[0] == (torch.bfloat16 if fast_bf16 else None)
+    assert fastpaths.mixed_precision(args.device, args.amp, real=True)[0] == (torch.bfloat16 if fast_bf16 else None)
     losses, finished = train.train_stage(args, 2)  # one step, bf16 autocast over the mixed dtypes
     assert finished and all(torch.isfinite(torch.tensor(losses)))
     # the demo's stand-ins keep training in fp32
-    assert train.compute_dtype(train.parse_args(["--device", "cpu"])) == torch.float32
+    assert fastpaths.compute_dtype("cpu", "auto", real=False) == torch.float32
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
@@ -418,7 +420,6 @@ def test_shards_read_by_brace_pattern_and_mixtures_drawn_by_weight(tmp_path):
     assert samples[13].answer == "picture 13 of shard 1"
     assert data.load_image(samples[13].image).size == (40, 40)  # read from inside the shard
     # three sources weighted 1 : 3 : 6, drawn 200 steps x 32: each within 3 standard deviations
-    import loader
     sizes, weights = [7, 50, 3], [1.0, 3.0, 6.0]
     counts = [0, 0, 0]
     for step in range(200):
