@@ -20,6 +20,8 @@ one run, with the same weights, dtype and thread count. A reader of the paper ma
 6. From the real downloads: full-size random checkpoints written in their released layouts (Phi-2
    in two fp16 shards with its index, a BLIP-2 directory), then `tinygptv.py --int8` run on them
    from start to answer: its peak resident memory, loading included (the paper's 8 GB).
+7. The streaming loader train.py feeds real data through: pictures per second with 0, 1 and 2
+   worker processes, and the share of a step spent waiting for data.
 
     python bench.py                          # all sections on the CPU, 2 threads
     python bench.py --quick                  # fewer layers, tokens and repeats
@@ -47,12 +49,17 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
+from PIL import Image
 
+import data
 import int8
+import loader
 import tinygptv as tg
+import train
 from fastpaths import decoder_for
 from layouts import save_pretrained
 from phi2 import Phi2, Phi2Config
@@ -721,7 +728,6 @@ def child_write_downloads(spec, device):
                 t = torch.empty(p.shape).normal_(0.0, 0.01, generator=gen)  # a trained adapter, not a fresh one
             setattr(shell.get_submodule(module), leaf, nn.Parameter(t))
     tg.save_checkpoint(shell, os.path.join(d, "stage4.safetensors"), stage=4)
-    from PIL import Image
     Image.new("RGB", (320, 240), (200, 20, 20)).save(os.path.join(d, "red.png"))
     return sizes
 
@@ -779,16 +785,77 @@ def section_downloads(args, bw):
 
 
 # -----------------------------------------------------------------------------
+# 7. The streaming loader (train.py on a user's data): pictures decoded in worker processes
+
+
+def write_jpeg_shards(directory, size, n_shards=2, per_shard=480):
+    """webdataset shards of photo-like JPEGs (smooth colour fields with noise) at `size` px, written here."""
+    import io
+    import tarfile
+    g = np.random.default_rng(size)
+    for i in range(n_shards):
+        with tarfile.open(os.path.join(directory, f"{size}-{i:05d}.tar"), "w") as tf:
+            for j in range(per_shard):
+                yy, xx = np.mgrid[0:size, 0:size] / size
+                base = np.stack([yy, xx, (yy + xx) / 2], -1) * g.uniform(100, 255, 3)
+                pixels = np.clip(base + g.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+                for name, payload in ((f"{j:06d}.jpg", buf.getvalue()), (f"{j:06d}.txt", b"a picture")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tf.addfile(info, io.BytesIO(payload))
+    return os.path.join(directory, f"{size}-{{00000..{n_shards - 1:05d}}}.tar")
+
+
+def section_loader(args, bw):
+    """Pictures per second through loader.stream with 0, 1 and 2 workers (decoding and resizing the
+    JPEGs to the stage's size), and, with 2 workers, the share of each step the training process
+    waits for data when a step takes longer than decoding its batch and leaves the CPU to the
+    workers, as a step on a GPU does (a sleep stands in for it)."""
+    rows = [Row(7, f"batches of 16 from webdataset shards of JPEGs written here; {torch.get_num_threads()} torch "
+                   "threads in the training process")]
+    bs = 16
+    with tempfile.TemporaryDirectory(dir=args.scratch) as d:
+        for size in (224, 448):
+            samples = data.load_dataset(write_jpeg_shards(d, size))
+            steps = len(samples) // bs
+            order = lambda step: train.batch_indices(step, len(samples), bs, 0)
+            rate = {}
+            for workers in (0, 1, 2):
+                t0 = time.perf_counter()
+                n = sum(len(idx) for idx, _, _ in loader.stream(samples, size, order, 0, steps, workers=workers))
+                rate[workers] = n / (time.perf_counter() - t0)
+            for workers in (1, 2):
+                rows.append(Row(7, f"{size} px: images/s with {workers} worker(s) vs 0 (decoding in the training "
+                                   "process)", rate[workers], rate[0], "img/s",
+                                target="2 workers about 2x 0" if workers == 2 else ""))
+            step_s = 1.5 * bs / rate[0]  # a step 1.5x longer than decoding its batch in one process
+            batches = iter(loader.stream(samples, size, order, 0, steps, workers=2))
+            next(batches)  # the first batch waits for the workers to start: once per stage
+            waited, t0 = 0.0, time.perf_counter()
+            for _ in range(steps - 1):
+                t = time.perf_counter()
+                next(batches)
+                waited += time.perf_counter() - t
+                time.sleep(step_s)  # a GPU's step: the CPU left to the workers
+            share = waited / (time.perf_counter() - t0)
+            rows.append(Row(7, f"{size} px, 2 workers: share of a {step_s * 1000:.0f} ms step spent waiting for data "
+                               "(after the first batch)", 100 * share, None, "%", target="under 10%", passed=share < 0.1))
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # Main
 
 SECTIONS = {1: section_phi2, 2: section_int8, 3: section_inference, 4: section_training, 5: section_demo_training,
-            6: section_downloads}
+            6: section_downloads, 7: section_loader}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="1,2,3,4,5,6", help="comma-separated, from 1-6 (default: all)")
+    p.add_argument("--sections", default="1,2,3,4,5,6,7", help="comma-separated, from 1-7 (default: all)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=2, help="torch threads on the CPU, the same for every run")
     p.add_argument("--layers", type=int, help="Phi-2 layers in sections 1-2 (real width; default 4)")
@@ -817,7 +884,7 @@ def parse_args(argv=None):
     a.train_steps = a.train_steps or (2 if quick else 5)
     a.sections = sorted({int(s) for s in a.sections.split(",") if s.strip()})
     if not set(a.sections) <= set(SECTIONS):
-        p.error(f"--sections takes numbers from 1 to 6, got {a.sections}")
+        p.error(f"--sections takes numbers from 1 to 7, got {a.sections}")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: this torch sees no GPU")
     a.device = torch.device(a.device)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import data
+import runs
 import scoring
 import tinygptv as tg
 from checkpoints import file_digest, read_json, write_atomically, write_folder_atomically, write_json
@@ -360,6 +361,18 @@ def train_backbones(root, split, schedule, lm_steps, vision_steps, report):
     stamp = {**world_fingerprint(), "seed": split.seed, "demo_train": split.n_train, "demo_eval": split.n_eval,
              "lm_steps": lm_steps, "vision_steps": vision_steps}
     write_atomically(os.path.join(root, "DONE"), lambda tmp: write_json(stamp, tmp))
+
+
+def retrain_shipped(split, schedule, lm_steps, vision_steps, report, force):
+    """`train.py --stage 0 --force`: the shipped backbones trained again, one stage 0 at a time (a lock
+    beside them), and replaced only once the new set is whole (build_backbones)."""
+    if os.path.isdir(PRETRAINED) and not force:
+        raise ValueError(f"--stage 0 would replace the shipped stand-ins in {PRETRAINED}; pass --force")
+    lock = runs.take_lock(os.path.dirname(PRETRAINED), ".demo_backbones.lock")
+    try:
+        build_backbones(split, PRETRAINED, schedule, lm_steps, vision_steps, report)
+    finally:
+        os.remove(lock)
 
 
 def read_stamp(where):

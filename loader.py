@@ -14,7 +14,7 @@ on a user's files (the demo's pictures are few and encoded once, up front). What
 """
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 import data
 import tinygptv as tg
@@ -28,9 +28,10 @@ class Pictures(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        """-> (i, (3, size, size) pixels), or (i, None) for a picture that cannot be read."""
+        """-> (i, (3, size, size) uint8 pixels: tg.normalize makes them the model's), or (i, None) for a
+        picture that cannot be read."""
         try:
-            return i, tg.preprocess(data.load_image(self.samples[i].image), self.size)
+            return i, tg.resized(data.load_image(self.samples[i].image), self.size)
         except (ValueError, OSError):
             return i, None
 
@@ -60,9 +61,10 @@ class StepBatches(Sampler):
 
 
 def collate(items):
-    """-> (the batch's sample indices whose pictures decoded, their pixels (b, 3, H, W) or None, how many failed)."""
+    """-> (the batch's sample indices whose pictures decoded, their uint8 pixels (b, 3, H, W) or None,
+    how many failed)."""
     kept = [(i, x) for i, x in items if x is not None]
-    pixels = torch.stack([x for _, x in kept]) if kept else None
+    pixels = default_collate([x for _, x in kept]) if kept else None  # in a worker: stacked into shared memory
     return [i for i, _ in kept], pixels, len(items) - len(kept)
 
 

@@ -147,10 +147,18 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def preprocess(image, size):
     """A PIL image -> (3, size, size) float tensor: RGB, bicubic resize and CLIP normalization, as the
     official processor does (data.load_image reads a file, with one-line errors for bad ones)."""
-    im = image.convert("RGB").resize((size, size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
-    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (x - mean) / std
+    return normalize(resized(image, size))
+
+
+def resized(image, size):
+    """A PIL image -> (3, size, size) uint8, RGB, resized bicubically (what a loader's workers send)."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return torch.from_numpy(np.array(rgb.resize((size, size), Image.BICUBIC))).permute(2, 0, 1)
+
+
+def normalize(x):
+    """uint8 pixels (..., 3, H, W) -> floats in [0, 1], CLIP-normalized."""
+    return (x.float() / 255.0 - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
 
 
 def load_tokenizer(path):

@@ -3,9 +3,8 @@
     python train.py                 # every stage of the built-in demo, skipping finished ones
     python train.py --stage 2       # one stage, from stage 1's checkpoint (built first if missing)
     python train.py --resume        # continue an interrupted stage exactly where it stopped
-    python train.py --evaluate 4    # the held-out table of a finished stage, nothing trained
     torchrun --nproc_per_node 2 train.py --stage 2      # data parallel (gloo on CPU, nccl on GPU)
-    python train.py --data pairs.json --phi2 DIR --blip2 DIR --stage 1   # real data and weights
+    python train.py --stage 1 --phi2 DIR --blip2 DIR --data 'laion/{00000..00099}.tar'   # real ones
 
 What each stage trains (everything else is frozen: ViT, ln_vision, Q-Former, Phi-2's weights):
     stage 1 warm-up       llama_proj, llama_proj2, norm weights           image-caption pairs
@@ -122,8 +121,7 @@ def build_model(args, stage, report=True):
         model.add_lora()
     if stage > 1:  # a stage-1 file has no LoRA: stage 2's adapters then start fresh (B = 0)
         tg.load_checkpoint(model, stage_path(args, stage - 1))
-    # the official stage 4 recomputes each Phi-2 block's activations in backward (use_grad_checkpoint)
-    model.llama_model.grad_checkpointing = args.grad_checkpoint == "on" or (
+    model.llama_model.grad_checkpointing = args.grad_checkpoint == "on" or (  # as the official stage 4 config
         args.grad_checkpoint == "auto" and stage == 4 and args.phi2 is not None)
     dropout = args.dropout if args.dropout is not None else args.stages[stage].dropout
     if dropout is not None:  # Phi-2's residual dropout (0.1) and LoRA's (0.05) otherwise
@@ -184,8 +182,8 @@ def train_stage(args, stage):
     sc = args.stages[stage]
     rank, nproc = world()
     if sc.batch_size // nproc < args.grad_accum:
-        raise ValueError(f"--grad-accum {args.grad_accum}: more micro-batches than the {sc.batch_size // nproc} "
-                         f"samples each of {nproc} process(es) gets per step; lower it or raise --batch-size")
+        raise ValueError(f"--grad-accum {args.grad_accum}: more micro-batches than the {sc.batch_size // nproc} samples "
+                         f"each of {nproc} process(es) gets per step; lower it or raise --batch-size")
     state_path = os.path.join(args.out, f"stage{stage}.state.pt")
     st = runs.saved_state(state_path, stage, runs.settings(args, stage), args.resume, args.restart, args.device)
     torch.manual_seed(args.seed + stage)
@@ -199,9 +197,9 @@ def train_stage(args, stage):
     _, scaler = fastpaths.mixed_precision(args.device, args.amp, real=args.phi2 is not None)
     with autocast(args):
         queries, image_row = demo.encode_all(model, samples, stage, args.device) if args.cache_features else (None, None)
-    trained = [n for n, p in model.named_parameters() if p.requires_grad]
-    log(f"stage {stage} | {len(samples)} samples | training {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
-        f"parameters in {len(trained)} tensors ({'projections, norms, LoRA' if model.has_lora else 'projections, norms'})")
+    trained = [p for p in model.parameters() if p.requires_grad]
+    log(f"stage {stage} | {len(samples)} samples | training {sum(p.numel() for p in trained):,} parameters in "
+        f"{len(trained)} tensors ({'projections, norms, LoRA' if model.has_lora else 'projections, norms'})")
 
     table = args.eval and not args.data and rank == 0  # the demo's held-out table, before and after
     with autocast(args):
@@ -245,7 +243,8 @@ def train_stage(args, stage):
                 if queries is not None:
                     logits, targets = net(ex, queries=queries[image_row[[idx[p] for p in m]]])
                 else:
-                    logits, targets = net(ex, pixel_values=pixels[m].to(args.device, model.llama_proj.weight.dtype))
+                    px = tg.normalize(pixels[m].to(args.device)).to(model.llama_proj.weight.dtype)
+                    logits, targets = net(ex, pixel_values=px)
                 # sum over tokens / global count: DDP averages over ranks, so scale by nproc
                 loss = tg.lm_loss(logits, targets, reduction="sum") / n_answer * nproc
             scaler.scale(loss).backward()
@@ -254,7 +253,7 @@ def train_stage(args, stage):
             raise ValueError(f"stage {stage}: loss is {total} at step {step}; stopped without saving, the "
                              f"last good checkpoint ({state_path if os.path.isfile(state_path) else 'none yet'}) is intact")
         scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], sc.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trained, sc.grad_clip)
         scaler.step(opt)
         scaler.update()
         step += 1
@@ -301,15 +300,8 @@ def evaluate_stage(args, stage):
 
 
 def train_stages(args):
-    if args.stage == 0:  # regenerate the demo's shipped stand-in backbones, one stage 0 at a time
-        if os.path.isdir(demo.PRETRAINED) and not args.force:
-            raise ValueError(f"--stage 0 would replace the shipped stand-ins in {demo.PRETRAINED}; pass --force")
-        lock = runs.take_lock(os.path.dirname(demo.PRETRAINED), ".demo_backbones.lock")
-        try:
-            return demo.build_backbones(args.split, demo.PRETRAINED, warmup_cosine, args.lm_steps, args.vision_steps,
-                                        args.eval)
-        finally:
-            os.remove(lock)
+    if args.stage == 0:  # regenerate the demo's shipped stand-in backbones
+        return demo.retrain_shipped(args.split, warmup_cosine, args.lm_steps, args.vision_steps, args.eval, args.force)
     if not args.phi2 and world()[0] == 0:
         demo.prepare_backbones(args.out, args.split, warmup_cosine, not args.data, args.eval, args.lm_steps,
                                args.vision_steps)
