@@ -13,9 +13,10 @@ one run, with the same weights, dtype and thread count. A reader of the paper ma
 3. The whole model at the paper's sizes, one 224 px image and 32 new tokens, in int8 and bf16: peak
    memory and time per token, against the memory-bandwidth bound (weight bytes read per token over
    the bandwidth measured here).
-4. Training memory: one stage-2 step at batch 1 with the frozen weights in bf16, and on a GPU a
-   stage-4 step (448 px, 1024 text tokens, batch 3) with and without activation checkpointing.
-   At full size it needs a GPU: CPUs without bf16 instructions take most of an hour for one step.
+4. Training memory: train.py's own step (one step of `train.run`) on full-size random downloads:
+   stage 2 at batch 1, and on a GPU (or with --stage4) the official stage 4 (448 px, 1024 text
+   tokens, batch 3) with and without activation checkpointing. On a CPU only where it has fast bf16
+   (AVX-512 bf16, AMX): train.py keeps the frozen weights in fp32 elsewhere.
 5. Training throughput per stage on the demo's tiny preset.
 6. From the real downloads: full-size random checkpoints written in their released layouts (Phi-2
    in two fp16 shards with its index, a BLIP-2 directory), then `tinygptv.py --int8` run on them
@@ -44,6 +45,7 @@ import os
 import statistics
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 import warnings
@@ -56,6 +58,7 @@ import torch.utils.checkpoint
 from PIL import Image
 
 import data
+import fastpaths
 import int8
 import loader
 import tinygptv as tg
@@ -502,49 +505,24 @@ def section_inference(args, bw):
 # 4. Training memory at the paper's sizes
 
 
-class Checkpointed(nn.Module):
-    """A block whose activations are recomputed in the backward pass instead of kept (Chen et al.
-    2016, "Training deep nets with sublinear memory cost"): memory for one block's activations
-    instead of all of them, for about one more forward pass of compute."""
-
-    def __init__(self, block):
-        super().__init__()
-        self.block = block
-
-    def forward(self, *args):
-        return torch.utils.checkpoint.checkpoint(self.block, *args, use_reentrant=False)
-
-
 def child_train(spec, device):
-    """One optimizer step of a stage: frozen matrices bf16, trained weights fp32 (AdamW state too)."""
-    config = preset_config(spec["preset"])
-    # fp32: what trains, and every vector (norms, biases: 0.1% of the bytes). A LayerNorm's weight and
-    # bias must share a dtype on the CPU, and input_layernorm's weight trains while its bias does not.
-    fp32 = lambda name, p: tg.is_trainable(name) or p.dim() == 1
-    model = random_model(config, torch.bfloat16, device, lora=spec["stage"] >= 2, fp32_params=fp32)
-    for name, p in model.named_parameters():
-        p.requires_grad_(tg.is_trainable(name))
-    if spec["checkpointing"]:
-        layers = model.llama_model.layers
-        for i in range(len(layers)):
-            layers[i] = Checkpointed(layers[i])
-    model.train()
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.999))
-    size = model.image_size(spec["stage"])
-    B = spec["batch"]
-    pixels = torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    examples = [prompt_example(config.llm, n_answer=spec["answer_tokens"], seed=i) for i in range(B)]
-    tokens = max(len(e.before) + len(e.after) + len(e.answer) for e in examples) + config.qformer.num_query_tokens
+    """train.py's own step, not a copy of it: `train.run` for one step of stage spec["stage"] on the
+    downloads section 6 writes, in this fresh process, so its peak is the step's and the loading's."""
+    d, stage, batch = spec["dir"], spec["stage"], spec["batch"]
+    out = os.path.join(d, f"run-{stage}-{'on' if spec['checkpointing'] else 'off'}")
+    os.makedirs(out)
+    shutil.copy(os.path.join(d, f"stage{stage - 1}.safetensors"), out)  # the stage it starts from
+    rows = [{"image": "red.png", "caption": " ".join(["red"] * spec["answer_tokens"])}] * batch
+    with open(os.path.join(d, f"captions-{stage}.json"), "w") as f:
+        json.dump(rows, f)
+    args = train.parse_args(["--phi2", os.path.join(d, "phi-2"), "--blip2", os.path.join(d, "blip2"), "--out", out,
+                             "--stage", str(stage), "--steps", "1", "--batch-size", str(batch), "--no-eval",
+                             "--device", str(device), "--data", os.path.join(d, f"captions-{stage}.json"),
+                             "--workers", "0", "--grad-checkpoint", "on" if spec["checkpointing"] else "off"])
     t0 = now(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16):  # as train.py on a GPU: bf16 matmuls
-        loss = tg.lm_loss(*model(examples, pixel_values=pixels))
-    loss.backward()
-    opt.step()
-    step_s = now(device) - t0
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return dict(peak=peak_memory(device), frozen=sum(p.numel() * p.element_size() for p in model.parameters()
-                                                     if not p.requires_grad),
-                trained=trained, step_s=step_s, tokens=tokens, loss=loss.item())
+    train.run(args)
+    return dict(peak=peak_memory(device), seconds=now(device) - t0,
+                dtype=str(fastpaths.compute_dtype(str(device), "auto", real=True)).removeprefix("torch."))
 
 
 def bf16_backward_rate(device):
@@ -555,32 +533,40 @@ def bf16_backward_rate(device):
 
 
 def section_training(args, bw):
-    if args.device.type == "cpu" and args.preset == "full" and not args.cpu_train:
-        # CPUs without bf16 instructions (AVX2) run this product on a slow fallback path
-        with torch.device("meta"):
-            n_llm = sum(p.numel() for p in Phi2(preset_config("full").llm).parameters())
+    cpu_bf16 = args.device.type == "cpu" and fastpaths.CPU_BF16_MATMUL
+    if args.device.type == "cpu" and not (cpu_bf16 or args.cpu_train):
+        # without fast bf16 the frozen weights stay fp32 (train.py's plan), and a bf16 backward is slow
         rate = bf16_backward_rate(args.device)
-        minutes = 2 * n_llm * 90 / rate / 60  # Phi-2's input gradients alone, for a 90-token row
-        return [Row(4, f"skipped on the CPU: a frozen bf16 Linear's backward (grad @ W) runs at {rate / 1e9:.1f} "
-                       f"GFLOP/s here, so one stage-2 step would take about {minutes:.0f} min; measure it with "
-                       f"--device cuda (the paper's claim is about a 24 GB GPU), or add --cpu-train")]
+        return [Row(4, f"skipped on this CPU: it has no fast bf16 matrix products ({rate / 1e9:.1f} GFLOP/s for a "
+                       f"frozen bf16 Linear's backward); measure on a GPU or a CPU with AVX-512 bf16, or --cpu-train")]
+    if not hasattr(os, "wait4") and args.device.type == "cpu":
+        return [Row(4, "skipped: the peak resident memory of a child needs Linux")]
     jobs = [dict(stage=2, batch=1, answer_tokens=32, checkpointing=False)]
     if args.device.type == "cuda" or args.stage4:
         # the official stage 4: 448 px, up to 1024 text tokens, 1-3 samples a batch; where users ran out
-        # of 24 GB (docs/PAPER.md section 10). Long sequences are what activation checkpointing is for.
-        jobs += [dict(stage=4, batch=3, answer_tokens=args.stage4_tokens, checkpointing=c) for c in (False, True)]
-    rows = [Row(4, f"{args.preset} preset, random weights, {args.device.type}: frozen weights bf16, trained "
-                   f"weights and AdamW state fp32, bf16 autocast; one step from pixels")]
-    for job in jobs:
-        r = run_child(args, "train", **job)
-        label = (f"stage {job['stage']} step, batch {job['batch']}, {job['answer_tokens']} answer tokens"
-                 + (", activation checkpointing" if job["checkpointing"] else ""))
+        # of 24 GB (docs/PAPER.md section 10); train.py checkpoints its activations by default
+        both = (True, False) if args.device.type == "cuda" else (True,)  # (on a CPU the one that fits 24 GB)
+        jobs += [dict(stage=4, batch=3, answer_tokens=args.stage4_tokens, checkpointing=c) for c in both]
+    where = "torch.cuda.max_memory_allocated" if args.device.type == "cuda" else "peak resident memory (VmHWM)"
+    rows = [Row(4, f"train.py's own step (train.run, one step) on {args.preset}-size random downloads in their released "
+                   f"layouts, {args.device.type}{' with fast bf16' if cpu_bf16 else ''}: frozen weights in the "
+                   f"device's compute dtype, trained ones and AdamW state fp32; {where}, loading included")]
+    targets = {2: 12.0, 4: 24.0}
+    with tempfile.TemporaryDirectory(dir=args.scratch) as d:  # removed afterwards, whatever happens
+        r = run_child(args, "write", dir=d)
         if "error" in r:
-            rows.append(Row(4, f"{label}: failed: {r['error']}", passed=False))
-            continue
-        rows.append(Row(4, f"{label} ({r['tokens']} tokens/row, frozen {r['frozen'] / GB:.2f} GB, "
-                           f"{r['trained'] / 1e6:.1f}M trained, {r['step_s']:.1f} s)",
-                        r["peak"] / GB, 24.0, "GB", "< 24 GB", r["peak"] < 24 * GB))
+            return rows + [Row(4, f"writing the downloads failed: {r['error']}", passed=False)]
+        for job in jobs:
+            r = run_child(args, "train", dir=d, **job)
+            label = (f"stage {job['stage']} step, batch {job['batch']}, {job['answer_tokens']} answer tokens"
+                     + (", activation checkpointing" if job["checkpointing"] else ""))
+            if "error" in r:
+                rows.append(Row(4, f"{label}: failed: {r['error']}", passed=False))
+                continue
+            limit = targets[job["stage"]]
+            rows.append(Row(4, f"{label} (frozen weights {r['dtype']}, {r['seconds']:.0f} s)", r["peak"] / GB, limit,
+                            "GB", f"<= {limit:.0f} GB" if job["checkpointing"] or job["stage"] == 2 else "",
+                            r["peak"] <= limit * GB if job["checkpointing"] or job["stage"] == 2 else None))
     return rows
 
 
@@ -699,7 +685,7 @@ def write_blip2(directory, config, gen):
         elif not name.endswith(".attn.v_bias"):
             tensors["vision_model." + vit.transformers_key(name)] = random_tensor(p.shape, torch.float16, gen, name)
     for name, p in bridge.state_dict().items():
-        tensors[qformer.checkpoint_name(name, "transformers")] = random_tensor(p.shape, torch.float16, gen, name)
+        tensors[qformer.transformers_key(name)] = random_tensor(p.shape, torch.float16, gen, name)
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(directory, "config.json"), "w") as f:
@@ -717,17 +703,19 @@ def child_write_downloads(spec, device):
     gen = torch.Generator().manual_seed(0)
     sizes = dict(phi2=write_phi2(os.path.join(d, "phi-2"), config.llm, gen),
                  blip2=write_blip2(os.path.join(d, "blip2"), config, gen))
-    with torch.device("meta"):
-        shell = tg.TinyGPTV(config)
-        shell.add_lora()
-    for name, p in list(shell.named_parameters()):  # only what a stage checkpoint holds becomes real
-        if tg.is_trainable(name):
-            module, _, leaf = name.rpartition(".")
-            t = random_tensor(p.shape, torch.float32, gen, name)
-            if leaf == "lora_A" or leaf == "lora_B":
-                t = torch.empty(p.shape).normal_(0.0, 0.01, generator=gen)  # a trained adapter, not a fresh one
-            setattr(shell.get_submodule(module), leaf, nn.Parameter(t))
-    tg.save_checkpoint(shell, os.path.join(d, "stage4.safetensors"), stage=4)
+    for stage in (1, 3, 4):  # what section 4's steps start from, and section 6's answer
+        with torch.device("meta"):
+            shell = tg.TinyGPTV(config)
+            if stage >= 2:
+                shell.add_lora()
+        for name, p in list(shell.named_parameters()):  # only what a stage checkpoint holds becomes real
+            if tg.is_trainable(name):
+                module, _, leaf = name.rpartition(".")
+                t = random_tensor(p.shape, torch.float32, gen, name)
+                if leaf == "lora_A" or leaf == "lora_B":
+                    t = torch.empty(p.shape).normal_(0.0, 0.01, generator=gen)  # a trained adapter, not a fresh one
+                setattr(shell.get_submodule(module), leaf, nn.Parameter(t))
+        tg.save_checkpoint(shell, os.path.join(d, f"stage{stage}.safetensors"), stage=stage)
     Image.new("RGB", (320, 240), (200, 20, 20)).save(os.path.join(d, "red.png"))
     return sizes
 

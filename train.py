@@ -108,11 +108,12 @@ def stage_path(args, stage):
 
 
 def build_model(args, stage, report=True):
-    """Backbones (real or the demo's) + the previous stage's checkpoint + LoRA from stage 2 on. Only
-    stage 1 starts the stabilizer norms at 1, and says so unless report=False (resumed, evaluated)."""
+    """Backbones + the previous stage's checkpoint + LoRA from stage 2 on (stage 1 starts the stabilizer
+    norms at 1: said unless report=False). Real projections are 4096 wide (the paper's), or the file's."""
     report = report and stage == 1
     if args.phi2:  # the paper's sizes: frozen weights in the device's compute dtype, 2 bytes each where bf16
-        model, _ = load_model(args.phi2, args.blip2, args.qformer, report=report,
+        proj_dim = tg.config_from_checkpoint(stage_path(args, stage - 1))[0].proj_dim if stage > 1 else 4096
+        model, _ = load_model(args.phi2, args.blip2, args.qformer, report=report, proj_dim=proj_dim,
                               dtype=fastpaths.compute_dtype(args.device, args.amp, real=True))
         tok = tg.load_tokenizer(args.phi2)
     else:
@@ -202,11 +203,11 @@ def train_stage(args, stage):
         f"{len(trained)} tensors ({'projections, norms, LoRA' if model.has_lora else 'projections, norms'})")
 
     table = args.eval and not args.data and rank == 0  # the demo's held-out table, before and after
-    with autocast(args):
+    with autocast(args):  # (measured before a resume loads the stage's later weights)
         before = demo.table_before(model, tok, args.out, stage, args.split, args.eval_samples) if table else {}
     opt = torch.optim.AdamW(param_groups(model, sc.weight_decay), lr=sc.lr, betas=(0.9, 0.999))
     net = nn.parallel.DistributedDataParallel(model) if nproc > 1 else model  # DDP all-reduces the gradients
-    step = 0 if st is None else runs.restore(st, state_path, model, opt, scaler)  # after `before`: it is the start's
+    step = 0 if st is None else runs.restore(st, state_path, model, opt, scaler)
     if st is not None:
         log(f"stage {stage} | resumed at step {step} from {state_path}")
 

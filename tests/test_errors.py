@@ -363,12 +363,17 @@ def test_the_tables_commands_answer_when_nothing_is_wrong(cli, d):
         assert r.rc == 0 and "Traceback" not in r.err, r.err[-3000:]
 
 
-@pytest.mark.parametrize("what, args, code, names", TINYGPTV_ROWS, ids=row_ids(TINYGPTV_ROWS))
-def test_tinygptv_refuses_in_one_line(cli, d, what, args, code, names):
+def refuses_in_one_line(cli, d, script, args, code, names):
+    """A row's promise for a command that reads the folder d: one line, the exit code, d untouched."""
     before = snapshot(d)
-    r = cli("tinygptv.py", *fill(ASK + args, d=d))
+    r = cli(script, *fill(args, d=d))
     assert_one_line(r, code, fill([names] if isinstance(names, str) else list(names), d=d))
     assert_unchanged(before)
+
+
+@pytest.mark.parametrize("what, args, code, names", TINYGPTV_ROWS, ids=row_ids(TINYGPTV_ROWS))
+def test_tinygptv_refuses_in_one_line(cli, d, what, args, code, names):
+    refuses_in_one_line(cli, d, "tinygptv.py", ASK + args, code, names)
 
 
 # -----------------------------------------------------------------------------
@@ -386,10 +391,7 @@ EVAL_ROWS = [
 
 @pytest.mark.parametrize("what, args, code, names", EVAL_ROWS, ids=row_ids(EVAL_ROWS))
 def test_eval_refuses_in_one_line(cli, d, what, args, code, names):
-    before = snapshot(d)
-    r = cli("eval.py", *fill(EVAL + args, d=d))
-    assert_one_line(r, code, fill([names] if isinstance(names, str) else list(names), d=d))
-    assert_unchanged(before)
+    refuses_in_one_line(cli, d, "eval.py", EVAL + args, code, names)
 
 
 def test_eval_replaces_its_output_with_force(cli, d, tmp_path):
