@@ -2,6 +2,8 @@
 
 A reader of the paper may skip this file. `python tinygptv.py convert SOURCE... DESTINATION` runs
 it (cli.py):
+- MiniGPT-4's released projection (`pretrained_minigpt4_7b.pth`: `llama_proj` alone, 768 -> 4096
+  into Vicuna 7B) becomes the file `train.py --init-proj` starts stage 1 from;
 - a TinyGPT-V stage checkpoint (`TinyGPT-V_for_Stage4.pth`) becomes a stage checkpoint of ours:
   peft's prefix dropped, LoRA's B of the fused qkv re-ordered from the official rows head by head
   to ours, and the config and stage written into the file's metadata;
@@ -138,7 +140,10 @@ def convert(sources, dst, num_heads=32, stage=None, force=False):
     if official and len(sources) > 1:
         raise ValueError("a TinyGPT-V stage checkpoint converts on its own, not merged with other files")
     meta = {"converted_from": ", ".join(os.path.basename(s) for s in sources)}
-    if official:
+    projection = official and set(out) == {"llama_proj.weight", "llama_proj.bias"}  # MiniGPT-4's, alone
+    if projection:  # what train.py --init-proj starts stage 1 from (the paper, section 3.1)
+        meta["projection"] = "llama_proj"
+    elif official:
         if stage is None:
             m = re.search(r"stage[_-]?(\d)", os.path.basename(sources[0]), re.I)
             if m is None:
@@ -150,5 +155,6 @@ def convert(sources, dst, num_heads=32, stage=None, force=False):
     if unknown:  # reported, never dropped silently
         print(f"convert: {len(unknown)} keys not used: {', '.join(unknown[:8])}" + (" ..." if len(unknown) > 8 else ""))
     write_atomically(dst, lambda tmp: save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata=meta))
-    print(f"convert: wrote {len(out)} tensors to {dst}" + (f" (a stage-{stage} checkpoint)" if official else ""))
+    kind = " (MiniGPT-4's llama_proj)" if projection else f" (a stage-{stage} checkpoint)" if official else ""
+    print(f"convert: wrote {len(out)} tensors to {dst}{kind}")
     return out, unknown

@@ -17,7 +17,8 @@ that translates names, so loading stays one strict path:
 
 - `load_vit`, `load_qformer`, `load_phi2`: any layout above, told apart by its files;
 - `save_pretrained`: our own directories, which the demo's stage 0 writes;
-- `load_model`: TinyGPT-V from any of them, optionally with Phi-2 quantized to int8 while it loads.
+- `load_model`: TinyGPT-V from any of them, optionally with Phi-2 quantized to int8 while it loads;
+- `init_projections`: stage 1's start from MiniGPT-4's released projection.
 """
 
 import math
@@ -323,3 +324,19 @@ def load_model(phi2_path, vit_path, qformer_path=None, checkpoint=None, dtype=No
         model.config.lora_r, model.config.lora_alpha = ck_config.lora_r, ck_config.lora_alpha
         tg.load_trained(model, {k: v for k, v in tensors.items() if ".lora_" not in k}, checkpoint)
     return model, stage
+
+
+def init_projections(model, path):
+    """Stage 1 as the paper (v3, section 3.1) starts it: llama_proj (768 -> 4096) from MiniGPT-4's
+    released projection (a file `tinygptv.py convert` wrote from its .pth), strictly, and the new
+    llama_proj2 (4096 -> 2560) from a Gaussian, N(0, 0.02) as BERT's and BLIP-2's initializer_range."""
+    tensors = open_safetensors(path)
+    if tensors and next(iter(tensors.values()))[0].metadata().get("projection") != "llama_proj":
+        raise ValueError(f"{path}: not a converted MiniGPT-4 projection (`tinygptv.py convert pretrained_minigpt4.pth ...`)")
+    reader = StrictReader(tensors, path, torch.float32, "cpu")
+    with torch.no_grad():
+        for name, p in model.llama_proj.named_parameters():
+            p.copy_(reader.take(f"llama_proj.{name}", p.shape))
+        reader.finish()
+        torch.nn.init.normal_(model.llama_proj2.weight, std=0.02)
+        torch.nn.init.zeros_(model.llama_proj2.bias)

@@ -93,7 +93,7 @@ def settings(args, stage):
     return {"--seed": args.seed, "--data": args.data, "--image-root": args.image_root, "--recipe": args.recipe,
             "--steps": sc.steps, "--batch-size": sc.batch_size, "--grad-accum": args.grad_accum,
             "--dropout": args.dropout if args.dropout is not None else sc.dropout, "--amp": args.amp,
-            "--phi2": args.phi2, "--blip2": args.blip2, "--qformer": args.qformer,
+            "--phi2": args.phi2, "--blip2": args.blip2, "--qformer": args.qformer, "--init-proj": args.init_proj,
             "--demo-train": args.demo_train, "--demo-eval": args.demo_eval}
 
 

@@ -37,7 +37,7 @@ import runs
 import scoring
 import tinygptv as tg
 from cli import ArgumentParser, at_least, check_real_weights, device_option, mixture_item, run_cli
-from layouts import load_model
+from layouts import init_projections, load_model
 from lora import mark_trainable
 
 # -----------------------------------------------------------------------------
@@ -133,6 +133,8 @@ def build_model(args, stage, report=True):
     for name, p in model.named_parameters():  # what trains, and AdamW's state with it, in fp32; vectors too,
         if p.requires_grad or p.dim() == 1:  # as a norm's weight (trained) and bias (frozen) share a dtype
             p.data = p.data.float()
+    if stage == 1 and args.init_proj:  # the paper's start: MiniGPT-4's llama_proj, a Gaussian llama_proj2
+        init_projections(model, args.init_proj)
     return model.to(args.device), tok
 
 
@@ -161,9 +163,8 @@ def batch_indices(step, n, batch_size, seed):
 
 
 def param_groups(model, weight_decay):
-    """Weight decay on matrices only (nanoGPT, BLIP-2): decay pulls a weight toward zero, which
-    regularizes a matrix, but a norm's weight at zero would switch its feature off and a bias has no
-    scale to keep small, so biases and norm weights (1-D) are not decayed."""
+    """Weight decay on matrices only (nanoGPT, BLIP-2): decay toward zero regularizes a matrix, but a norm's
+    weight at zero would switch its feature off and a bias has no scale to keep small."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [{"params": [p for n, p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for n, p in trainable if p.dim() < 2], "weight_decay": 0.0}]
@@ -189,9 +190,7 @@ def train_stage(args, stage):
     st = runs.saved_state(state_path, stage, runs.settings(args, stage), args.resume, args.restart, args.device)
     torch.manual_seed(args.seed + stage)
     model, tok = build_model(args, stage, report=st is None)
-    samples, order = stage_data(args, stage)
-    if not samples:
-        raise ValueError(f"stage {stage}: no training samples")
+    samples, order = stage_data(args, stage)  # (a source without samples is refused there)
     held_out = data.load_dataset(args.eval_data, args.image_root) if args.eval_data else None  # bad files fail now
     examples = [tg.make_example(tok, stage, tg.stage_instruction(stage, s), s.answer) for s in samples]
     lengths = [len(e.before) + len(e.after) + len(e.answer) for e in examples]  # text tokens
@@ -344,6 +343,7 @@ def parse_args(argv=None):
     p.add_argument("--phi2", help="a real Phi-2 directory (with tokenizer.json)")
     p.add_argument("--blip2", help="a real BLIP-2 directory or converted LAVIS file (ViT, ln_vision, Q-Former)")
     p.add_argument("--qformer", help="the Q-Former, if it is not in the --blip2 path")
+    p.add_argument("--init-proj", help="stage 1: start llama_proj from MiniGPT-4's (converted) projection")
     p.add_argument("--recipe", choices=("paper", "demo"), help="the stage table: the paper's (the default with "
                    "--phi2/--blip2) or the demo's (the default on its stand-ins: fewer steps, higher rates)")
     p.add_argument("--paper", dest="recipe", action="store_const", const="paper", help="= --recipe paper")

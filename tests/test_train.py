@@ -448,3 +448,24 @@ def test_a_corrupt_picture_in_a_shard_is_skipped_where_met_and_a_resume_across_i
     assert runs["whole"].keys() == runs["resumed"].keys()
     for k in runs["whole"]:
         assert torch.equal(runs["whole"][k], runs["resumed"][k]), k
+
+
+def test_stage1_starts_from_minigpt4s_projection_when_asked(tmp_path, backbones):
+    # the paper (v3, section 3.1): llama_proj from MiniGPT-4's released projection, llama_proj2 from a
+    # Gaussian; the release is a pickle, converted first without running code
+    from convert import convert
+    g = torch.Generator().manual_seed(0)
+    released = {"llama_proj.weight": torch.randn(4096, 96, generator=g), "llama_proj.bias": torch.randn(4096, generator=g)}
+    torch.save({"model": released}, tmp_path / "pretrained_minigpt4_7b.pth")
+    convert([str(tmp_path / "pretrained_minigpt4_7b.pth")], str(tmp_path / "minigpt4.safetensors"))
+    args = train.parse_args(["--out", str(tmp_path / "run"), "--device", "cpu", *real_weights(backbones, tmp_path),
+                             "--init-proj", str(tmp_path / "minigpt4.safetensors")])
+    model = train.build_model(args, 1)[0]
+    assert torch.equal(model.llama_proj.weight, released["llama_proj.weight"])
+    assert torch.equal(model.llama_proj.bias, released["llama_proj.bias"])
+    assert abs(model.llama_proj2.weight.std().item() - 0.02) < 0.002 and not model.llama_proj2.bias.any()
+    # a file of another kind is refused, naming it
+    tg.save_checkpoint(model, str(tmp_path / "stage1.safetensors"), 1)
+    args.init_proj = str(tmp_path / "stage1.safetensors")
+    with pytest.raises(ValueError, match="stage1.safetensors: not a converted MiniGPT-4 projection"):
+        train.build_model(args, 1)
