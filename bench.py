@@ -54,7 +54,6 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 from PIL import Image
 
 import data
@@ -291,7 +290,7 @@ def section_phi2(args, bw):
 
 
 def swap_linears(model, make):
-    """Replace every nn.Linear in `model` by make(linear), as tinygptv.quantize_int8 does for Phi-2."""
+    """Replace every nn.Linear in `model` by make(linear), as int8.quantize_int8 does for Phi-2."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
@@ -389,19 +388,16 @@ def section_int8(args, bw):
 # Random models at the paper's sizes, built in their final dtype
 
 
-def random_model(config, dtype, device, quantized=False, lora=False, fp32_params=lambda name, p: False):
+def random_model(config, dtype, device, quantized=False):
     """TinyGPTV with random weights, made in `dtype` directly. The modules are first built on the
     meta device (shapes only, no memory); then each module's tensors are allocated and filled in
     turn, so no float32 copy of the whole model ever exists. With `quantized`, Phi-2's Linear layers are
-    turned into Int8Linear while still on meta, so the int8 weights are the only copy allocated.
-    Parameters for which fp32_params(name, parameter) holds are made float32 instead."""
+    turned into Int8Linear while still on meta, so the int8 weights are the only copy allocated."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # the meta tensors take this dtype, so to_empty allocates it
     try:
         with torch.device("meta"):
             model = tg.TinyGPTV(config)
-            if lora:
-                model.add_lora()
             if quantized:  # not named int8: that is the module
                 int8.quantize_int8(model)
     finally:
@@ -410,10 +406,6 @@ def random_model(config, dtype, device, quantized=False, lora=False, fp32_params
     for prefix, module in model.named_modules():
         module.to_empty(device=device, recurse=False)
         for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            full = f"{prefix}.{name}" if prefix else name
-            if isinstance(t, nn.Parameter) and fp32_params(full, t):
-                t = nn.Parameter(torch.empty(t.shape, device=device), requires_grad=True)
-                setattr(module, name, t)
             with torch.no_grad():
                 if t.dtype == torch.int8:  # Int8Linear weights, standing for N(0, 0.02) ones
                     t.copy_(torch.randint(-127, 128, t.shape, generator=gen, device=device))

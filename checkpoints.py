@@ -8,7 +8,7 @@ A reader of the paper may skip this file. Its jobs:
   dtype, and refuse whatever is left over, so a renamed or missing key is an error naming it and
   never a silently random weight (the official code's users met that: docs/PAPER.md section 10).
   Its `load` fills a model built on the meta device module by module and can convert each module
-  as it arrives (int8.py quantizes Phi-2's Linear layers that way). It is the one strictness check:
+  as it arrives (layouts.quantizer turns Phi-2's Linear layers into int8 that way). It is the one strictness check:
   downloads, stage checkpoints and a resumed run's saved weights all go through it;
 - `config_file`, `read_json`: a checkpoint's config, a data file or JSON lines, with one-line
   errors naming the file;
@@ -210,6 +210,8 @@ def read_json(path, kind=dict):
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     filled = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if str(path).endswith(".jsonl") or (len(filled) > 1 and _is_json_object(filled[0][1])):
+        if kind is dict:
+            raise ValueError(f"{path}: expected a JSON object, found JSON lines")
         records = []
         for n, line in filled:
             try:
@@ -289,8 +291,8 @@ def write_folder_atomically(final, write):
     tmp, old = f"{final}.tmp{os.getpid()}", f"{final}.old{os.getpid()}"
     recover_folder(final)
     parent, name = os.path.split(os.path.abspath(final))
-    for left in os.listdir(parent) if os.path.isdir(parent) else []:  # a killed writer's temporary folder
-        m = re.fullmatch(re.escape(name) + r"\.tmp(\d+)", left)
+    for left in os.listdir(parent) if os.path.isdir(parent) else []:  # a killed writer's folders
+        m = re.fullmatch(re.escape(name) + r"\.(?:tmp|old)(\d+)", left)
         if m and not pid_alive(int(m.group(1))):
             shutil.rmtree(os.path.join(parent, left), ignore_errors=True)
     try:

@@ -31,7 +31,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
 from checkpoints import read_json, regular_file
 
@@ -329,14 +329,15 @@ def load_image(image):
             return to_rgb(im, str(image))
     except Image.DecompressionBombError as e:
         raise ValueError(f"{image}: refused: {e}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # SyntaxError: Pillow's word for some bad files
+    except Exception as e:  # Pillow raises many kinds for a bad file (OSError, SyntaxError, EOFError, zlib.error...)
         raise ValueError(f"cannot read image {image}: {e}") from None
 
 
 # -----------------------------------------------------------------------------
 # Real data behind the same interface. Each file is a JSON list (or a JSON object holding an
-# "annotations" list) or JSONL. Images are checked up front: a missing or unreadable one is skipped
-# and counted, so a long run doesn't die on its 10,000th sample; a malformed file is an error.
+# "annotations" list) or JSONL. Images are checked up front (decoded, or for training their headers
+# only): a missing or unreadable one is skipped and counted, so a long run doesn't die on its 10,000th
+# sample; a malformed file is an error.
 
 def _read_records(path):
     """-> [(where, record)], where = "entry [i]" (a JSON list, or an object holding an "annotations"

@@ -331,7 +331,7 @@ def init_projections(model, path):
     released projection (a file `tinygptv.py convert` wrote from its .pth), strictly, and the new
     llama_proj2 (4096 -> 2560) from a Gaussian, N(0, 0.02) as BERT's and BLIP-2's initializer_range."""
     tensors = open_safetensors(path)
-    if tensors and next(iter(tensors.values()))[0].metadata().get("projection") != "llama_proj":
+    if tensors and (next(iter(tensors.values()))[0].metadata() or {}).get("projection") != "llama_proj":
         raise ValueError(f"{path}: not a converted MiniGPT-4 projection (`tinygptv.py convert pretrained_minigpt4.pth ...`)")
     reader = StrictReader(tensors, path, torch.float32, "cpu")
     with torch.no_grad():

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
 from checkpoints import StrictReader, check_overrides, config_file, open_safetensors, read_json
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from checkpoints import StrictReader, check_overrides, config_file, open_safetensors, read_json
 
 

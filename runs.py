@@ -117,7 +117,7 @@ def read_state(path, settings, device="cpu"):
     code), checked: its fields are there and the settings it was trained with ({option: value})
     equal `settings`. -> the state dict, or a one-line ValueError naming the file or the option."""
     try:
-        st = torch.load(path, map_location=device, weights_only=True)
+        st = torch.load(path, map_location="cpu", weights_only=True)  # (RNG states must stay on the CPU)
     except Exception as e:  # truncated, garbage, or not a state file at all
         raise ValueError(f"{path}: cannot read the saved state ({str(e).splitlines()[0][:120]}); "
                          "--restart starts the stage over") from None

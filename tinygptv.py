@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from checkpoints import StrictReader, regular_file, write_atomically
-from lora import LoRALinear, add_lora
+from lora import add_lora
 from phi2 import Phi2, Phi2Config
 from qformer import QFormer, QFormerConfig
 from vit import VisionConfig, VisionTransformer
@@ -158,7 +158,8 @@ def resized(image, size):
 
 def normalize(x):
     """uint8 pixels (..., 3, H, W) -> floats in [0, 1], CLIP-normalized."""
-    return (x.float() / 255.0 - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+    return (x.float() / 255.0 - mean) / std
 
 
 def load_tokenizer(path):
@@ -251,10 +252,6 @@ class TinyGPTV(nn.Module):
                          dropout=c.lora_dropout)
         self.train(self.training)  # the new dropout layers follow the model's mode (eval stays eval)
         return names
-
-    @property
-    def has_lora(self):
-        return any(isinstance(m, LoRALinear) for m in self.llama_model.modules())
 
     # -- splicing: one row = [before tokens][image embeds][after tokens][answer tokens]
     def assemble(self, image_embeds, examples, pad_left=False):
@@ -407,9 +404,8 @@ def config_from_checkpoint(path):
 
 
 def from_pretrained(phi2_path, blip2_path, checkpoint=None, dtype=None, device="cpu"):
-    """TinyGPT-V from a `microsoft/phi-2` directory, a `Salesforce/blip2-*` one (ViT, ln_vision, Q-Former,
-    query tokens) and optionally our stage checkpoint -> (model, its stage or 0); dtype float32 if None.
-    Phi-2's new stabilizer norms (weight 1, bias 0) are reported only if no checkpoint brings them trained."""
+    """TinyGPT-V from a `microsoft/phi-2` directory, a `Salesforce/blip2-*` one and optionally our stage
+    checkpoint -> (model, its stage or 0). The new stabilizer norms are reported if no checkpoint has them."""
     llm = Phi2.from_pretrained(phi2_path, dtype=dtype, device=device, qk_layernorm=True, post_layernorm=True,
                                report=checkpoint is None)
     visual_encoder = VisionTransformer.from_pretrained(blip2_path, dtype=dtype, device=device)

@@ -14,9 +14,9 @@ What each stage trains (everything else is frozen: ViT, ln_vision, Q-Former, Phi
 The official code also trained LoRA in stage 1 (a config default); this file follows the paper.
 Real weights (--phi2/--blip2) follow the paper's table; demo.py's stand-ins the demo's (minutes on a CPU).
 
-Notable features: AdamW with decay only on >= 2-D tensors, linear warm-up then cosine per step,
-gradient accumulation and clipping, activation checkpointing, real frozen weights in bf16 where the
-device computes in bf16, exact resume (weights, optimizer, step, data order, RNG), a NaN guard.
+Notable features: AdamW with decay only on >= 2-D tensors, linear warm-up then cosine per step, gradient
+accumulation and clipping, activation checkpointing, frozen weights in bf16 where the device computes in
+bf16, exact resume (weights, optimizer, step, data order, RNG), a NaN guard.
 """
 
 import argparse
@@ -112,7 +112,7 @@ def build_model(args, stage, report=True):
     norms at 1: said unless report=False). Real projections are 4096 wide (the paper's), or the file's."""
     report = report and stage == 1
     if args.phi2:  # the paper's sizes: frozen weights in the device's compute dtype, 2 bytes each where bf16
-        proj_dim = tg.config_from_checkpoint(stage_path(args, stage - 1))[0].proj_dim if stage > 1 else 4096
+        proj_dim = tg.config_from_checkpoint(stage_path(args, stage - 1))[0].proj_dim if stage > 1 else tg.TinyGPTVConfig.proj_dim
         model, _ = load_model(args.phi2, args.blip2, args.qformer, report=report, proj_dim=proj_dim,
                               dtype=fastpaths.compute_dtype(args.device, args.amp, real=True))
         tok = tg.load_tokenizer(args.phi2)
@@ -199,9 +199,9 @@ def train_stage(args, stage):
         queries, image_row = demo.encode_all(model, samples, stage, args.device) if args.cache_features else (None, None)
     trained = [p for p in model.parameters() if p.requires_grad]
     log(f"stage {stage} | {len(samples)} samples | training {sum(p.numel() for p in trained):,} parameters in "
-        f"{len(trained)} tensors ({'projections, norms, LoRA' if model.has_lora else 'projections, norms'})")
+        f"{len(trained)} tensors ({'projections, norms, LoRA' if sc.lora else 'projections, norms'})")
 
-    table = args.eval and not args.data and rank == 0  # the demo's held-out table, before and after
+    table = args.eval and not args.data and not args.eval_data and rank == 0  # the demo's table, before and after
     with autocast(args):  # (measured before a resume loads the stage's later weights)
         before = demo.table_before(model, tok, args.out, stage, args.split, args.eval_samples) if table else {}
     opt = torch.optim.AdamW(param_groups(model, sc.weight_decay), lr=sc.lr, betas=(0.9, 0.999))
@@ -233,8 +233,8 @@ def train_stage(args, stage):
         if nproc > 1:  # normalize by the whole global batch's answer tokens, as one process would
             dist.all_reduce(n_answer)
         micro = [list(range(len(idx)))[i::args.grad_accum] for i in range(args.grad_accum)]
-        if nproc == 1:  # (every DDP rank must run as many backward passes as the others)
-            micro = [part for m in micro for part in loader.split_by_length(m, [lengths[i] for i in idx])]
+        if nproc == 1:  # (every DDP rank must run as many backward passes as the others); none if all failed
+            micro = [part for m in micro for part in loader.split_by_length(m, [lengths[i] for i in idx]) if part]
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for m in micro:

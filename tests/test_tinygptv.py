@@ -392,3 +392,20 @@ def test_cli_answers_from_real_weights_and_int8(weights):
     for extra in ([], ["--int8"]):
         r = cli("--image", str(d / "red.png"), "--prompt", "[vqa] what color", "--max-new-tokens", "4", *real, *extra)
         assert r.returncode == 0, r.stderr
+
+
+def test_from_pretrained_assembles_the_downloads_as_transformers_saves_them(tmp_path):
+    # the core's own loader, for the canonical layout: a Phi-2 and a BLIP-2 directory as transformers
+    # writes them (other layouts reach the same components through layouts.load_model)
+    from phi2 import Phi2Config
+    from test_qformer import make_reference, ref_queries
+    ref = make_reference(str(tmp_path / "blip2"))
+    torch.manual_seed(0)
+    save_pretrained(Phi2(Phi2Config.tiny()), str(tmp_path / "phi2"))
+    model, stage = tg.from_pretrained(str(tmp_path / "phi2"), str(tmp_path / "blip2"))
+    assert stage == 0 and model.config.llm.qk_layernorm and model.config.llm.post_layernorm
+    px = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        image = ref.vision_model(pixel_values=px).last_hidden_state  # after post_layernorm = ln_vision
+        torch.testing.assert_close(model.visual_encoder(px), image)
+        torch.testing.assert_close(model.encode_queries(px), ref_queries(ref, image))
