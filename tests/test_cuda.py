@@ -110,3 +110,23 @@ def test_mixed_precision_training_steps_learn(tmp_path, amp):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
     losses, finished = train.train_stage(args, 2)  # with LoRA
     assert finished and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_a_resumed_stage_on_cuda_draws_the_dropout_it_would_have(tmp_path):
+    # the state file holds CUDA's generators too: with dropout on, interrupted and resumed ends where
+    # an uninterrupted run does
+    small = ["--demo-train", "64", "--demo-eval", "8", "--lm-steps", "20", "--vision-steps", "20", "--no-eval",
+             "--batch-size", "8", "--device", "cuda", "--amp", "off", "--dropout", "0.3", "--stage", "1"]
+    ends = {}
+    for name, runs in (("whole", [[]]), ("resumed", [["--stop-after", "2"], ["--resume"]])):
+        out = tmp_path / name
+        base = train.parse_args(small + ["--out", str(out)])
+        demo.build_backbones(base.split, str(out / "backbones"), train.warmup_cosine, base.lm_steps, base.vision_steps)
+        for extra in runs:
+            train.run(train.parse_args(small + ["--out", str(out), "--steps", "4", *extra]))
+        if name == "resumed":
+            state = torch.load(out / "stage1.state.pt", weights_only=True)
+            assert state["cuda_rng"] and all(t.dtype == torch.uint8 for t in state["cuda_rng"])
+        ends[name] = tg.read_checkpoint(str(out / "stage1.safetensors"))[0]
+    for k in ends["whole"]:
+        torch.testing.assert_close(ends["resumed"][k], ends["whole"][k])  # (GPU kernels may sum in any order)
