@@ -169,7 +169,7 @@ def load_for_inference(args, dtype=None):
         raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens but the language model only "
                          f"{model.config.llm.vocab_size} embeddings: they do not belong together")
     checkpoint = args.checkpoint or os.path.join(args.run or demo.DEMO_RUN, f"stage{stage}.safetensors")
-    trained_with = tg.read_checkpoint(checkpoint)[1].get("tokenizer")  # (a converted official one says none)
+    trained_with = tg.read_checkpoint(checkpoint, tensors=False)[1].get("tokenizer")  # (a converted official one says none)
     if trained_with not in (None, tg.tokenizer_digest(tok)):
         raise ValueError(f"{checkpoint} was trained with another tokenizer than the one given: use the tokenizer.json "
                          "of the run or download it was trained on")

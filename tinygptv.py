@@ -354,13 +354,13 @@ def save_checkpoint(model, path, stage, extra=None):
     write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta))  # never half-written
 
 
-def read_checkpoint(path):
-    """-> (tensors, metadata) with one-line errors for a missing or corrupt file."""
+def read_checkpoint(path, tensors=True):
+    """-> (tensors, or None for the metadata alone, metadata) with one-line errors for a missing or corrupt file."""
     regular_file(path, "checkpoint")
     try:
-        tensors = load_file(path)
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
+        tensors = load_file(path) if tensors else None
     except (SafetensorError, OSError, RuntimeError) as e:
         raise ValueError(f"corrupt checkpoint {path}: {str(e).splitlines()[0]}") from None
     return tensors, meta
@@ -386,7 +386,7 @@ def load_checkpoint(model, path):
 
 def config_from_checkpoint(path):
     """-> (TinyGPTVConfig, stage) from a stage checkpoint's metadata, or a one-line error."""
-    _, meta = read_checkpoint(path)
+    _, meta = read_checkpoint(path, tensors=False)
     if "config" not in meta:
         raise ValueError(f"{path} holds no TinyGPT-V config: is it a checkpoint written by this project, or "
                          "converted with `tinygptv.py convert`?")
