@@ -803,8 +803,10 @@ def section_loader(args, bw):
             order = lambda step: train.batch_indices(step, len(samples), bs, 0)
             rate = {}
             for workers in (0, 1, 2):
+                batches = iter(loader.stream(samples, size, order, 0, steps, workers=workers))
+                next(batches)  # the workers' start, once per stage, is not their rate
                 t0 = time.perf_counter()
-                n = sum(len(idx) for idx, _, _ in loader.stream(samples, size, order, 0, steps, workers=workers))
+                n = sum(len(idx) for idx, _, _ in batches)
                 rate[workers] = n / (time.perf_counter() - t0)
             for workers in (1, 2):
                 rows.append(Row(7, f"{size} px: images/s with {workers} worker(s) vs 0 (decoding in the training "
@@ -822,6 +824,21 @@ def section_loader(args, bw):
             share = waited / (time.perf_counter() - t0)
             rows.append(Row(7, f"{size} px, 2 workers: share of a {step_s * 1000:.0f} ms step spent waiting for data "
                                "(after the first batch)", 100 * share, None, "%", target="under 10%", passed=share < 0.1))
+    # What a worker's batch costs beyond decoding: it is written into new shared memory, whose pages
+    # the kernel must supply (and the training process map again), while a batch stacked in the
+    # training process lands in memory malloc reuses.
+    n = 64 << 20
+    t0 = time.perf_counter()
+    torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(n)).fill_(1)
+    fresh = (time.perf_counter() - t0) / (n / 4096)
+    reused = torch.empty(n, dtype=torch.uint8)
+    reused.fill_(1)
+    t0 = time.perf_counter()
+    reused.fill_(2)
+    again = (time.perf_counter() - t0) / (n / 4096)
+    pages = bs * 3 * 448 * 448 / 4096
+    rows.append(Row(7, f"a new shared-memory page costs {fresh * 1e6:.2f} us (a reused one {again * 1e6:.2f} us): "
+                       f"{pages * fresh * 1e3:.1f} ms of a worker's 448-px batch of {bs}", fresh * 1e6, again * 1e6, "us"))
     return rows
 
 

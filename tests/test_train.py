@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -430,6 +431,23 @@ def test_shards_read_by_brace_pattern_and_mixtures_drawn_by_weight(tmp_path):
         p = w / sum(weights)
         assert abs(c - n * p) < 3 * (n * p * (1 - p)) ** 0.5, (counts, weights)
     assert loader.mixture_indices(7, sizes, weights, 32, seed=5) == loader.mixture_indices(7, sizes, weights, 32, seed=5)
+
+
+def test_workers_hand_over_the_same_pictures_as_the_training_process_decodes(tmp_path):
+    # the workers write into a ring of shared batch buffers, reused every workers * prefetch + 1 steps:
+    # 30 steps go round the ring of 2 * 2 + 1 several times, every batch is kept until the end, and
+    # each must still hold its own pictures, in the order decoding them here gives
+    samples = data.load_dataset(write_shards(tmp_path / "shards", corrupt=3))
+    order = lambda step: train.batch_indices(step, len(samples), 4, seed=1)
+    here = list(loader.stream(samples, 24, order, 2, 32, workers=0))
+    there = list(loader.stream(samples, 24, order, 2, 32, workers=2, prefetch=2))
+    assert len(here) == len(there) == 30 and sum(f for _, _, f in here) > 0
+    for (i0, p0, f0), (i1, p1, f1) in zip(here, there):
+        assert i0 == i1 and f0 == f1
+        assert p0.shape == p1.shape == (len(i0), 3, 24, 24) and torch.equal(p0, p1)
+        expected = torch.stack([torch.from_numpy(np.array(data.load_image(samples[i].image).resize((24, 24), Image.BICUBIC)))
+                                for i in i0]).permute(0, 3, 1, 2)
+        assert torch.equal(p1, expected)
 
 
 def test_a_corrupt_picture_in_a_shard_is_skipped_where_met_and_a_resume_across_it_is_exact(tmp_path, backbones):
