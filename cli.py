@@ -72,6 +72,14 @@ def probability(text):
     return v
 
 
+def dropout_rate(text):
+    """An argparse type for a dropout probability: a number in [0, 1)."""
+    v = at_least(0.0, float)(text)
+    if v >= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} must be below 1")
+    return v
+
+
 def device_option(text):
     """An argparse type: a device this program runs on (the CPU, or a CUDA GPU) that this machine has."""
     try:

@@ -432,7 +432,11 @@ def prepare_backbones(out, split, schedule, held_out=True, report=True, lm_steps
             log(f"stage 0 | {why}; training this split's own")
             break
         if where == PRETRAINED and where != root:
+            shipped = os.stat(PRETRAINED).st_ino
             write_folder_atomically(root, lambda tmp: shutil.copytree(PRETRAINED, tmp))  # whole, or not at all
+            if not os.path.isdir(PRETRAINED) or os.stat(PRETRAINED).st_ino != shipped:  # a `--stage 0 --force`
+                shutil.rmtree(root)  # put a new set in their place while they were copied: the copy may mix them
+                return prepare_backbones(out, split, schedule, held_out, report, lm_steps, vision_steps)
             log(f"stage 0 | the stand-in backbones come from {os.path.relpath(PRETRAINED)} "
                 f"(stage 0 trained once: `python train.py --stage 0 --force` trains them again)")
             if report and os.path.isdir(os.path.join(root, "phi2")):  # (building the model says if it is missing)

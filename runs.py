@@ -24,20 +24,26 @@ def take_lock(folder, name=".lock"):
     whose process is gone, or is another process under the same PID (a container's PID 1 after a
     restart, or this very process), is taken over, and so are the temporaries its killed writes left
     behind (for the run directory's own lock). -> the lock's path, to remove."""
-    path = os.path.join(folder, name)
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            with open(path, errors="replace") as f:
-                text = f.read().split()
-            if holder_alive(text):
-                raise ValueError(f"{folder} is in use by another train.py (pid {text[0]}); wait for it to finish, "
-                                 f"or train into another --out (if no train.py is running, delete {path})") from None
-            os.remove(path)  # its process is gone
-    with os.fdopen(fd, "w") as f:
+    path, mine = os.path.join(folder, name), os.path.join(folder, f"{name}.tmp{os.getpid()}")
+    with open(mine, "w") as f:  # written whole first, then linked in: a lock is never seen empty
         f.write(f"{os.getpid()} {process_start(os.getpid())}")
+    try:
+        while True:
+            try:
+                os.link(mine, path)  # fails if a lock is there, as creating it exclusively would
+                break
+            except FileExistsError:
+                try:
+                    with open(path, errors="replace") as f:
+                        text = f.read().split()
+                except FileNotFoundError:  # its holder just let go
+                    continue
+                if holder_alive(text):
+                    raise ValueError(f"{folder} is in use by another train.py (pid {text[0]}); wait for it to finish, "
+                                     f"or train into another --out (if no train.py is running, delete {path})") from None
+                os.remove(path)  # its process is gone
+    finally:
+        os.remove(mine)
     if name == ".lock":
         for tmp in remove_stale_temporaries(folder, pid_alive):
             print(f"removed {tmp}, left by an interrupted write", flush=True)

@@ -36,7 +36,7 @@ import loader
 import runs
 import scoring
 import tinygptv as tg
-from cli import ArgumentParser, at_least, check_real_weights, device_option, mixture_item, run_cli
+from cli import ArgumentParser, at_least, check_real_weights, device_option, dropout_rate, mixture_item, run_cli
 from layouts import init_projections, load_model
 from lora import mark_trainable
 
@@ -220,19 +220,21 @@ def train_stage(args, stage):
     t0, done_here, seen, losses, waited, skipped = time.time(), 0, 0, [], 0.0, 0
     while step < sc.steps:
         # -- one optimizer step: this rank's share of the batch, in micro-batches, then AdamW --
-        lr = lr_at(step, sc)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr = lr_at(step, sc)
         if batches is None:  # this rank's share of the step's samples (and below, positions in it)
             idx, pixels = order(step)[rank::nproc], None
         else:
             t = time.time()
             idx, pixels, failed = next(batches)  # (the pictures that failed to decode are left out)
             waited, skipped = waited + time.time() - t, skipped + failed
-        n_answer = torch.tensor(float(sum(len(examples[i].answer) for i in idx)))
+        micro, weight = [list(range(len(idx)))[i::args.grad_accum] for i in range(args.grad_accum)], 1.0
+        if nproc > 1 and not all(micro):  # a DDP rank left with fewer pictures than parts joins every backward
+            idx, micro, weight = order(step)[rank::nproc][:1], [[0]] * args.grad_accum, 0.0  # on a black stand-in
+            pixels = torch.zeros(1, 3, model.image_size(stage), model.image_size(stage), dtype=torch.uint8)  # counted 0
+        n_answer = torch.tensor(float(sum(len(examples[i].answer) for i in idx)) * weight)
         if nproc > 1:  # normalize by the whole global batch's answer tokens, as one process would
             dist.all_reduce(n_answer)
-        micro = [list(range(len(idx)))[i::args.grad_accum] for i in range(args.grad_accum)]
         if nproc == 1:  # (every DDP rank must run as many backward passes as the others); none if all failed
             micro = [part for m in micro for part in loader.split_by_length(m, [lengths[i] for i in idx]) if part]
         opt.zero_grad(set_to_none=True)
@@ -246,7 +248,7 @@ def train_stage(args, stage):
                     px = tg.normalize(pixels[m].to(args.device)).to(model.llama_proj.weight.dtype)
                     logits, targets = net(ex, pixel_values=px)
                 # sum over tokens / global count: DDP averages over ranks, so scale by nproc
-                loss = tg.lm_loss(logits, targets, reduction="sum") / n_answer * nproc
+                loss = tg.lm_loss(logits, targets, reduction="sum") / n_answer.clamp(min=1) * nproc * weight
             scaler.scale(loss).backward()
             total += loss.item() / nproc
         if not math.isfinite(total):
@@ -323,10 +325,12 @@ def train_stages(args):
             return
     if not args.data and world()[0] == 0:
         demo.write_example(args.out, args.split)
+    if dist.is_initialized():  # no rank leaves (and tears the process group down) while another still works
+        dist.barrier()
 
 
 def parse_args(argv=None):
-    count, pos = at_least(1), at_least(0.0, float)
+    count = at_least(1)
     p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", type=int, choices=(0, 1, 2, 3, 4), help="run only this stage (default: all; "
                    "0 trains the demo's stand-in backbones again, into demo_backbones/, with --force)")
@@ -357,7 +361,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-samples", type=count, default=300, help="held-out samples per task in each table")
     p.add_argument("--evaluate", type=int, choices=(1, 2, 3, 4), help="only score this finished stage")
     p.add_argument("--device", type=device_option, default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dropout", type=pos, help="set every dropout (Phi-2 residual, LoRA) to this (the demo's "
+    p.add_argument("--dropout", type=dropout_rate, help="set every dropout (Phi-2 residual, LoRA) to this (the demo's "
                    "stages use 0, the paper's the model's own); 0 makes runs with different process counts comparable")
     p.add_argument("--grad-checkpoint", choices=("auto", "on", "off"), default="auto", help="recompute Phi-2's "
                    "activations in backward instead of storing them (auto: stage 4 on real weights, as the paper)")
@@ -374,8 +378,6 @@ def parse_args(argv=None):
         p.error("--stage 0 trains the demo's stand-ins; real runs start from --phi2 and --blip2 instead")
     if a.resume and a.restart:
         p.error("--resume and --restart exclude each other: continue the stage, or start it over")
-    if a.dropout is not None and a.dropout >= 1:
-        p.error(f"--dropout {a.dropout}: must be below 1")
     a.recipe = a.recipe or ("paper" if a.phi2 else "demo")  # real weights train as the paper did
     stages = PAPER_STAGES if a.recipe == "paper" else DEMO_STAGES
     a.stages = {k: replace(v, **({"steps": a.steps} if a.steps else {}), **({"batch_size": a.batch_size} if a.batch_size else {}))

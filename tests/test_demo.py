@@ -390,3 +390,25 @@ def test_matching_backbones_are_copied_into_the_run(tmp_path, monkeypatch, capsy
     (shipped / "DONE").write_text(json.dumps({**demo.world_fingerprint(), "colors": ["red"]}))
     prepare(args)
     assert capsys.readouterr().out == ""
+
+
+def test_backbones_replaced_while_they_are_copied_are_copied_again(tmp_path, monkeypatch):
+    # a `--stage 0 --force` puts a new set in place (a rename) while a run copies the shipped one: the
+    # run's copy could hold files of both, so it is made again from the new set
+    args = train.parse_args(["--out", str(tmp_path / "run"), "--device", "cpu"])
+    shipped = backbones_dir(tmp_path / "shipped")
+    monkeypatch.setattr(demo, "PRETRAINED", str(shipped))
+    copy, calls = shutil.copytree, []
+
+    def copy_then_replace(src, dst, *a, **k):
+        calls.append(src)
+        out = copy(src, dst, *a, **k)
+        if len(calls) == 1:  # the new set, one file different, renamed into place as write_folder_atomically does
+            copy(shipped, tmp_path / "new")
+            (tmp_path / "new" / "tokenizer.json").write_text("the new one")
+            os.rename(shipped, tmp_path / "old")
+            os.rename(tmp_path / "new", shipped)
+        return out
+    monkeypatch.setattr(shutil, "copytree", copy_then_replace)
+    prepare(args)
+    assert len(calls) == 2 and (tmp_path / "run" / "backbones" / "tokenizer.json").read_text() == "the new one"

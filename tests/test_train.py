@@ -172,13 +172,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, backbones, 
     assert not (out / "stage1.safetensors").exists()
 
 
-@pytest.mark.parametrize("shards", [False, True], ids=["demo", "shards"])
+@pytest.mark.parametrize("shards", [None, (), "rank 1's first share"], ids=["demo", "shards", "a rank's pictures all fail"])
 def test_two_processes_take_the_same_step_as_one(tmp_path, backbones, shards):
     one = new_run(tmp_path, backbones, "one")
     two = new_run(tmp_path, backbones, "two")
     # dropout off: two processes draw different dropout masks than one (the only legitimate difference);
-    # with shards each process decodes only its own share of each step's pictures
-    real = ["--data", write_shards(tmp_path / "shards"), "--workers", "1"] if shards else []
+    # with shards each process decodes only its own share of each step's pictures. When every picture
+    # of rank 1's share of step 1 is corrupt, rank 0 trains on its own and rank 1 must still join in
+    if shards == "rank 1's first share":
+        shards = set(train.batch_indices(0, 20, 8, seed=0 + 1)[1::2])
+    real = ["--data", write_shards(tmp_path / "shards", corrupt=shards), "--workers", "1"] if shards is not None else []
     common = ["train.py", *SMALL, "--stage", "1", "--steps", "2", "--dropout", "0", *real]  # later flags win
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r1 = subprocess.run([sys.executable, *common, "--out", str(one)], cwd=ROOT, capture_output=True, text=True, env=env)
@@ -391,9 +394,9 @@ def test_stage4_on_real_weights_checkpoints_activations_by_default(tmp_path, bac
 # Real data as the paper's stages read it: webdataset shards, mixtures, decoded in workers
 
 
-def write_shards(folder, n_shards=2, per_shard=10, corrupt=None):
-    """img2dataset-style shards {i}.tar of {key}.jpg + {key}.txt; sample number `corrupt` (in load
-    order) gets a JPEG cut in half, whose header reads fine."""
+def write_shards(folder, n_shards=2, per_shard=10, corrupt=()):
+    """img2dataset-style shards {i}.tar of {key}.jpg + {key}.txt; the sample numbers in `corrupt` (in
+    load order) get a JPEG cut in half, whose header reads fine."""
     import io
     import tarfile
     folder.mkdir(exist_ok=True)
@@ -403,7 +406,7 @@ def write_shards(folder, n_shards=2, per_shard=10, corrupt=None):
             for j in range(per_shard):
                 buf = io.BytesIO()
                 Image.new("RGB", (40, 40), (20 * j % 256, 10 * i, 255 - 20 * j % 256)).save(buf, "JPEG")
-                raw = buf.getvalue() if k != corrupt else buf.getvalue()[:len(buf.getvalue()) // 2]
+                raw = buf.getvalue() if k not in corrupt else buf.getvalue()[:len(buf.getvalue()) // 2]
                 text = f"picture {k} of shard {i}".encode()
                 for name, payload in ((f"{k:06d}.jpg", raw), (f"{k:06d}.txt", text)):
                     info = tarfile.TarInfo(name)
@@ -437,7 +440,7 @@ def test_workers_hand_over_the_same_pictures_as_the_training_process_decodes(tmp
     # the workers write into a ring of shared batch buffers, reused every workers * prefetch + 1 steps:
     # 30 steps go round the ring of 2 * 2 + 1 several times, every batch is kept until the end, and
     # each must still hold its own pictures, in the order decoding them here gives
-    samples = data.load_dataset(write_shards(tmp_path / "shards", corrupt=3))
+    samples = data.load_dataset(write_shards(tmp_path / "shards", corrupt={3}))
     order = lambda step: train.batch_indices(step, len(samples), 4, seed=1)
     here = list(loader.stream(samples, 24, order, 2, 32, workers=0))
     there = list(loader.stream(samples, 24, order, 2, 32, workers=2, prefetch=2))
@@ -452,7 +455,7 @@ def test_workers_hand_over_the_same_pictures_as_the_training_process_decodes(tmp
 
 def test_a_corrupt_picture_in_a_shard_is_skipped_where_met_and_a_resume_across_it_is_exact(tmp_path, backbones):
     first = train.batch_indices(0, 20, 8, seed=0 + 1)[0]  # stage 1's first step draws this sample
-    pattern = write_shards(tmp_path / "shards", corrupt=first)
+    pattern = write_shards(tmp_path / "shards", corrupt={first})
     runs = {}
     for name, parts in (("whole", [[]]), ("resumed", [["--stop-after", "3"], ["--resume"]])):
         out = new_run(tmp_path, backbones, name)
