@@ -21,6 +21,7 @@ import torch.nn as nn
 import data
 import demo
 import tinygptv as tg
+from checkpoints import output_file, write_atomically
 from convert import convert
 from fastpaths import decoder_for
 from int8 import quantize_int8
@@ -232,7 +233,11 @@ def main(argv=None):
     p.add_argument("--temperature", type=at_least(0.0, float), default=0.0, help="0 (the default) is greedy")
     p.add_argument("--top-p", type=probability, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--draw", metavar="OUT.png", help="outline the answer's boxes on the image, into this file")
+    p.add_argument("--force", action="store_true", help="let --draw replace an existing file")
     a = p.parse_args(argv)
+    if a.draw:
+        output_file(a.draw, a.force, "the drawing")
     if not a.prompt.strip():
         raise ValueError('--prompt is empty: ask something, e.g. --prompt "[vqa] what color is the circle"')
     # --int8 from the downloads: Phi-2 is quantized layer by layer as it loads and the rest is read in
@@ -247,3 +252,9 @@ def main(argv=None):
     answer = model.generate(tok, [image], [instruction], stage=stage, max_new_tokens=a.max_new_tokens,
                             temperature=a.temperature, top_p=a.top_p, seed=a.seed, decoder=decoder_for(a.device))[0]
     print(answer)
+    if a.draw:
+        boxes = data.parse_boxes(answer)
+        if boxes:
+            write_atomically(a.draw, lambda tmp: data.draw_boxes(image, boxes).save(tmp, format="PNG"))
+        print(f"drew {len(boxes)} box(es) in {a.draw}" if boxes else f"no box in the answer: {a.draw} not written",
+              file=sys.stderr)

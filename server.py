@@ -1,0 +1,249 @@
+"""The chat as a web page, served by Python's standard library: `python chat.py --serve`.
+
+A reader of the paper may skip this file. One model serves every visitor, one answer at a time: a
+visitor's question waits its turn in a queue (the page says how many answers are ahead) and its
+answer streams back as it is generated. The page (chat.html, one file, no external scripts, fonts
+or CDNs) shows the picture, the conversation, and the boxes of an answer drawn on the picture.
+
+The API, all under /api/, a visitor named by ?v=ID (a random id the page makes):
+    POST /api/image    the picture's bytes             -> {"width", "height"}
+    POST /api/ask      {"question": "[vqa] ..."}       -> one JSON object per line, streamed:
+                       {"wait": n} while n answers are ahead, {"text": piece} as the answer grows,
+                       then {"done": true, "answer", "boxes": [[x1, y1, x2, y2], ...], "dropped": n}
+                       (or {"error": message})
+    POST /api/restart  the conversation starts over, same picture
+Bad input (a picture too large or not a picture, a question too long, a malformed request) gets an
+error status and {"error": message}; a visitor who leaves mid-answer stops it. The server goes on.
+"""
+
+import io
+import json
+import os
+import re
+import sys
+import threading
+from collections import OrderedDict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+from PIL import Image
+
+import data
+from cli import parse_user_prompt
+from phi2 import KVCache
+
+MAX_IMAGE_BYTES = 10 << 20  # 10 MB: a phone photo fits; the model sees 224 or 448 px anyway
+MAX_QUESTION_CHARS = 2000
+MAX_VISITORS = 64  # conversations kept; the oldest is forgotten beyond that
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
+
+
+class Refused(Exception):
+    """Bad input: answered with this HTTP status and message."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class Queue:
+    """Tickets served in the order taken: the model answers one visitor at a time."""
+
+    def __init__(self):
+        self.turn = threading.Condition()
+        self.taken = self.serving = 0
+        self.left = set()  # tickets given up before their turn
+
+    def take(self):
+        with self.turn:
+            self.taken += 1
+            return self.taken - 1
+
+    def wait(self, ticket, timeout):
+        """Wait up to `timeout` s for the ticket's turn -> how many are still ahead (0: its turn)."""
+        with self.turn:
+            self.turn.wait_for(lambda: self.serving == ticket, timeout)
+            return ticket - self.serving
+
+    def done(self, ticket):
+        with self.turn:
+            self.left.add(ticket)
+            while self.serving in self.left:
+                self.left.remove(self.serving)
+                self.serving += 1
+            self.turn.notify_all()
+
+
+class Visitor:
+    """One visitor's conversation, kept while the chat serves others."""
+
+    def __init__(self):
+        self.image, self.image_embeds, self.turns = None, None, []
+
+
+class App:
+    def __init__(self, chat):
+        self.chat, self.queue, self.visitors = chat, Queue(), OrderedDict()
+        self.talking_with = None  # whose conversation the chat's KV cache holds
+        self.lock = threading.Lock()  # for the visitors, which every request's thread looks up
+        with open(PAGE, "rb") as f:
+            self.page = f.read()
+
+    def visitor(self, query):
+        vid = (parse_qs(query).get("v") or [""])[0]
+        if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", vid):
+            raise Refused(400, "a request needs ?v=ID, the visitor's id (letters, digits and -)")
+        with self.lock:
+            if vid not in self.visitors:
+                self.visitors[vid] = Visitor()
+                while len(self.visitors) > MAX_VISITORS:
+                    self.visitors.popitem(last=False)
+            self.visitors.move_to_end(vid)
+            return self.visitors[vid]
+
+    def forget(self, visitor):
+        """The visitor's conversation starts over (with `image`, a new picture)."""
+        visitor.turns = []
+        if self.talking_with is visitor:
+            self.talking_with = None
+
+    def take_picture(self, visitor, body):
+        try:
+            with Image.open(io.BytesIO(body)) as im:
+                visitor.image = data.to_rgb(im, "the picture")
+        except Image.DecompressionBombError:
+            raise Refused(413, "the picture has too many pixels") from None
+        except Exception:  # Pillow raises many kinds for what is not a picture
+            raise Refused(415, "that is not a picture Pillow can read (PNG, JPEG, GIF, WebP, BMP...)") from None
+        visitor.image_embeds = None
+        self.forget(visitor)
+        return {"width": visitor.image.width, "height": visitor.image.height}
+
+    def answer(self, visitor, instruction, send):
+        """On the model's turn: the visitor's conversation into the chat, the answer streamed by send()."""
+        chat = self.chat
+        if self.talking_with is not visitor:  # another's conversation is in the cache: this one's comes back
+            if visitor.image_embeds is None:
+                chat.set_image(visitor.image)
+                visitor.image_embeds = chat.image_embeds
+            chat.image, chat.image_embeds, chat.turns, chat.cache = visitor.image, visitor.image_embeds, visitor.turns, KVCache()
+            self.talking_with = visitor
+        pieces = chat.ask(instruction)
+        try:
+            for piece in pieces:
+                send({"text": piece})
+        finally:
+            pieces.close()  # (a visitor gone mid-answer: the answer so far is its turn)
+            visitor.turns = chat.turns
+        send({"done": True, "answer": chat.answer, "boxes": data.parse_boxes(chat.answer), "dropped": chat.dropped})
+
+
+class Handler(BaseHTTPRequestHandler):
+    app = None  # set by serve()
+
+    def log_message(self, fmt, *args):
+        sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
+
+    def reply(self, status, payload, kind="application/json"):
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def body(self, limit, what):
+        """The request's body, at most `limit` bytes; a longer one is read and refused (so the browser
+        gets the message rather than a broken connection), one far longer is not read at all."""
+        try:
+            n = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise Refused(411, "the request needs a Content-Length") from None
+        if n > limit:
+            left = n if n <= 8 * limit else 0
+            while left > 0:
+                chunk = self.rfile.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                left -= len(chunk)
+            self.close_connection = True
+            raise Refused(413, f"{what} is {n / 2 ** 20:.1f} MB; the limit is {limit / 2 ** 20:.0f} MB")
+        return self.rfile.read(n)
+
+    def do_GET(self):
+        if urlparse(self.path).path in ("/", "/index.html"):
+            return self.reply(200, self.app.page, "text/html; charset=utf-8")
+        self.reply(404, {"error": f"no page {urlparse(self.path).path}"})
+
+    def do_POST(self):
+        url = urlparse(self.path)
+        try:
+            if url.path == "/api/image":
+                picture = self.body(MAX_IMAGE_BYTES, "the picture")
+                return self.reply(200, self.app.take_picture(self.app.visitor(url.query), picture))
+            if url.path == "/api/restart":
+                self.body(1 << 16, "the request")
+                self.app.forget(self.app.visitor(url.query))
+                return self.reply(200, {})
+            if url.path == "/api/ask":
+                return self.ask(self.app.visitor(url.query), self.body(4 * MAX_QUESTION_CHARS + 1024, "the question"))
+            raise Refused(404, f"no API {url.path}")
+        except Refused as e:
+            self.reply(e.status, {"error": str(e)})
+        except (BrokenPipeError, ConnectionResetError):  # the visitor left
+            pass
+
+    def ask(self, visitor, raw):
+        try:
+            question = json.loads(raw).get("question")
+        except (ValueError, AttributeError):
+            raise Refused(400, 'send JSON: {"question": "..."}') from None
+        if not isinstance(question, str) or not question.strip():
+            raise Refused(400, "the question is empty: ask something, e.g. [vqa] what color is the circle")
+        if len(question) > MAX_QUESTION_CHARS:
+            raise Refused(413, f"the question is {len(question)} characters; the limit is {MAX_QUESTION_CHARS}")
+        if visitor.image is None:
+            raise Refused(409, "no picture yet: choose or drop one first")
+        try:
+            instruction = parse_user_prompt(question)
+        except ValueError as e:
+            raise Refused(400, str(e)) from None
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.close_connection = True  # the end of the stream is the end of the connection
+
+        def send(event):
+            self.wfile.write(json.dumps(event).encode() + b"\n")
+            self.wfile.flush()
+        queue = self.app.queue
+        ticket = queue.take()
+        try:
+            ahead = None
+            while True:
+                now = queue.wait(ticket, 1.0)
+                if now == 0:
+                    break
+                send({"wait": now} if now != ahead else {})  # (each second: a write finds a visitor gone)
+                ahead = now
+            try:
+                self.app.answer(visitor, instruction, send)
+            except ValueError as e:  # the question does not fit the context, even alone
+                send({"error": str(e)})
+        finally:
+            queue.done(ticket)
+
+
+def serve(chat, host="127.0.0.1", port=8000, ready=None):
+    """Serve until Ctrl-C. ready(server), if given, is called once it listens (tests take the port)."""
+    Handler.app = App(chat)
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    print(f"TinyGPT-V chat on http://{host}:{server.server_port}/ (Ctrl-C stops it)", flush=True)
+    if ready:
+        ready(server)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
