@@ -23,6 +23,8 @@ one run, with the same weights, dtype and thread count. A reader of the paper ma
    from start to answer: its peak resident memory, loading included (the paper's 8 GB).
 7. The streaming loader train.py feeds real data through: pictures per second with 0, 1 and 2
    worker processes, and the share of a step spent waiting for data.
+8. The chat: the first streamed token of a follow-up question against the first question about the
+   same picture, and of the web page against the command line, on the demo's model and at full size.
 
     python bench.py                          # all sections on the CPU, 2 threads
     python bench.py --quick                  # fewer layers, tokens and repeats
@@ -39,6 +41,7 @@ process's peak resident set (VmHWM), on a GPU torch.cuda.max_memory_allocated.
 import argparse
 import copy
 import functools
+import io
 import json
 import math
 import os
@@ -57,6 +60,7 @@ import torch.nn as nn
 from PIL import Image
 
 import data
+import demo
 import fastpaths
 import int8
 import loader
@@ -843,16 +847,114 @@ def section_loader(args, bw):
 
 
 # -----------------------------------------------------------------------------
+# 8. The chat (chat.py, server.py): what a follow-up question costs, and the web page's overhead
+
+
+def word_tokenizer(vocab_size):
+    """A tokenizer that names every id of a random model (w0, w1, ...), so each token streams as text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    words = [tg.BOS, "[UNK]"] + [f"w{i}" for i in range(vocab_size - 2)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins the words with spaces
+    return tok
+
+
+def first_piece(start):
+    """Seconds from start() -> an iterator of answer pieces, to its first piece."""
+    t0 = time.perf_counter()
+    next(iter(start()))
+    return time.perf_counter() - t0
+
+
+def child_chat(spec, device):
+    """In one process: the time to the first streamed token of a first question (the picture encoded,
+    the whole prompt run) and of a follow-up about the same picture (its own tokens only), through
+    chat.Chat; then a fresh conversation's first token through the web page's API against chat.Chat
+    called directly, the same question on the same model, alternately, medians of 3."""
+    import http.client
+    import threading
+    import chat
+    import server
+    if spec["model"] == "demo":
+        model, tok, stage = demo.load_demo()
+    else:
+        config = preset_config(spec["preset"])
+        model, tok, stage = random_model(config, torch.bfloat16, device, quantized=True), \
+            word_tokenizer(config.llm.vocab_size), 4
+    image = Image.new("RGB", (320, 240), (200, 20, 20))
+    c = chat.Chat(model, tok, stage, max_new_tokens=8)
+    question, follow_up = "[vqa] what color is the square?", "[vqa] what shape is it?"
+    first, later = [], []
+    for _ in range(3):
+        first.append(first_piece(lambda: (c.set_image(image), c.ask(question))[1]))
+        list(c.ask(question))  # (the rest of the answer)
+        later.append(first_piece(lambda: c.ask(follow_up)))
+    ready = threading.Event()
+    box = {}
+    threading.Thread(target=server.serve, args=(c, "127.0.0.1", 0, lambda srv: (box.update(srv=srv), ready.set())),
+                     daemon=True).start()
+    ready.wait()
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+
+    def post(path, body):
+        conn = http.client.HTTPConnection("127.0.0.1", box["srv"].server_port)
+        conn.request("POST", path, body=body)
+        return conn.getresponse()
+
+    def web():
+        post("/api/restart?v=bench", b"").read()
+        t0 = time.perf_counter()
+        reply = post("/api/ask?v=bench", json.dumps({"question": question}).encode())
+        while b'"text"' not in reply.readline():
+            pass
+        seconds = time.perf_counter() - t0
+        reply.read()
+        return seconds
+    post("/api/image?v=bench", buf.getvalue()).read()
+    web()  # the picture is encoded on the visitor's first question
+    web_s, cli_s = [], []
+    for _ in range(3):
+        web_s.append(web())
+        c.restart()
+        cli_s.append(first_piece(lambda: c.ask(question)))
+    box["srv"].shutdown()
+    med = lambda v: sorted(v)[len(v) // 2]
+    return dict(first=med(first), later=med(later), web=med(web_s), cli=med(cli_s), stage=stage,
+                size=model.image_size(stage))
+
+
+def section_chat(args, bw):
+    rows = [Row(8, "chat.Chat, greedy, time to the first streamed token (medians of 3); the page through "
+                   "server.py's API against chat.Chat called directly, same process, same question")]
+    models = [("demo", "the demo's model"), ("full", f"{args.preset} preset, random weights, int8 Phi-2 + bf16 vision")]
+    for name, label in models:
+        if name == "demo" and not os.path.isfile(os.path.join(demo.DEMO_RUN, "stage4.safetensors")):
+            rows.append(Row(8, f"{label}: skipped: train it first (python train.py)"))
+            continue
+        r = run_child(args, "chat", model=name)
+        if "error" in r:
+            rows.append(Row(8, f"{label}: failed: {r['error']}", passed=False))
+            continue
+        rows += [Row(8, f"{label}, stage {r['stage']} ({r['size']} px): a follow-up question vs the first one "
+                        "(picture encoded, whole prompt)", r["later"], r["first"], "s"),
+                 Row(8, f"{label}: a new conversation's first token, the web page vs the command line", r["web"],
+                     r["cli"], "s", "within 10%", r["web"] <= 1.1 * r["cli"])]
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # Main
 
 SECTIONS = {1: section_phi2, 2: section_int8, 3: section_inference, 4: section_training, 5: section_demo_training,
-            6: section_downloads, 7: section_loader}
+            6: section_downloads, 7: section_loader, 8: section_chat}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="1,2,3,4,5,6,7", help="comma-separated, from 1-7 (default: all)")
+    p.add_argument("--sections", default="1,2,3,4,5,6,7,8", help="comma-separated, from 1-8 (default: all)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=2, help="torch threads on the CPU, the same for every run")
     p.add_argument("--layers", type=int, help="Phi-2 layers in sections 1-2 (real width; default 4)")
@@ -881,7 +983,7 @@ def parse_args(argv=None):
     a.train_steps = a.train_steps or (2 if quick else 5)
     a.sections = sorted({int(s) for s in a.sections.split(",") if s.strip()})
     if not set(a.sections) <= set(SECTIONS):
-        p.error(f"--sections takes numbers from 1 to 7, got {a.sections}")
+        p.error(f"--sections takes numbers from 1 to 8, got {a.sections}")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: this torch sees no GPU")
     a.device = torch.device(a.device)
@@ -902,7 +1004,8 @@ def machine(device):
 def child_main(spec):
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    result = {"infer": child_inference, "train": child_train, "write": child_write_downloads}[spec["job"]](spec, device)
+    result = {"infer": child_inference, "train": child_train, "write": child_write_downloads,
+              "chat": child_chat}[spec["job"]](spec, device)
     print("RESULT " + json.dumps(result), flush=True)
 
 
