@@ -14,7 +14,8 @@ The chapter, top to bottom:
 - the texts: `caption` (stages 1-2), `description` + `DESCRIBE_INSTRUCTIONS` (stage 3);
 - the stage-4 tasks `[vqa] [caption] [refer] [identify] [grounding]` and untagged descriptions
   (questions of four types: color, shape, size, position), boxes as `{<x1><y1><x2><y2>}`
-  in integers 0-100 of the image size (MiniGPT-v2's format), `stage_samples`;
+  in integers 0-100 of the image size (MiniGPT-v2's format), `stage_samples`; an answer's boxes
+  read (`parse_boxes`) and drawn on its picture (`draw_boxes`);
 - loaders for caption pairs, LLaVA conversations, VQA and referring expressions.
 
 Shapes in and out: `render(scene, size)` -> RGB PIL image (size, size); boxes are 4-tuples of

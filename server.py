@@ -19,6 +19,7 @@ error status and {"error": message}; a visitor who leaves mid-answer stops it. T
 import io
 import json
 import os
+import queue
 import re
 import sys
 import threading
@@ -46,32 +47,13 @@ class Refused(Exception):
         self.status = status
 
 
-class Queue:
-    """Tickets served in the order taken: the model answers one visitor at a time."""
+class Job:
+    """One question on its way through the model thread; `events` carries its answer back."""
 
-    def __init__(self):
-        self.turn = threading.Condition()
-        self.taken = self.serving = 0
-        self.left = set()  # tickets given up before their turn
-
-    def take(self):
-        with self.turn:
-            self.taken += 1
-            return self.taken - 1
-
-    def wait(self, ticket, timeout):
-        """Wait up to `timeout` s for the ticket's turn -> how many are still ahead (0: its turn)."""
-        with self.turn:
-            self.turn.wait_for(lambda: self.serving == ticket, timeout)
-            return ticket - self.serving
-
-    def done(self, ticket):
-        with self.turn:
-            self.left.add(ticket)
-            while self.serving in self.left:
-                self.left.remove(self.serving)
-                self.serving += 1
-            self.turn.notify_all()
+    def __init__(self, ticket, visitor, instruction):
+        self.ticket, self.visitor, self.instruction = ticket, visitor, instruction
+        self.events = queue.Queue()  # dicts, then None at the end
+        self.gone = False  # the visitor left: stop (or never start) answering
 
 
 class Visitor:
@@ -83,7 +65,8 @@ class Visitor:
 
 class App:
     def __init__(self, chat):
-        self.chat, self.queue, self.visitors = chat, Queue(), OrderedDict()
+        self.chat, self.jobs, self.visitors = chat, queue.Queue(), OrderedDict()
+        self.taken = self.serving = 0  # tickets given out, and the one the model answers now
         self.talking_with = None  # whose conversation the chat's KV cache holds
         self.lock = threading.Lock()  # for the visitors, which every request's thread looks up
         with open(PAGE, "rb") as f:
@@ -119,8 +102,33 @@ class App:
         self.forget(visitor)
         return {"width": visitor.image.width, "height": visitor.image.height}
 
-    def answer(self, visitor, instruction, send):
-        """On the model's turn: the visitor's conversation into the chat, the answer streamed by send()."""
+    def ask(self, visitor, instruction):
+        """-> a Job, queued for the model thread."""
+        with self.lock:
+            job = Job(self.taken, visitor, instruction)
+            self.taken += 1
+        self.jobs.put(job)
+        return job
+
+    def model_thread(self):
+        """Every answer is made here, one at a time, in the order asked. One thread for all: a new
+        thread for each would find none of the memory the last one's answer warmed up (on a
+        virtual machine the full model's first token took twice as long)."""
+        while True:
+            job = self.jobs.get()
+            self.serving = job.ticket
+            try:
+                if not job.gone:
+                    self.answer(job.visitor, job.instruction, job)
+            except ValueError as e:  # the question does not fit the context, even alone
+                job.events.put({"error": str(e)})
+            except Exception as e:  # a fault of ours: said, and the next visitor is served
+                job.events.put({"error": f"the model failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+            finally:
+                job.events.put(None)
+
+    def answer(self, visitor, instruction, job):
+        """The visitor's conversation into the chat, the answer streamed into job.events."""
         chat = self.chat
         if self.talking_with is not visitor:  # another's conversation is in the cache: this one's comes back
             if visitor.image_embeds is None:
@@ -131,11 +139,14 @@ class App:
         pieces = chat.ask(instruction)
         try:
             for piece in pieces:
-                send({"text": piece})
+                if job.gone:
+                    break
+                job.events.put({"text": piece})
         finally:
             pieces.close()  # (a visitor gone mid-answer: the answer so far is its turn)
             visitor.turns = chat.turns
-        send({"done": True, "answer": chat.answer, "boxes": data.parse_boxes(chat.answer), "dropped": chat.dropped})
+        job.events.put({"done": True, "answer": chat.answer, "boxes": data.parse_boxes(chat.answer),
+                        "dropped": chat.dropped})
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -217,27 +228,27 @@ class Handler(BaseHTTPRequestHandler):
         def send(event):
             self.wfile.write(json.dumps(event).encode() + b"\n")
             self.wfile.flush()
-        queue = self.app.queue
-        ticket = queue.take()
+        job, ahead = self.app.ask(visitor, instruction), None
         try:
-            ahead = None
             while True:
-                now = queue.wait(ticket, 1.0)
-                if now == 0:
-                    break
-                send({"wait": now} if now != ahead else {})  # (each second: a write finds a visitor gone)
-                ahead = now
-            try:
-                self.app.answer(visitor, instruction, send)
-            except ValueError as e:  # the question does not fit the context, even alone
-                send({"error": str(e)})
+                try:
+                    event = job.events.get(timeout=1.0)
+                except queue.Empty:  # waiting its turn, or a long step: say so (a write finds a visitor gone)
+                    now = job.ticket - self.app.serving
+                    send({"wait": now} if now > 0 and now != ahead else {})
+                    ahead = now
+                    continue
+                if event is None:
+                    return
+                send(event)
         finally:
-            queue.done(ticket)
+            job.gone = True
 
 
 def serve(chat, host="127.0.0.1", port=8000, ready=None):
     """Serve until Ctrl-C. ready(server), if given, is called once it listens (tests take the port)."""
     Handler.app = App(chat)
+    threading.Thread(target=Handler.app.model_thread, daemon=True).start()
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
     print(f"TinyGPT-V chat on http://{host}:{server.server_port}/ (Ctrl-C stops it)", flush=True)

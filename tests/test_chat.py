@@ -23,13 +23,13 @@ import urllib.request
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
 
 import chat
 import data
 import demo
 import server
 import tinygptv as tg
+from test_tinygptv import tiny_model, tok  # noqa: F401 (tok is a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,35 +60,13 @@ def test_boxes_are_drawn_where_they_say():
 # -----------------------------------------------------------------------------
 # The chat, on a tiny model with random weights
 
-WORDS = ["a red circle and a blue square", "what color is the circle", "###Human: ###Assistant: [INST] [/INST]",
-         "the green triangle is at the top left", "describe this image in detail", "<Img></Img> {<10><20><30><40>}"]
 # The multi-turn conversation as docs/PAPER.md section 9 writes it; the image goes in the first question.
 FOLLOW_UP = {3: "Human: {} ###Assistant: ", 4: "[INST] {} [/INST]"}
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(WORDS * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=[tg.BOS],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    path = str(tmp_path_factory.mktemp("tok") / "tokenizer.json")
-    t.save(path)
-    return tg.load_tokenizer(path)
-
-
-@pytest.fixture(scope="module")
 def model(tok):
-    torch.manual_seed(0)
-    m = tg.TinyGPTV(tg.TinyGPTVConfig.tiny(vocab_size=tok.get_vocab_size()))
-    m.add_lora()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in m.named_parameters():  # non-trivial everywhere; norms near 1
-            p.copy_((1.0 if name.endswith("norm.weight") or "norm" in name and name.endswith("weight") else 0.0)
-                    + 0.08 * torch.randn(p.shape, generator=g))
-    return m.eval()
+    return tiny_model(tok)  # (tok: test_tinygptv's byte-level BPE of the prompts' words)
 
 
 def picture(seed=0):
