@@ -110,12 +110,16 @@ class App:
         self.jobs.put(job)
         return job
 
-    def model_thread(self):
-        """Every answer is made here, one at a time, in the order asked. One thread for all: a new
-        thread for each would find none of the memory the last one's answer warmed up (on a
-        virtual machine the full model's first token took twice as long)."""
+    def model_loop(self):
+        """Every answer is made here, one at a time, in the order asked, until a None job. serve()
+        runs it on the thread that called it (the main one), not on the request's: torch's OpenMP
+        workers wait spinning for the main thread's next operation but asleep for any other's, and
+        waking them at each operation made the demo model's first token 3x as slow on another thread
+        (8.0 against 2.7 ms, 2 threads; with 1 thread 2.9 ms)."""
         while True:
             job = self.jobs.get()
+            if job is None:
+                return
             self.serving = job.ticket
             try:
                 if not job.gone:
@@ -246,15 +250,21 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def serve(chat, host="127.0.0.1", port=8000, ready=None):
-    """Serve until Ctrl-C. ready(server), if given, is called once it listens (tests take the port)."""
-    Handler.app = App(chat)
-    threading.Thread(target=Handler.app.model_thread, daemon=True).start()
+    """Serve until Ctrl-C or server.shutdown(): requests on their own threads, the model on this one.
+    ready(server), if given, is called once it listens (tests and bench.py take the port from it)."""
+    app = Handler.app = App(chat)
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
+
+    def listen():
+        server.serve_forever()
+        app.jobs.put(None)  # shut down: the model loop ends too
+    threading.Thread(target=listen, daemon=True).start()
     print(f"TinyGPT-V chat on http://{host}:{server.server_port}/ (Ctrl-C stops it)", flush=True)
     if ready:
         ready(server)
     try:
-        server.serve_forever()
+        app.model_loop()
     finally:
+        server.shutdown()  # (returns at once if it is shut down already)
         server.server_close()
