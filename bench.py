@@ -758,9 +758,24 @@ def section_downloads(args, bw):
                "--checkpoint", os.path.join(d, "stage4.safetensors"), "--int8", "--image", os.path.join(d, "red.png"),
                "--prompt", "[vqa] what color is it", "--max-new-tokens", "8"]
         code, peak, seconds, text = peak_rss_of(cmd, args.threads)
+        # quantized once (issue 31), then the same question from that file, loaded by memory map
+        quantized = os.path.join(d, "model.safetensors")
+        q_cmd = [cmd[0], cmd[1], "quantize", quantized] + cmd[2:8]  # --phi2, --blip2, --checkpoint
+        q_code, q_peak, q_seconds, q_text = peak_rss_of(q_cmd, args.threads)
+        m_cmd = [cmd[0], cmd[1], "--model", quantized] + cmd[9:]  # --image, --prompt, --max-new-tokens
+        m_code, m_peak, m_seconds, m_text = peak_rss_of(m_cmd, args.threads) if q_code == 0 else (q_code, 0, 0, q_text)
     files = (r["phi2"] + r["blip2"]) / GB
     if code != 0:
         return rows + [Row(6, f"tinygptv.py --int8 failed (exit {code}): {text.strip().splitlines()[-1:]}", passed=False)]
+    if m_code != 0:
+        rows.append(Row(6, f"quantize / --model failed (exit {m_code}): {m_text.strip().splitlines()[-1:]}", passed=False))
+    else:
+        same = m_text.strip().splitlines()[-1:] == text.strip().splitlines()[-1:]
+        rows += [Row(6, f"`tinygptv.py quantize` from the same downloads, once: seconds (peak {q_peak / GB:.2f} GB)",
+                     q_seconds, None, "s"),
+                 Row(6, "`tinygptv.py --model` the quantized file, start to answer, against --int8 from the downloads "
+                        f"(the same answer: {same})", m_seconds, seconds, "s", "<= 0.25x", m_seconds <= 0.25 * seconds and same),
+                 Row(6, "`tinygptv.py --model`: peak resident memory", m_peak / GB, 5.0, "GB", "<= 5 GB", m_peak <= 5 * GB)]
     return rows + [
         Row(6, f"tinygptv.py --int8 from the downloads ({r['phi2'] / GB:.1f} + {r['blip2'] / GB:.1f} GB of fp16 "
                f"files), loading included: peak resident memory ({seconds:.0f} s)", peak / GB, 8.0, "GB", "< 8 GB",

@@ -120,8 +120,9 @@ class StrictReader:
     shard read through the map would add its whole size to the peak memory (1.0 GB for a 1 GB file,
     measured), on top of the weights it was read into."""
 
-    def __init__(self, tensors, path, dtype=None, device="cpu"):
+    def __init__(self, tensors, path, dtype=None, device="cpu", integers=False):
         self.tensors, self.path, self.dtype, self.device = dict(tensors), path, dtype, device
+        self.integers = integers  # int8 weights are expected (a quantized model's file)
         self.headers = {}  # file -> (where its data starts, its JSON header)
 
     def __contains__(self, key):
@@ -141,7 +142,7 @@ class StrictReader:
                 raise ValueError(f"{where}: cannot read tensor '{key}' ({str(e).splitlines()[0]})") from None
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"{where}: tensor '{key}' has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        if not t.is_floating_point():  # weights are floats: an integer tensor is some other file's
+        if not t.is_floating_point() and not self.integers:  # weights are floats: an integer tensor is some other file's
             raise ValueError(f"{where}: tensor '{key}' is {t.dtype}, not a floating-point tensor")
         return t.to(device=self.device, dtype=self.dtype or t.dtype)
 

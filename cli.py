@@ -21,11 +21,11 @@ import torch.nn as nn
 import data
 import demo
 import tinygptv as tg
-from checkpoints import output_file, write_atomically
+from checkpoints import file_digest, output_file, write_atomically
 from convert import convert
 from fastpaths import decoder_for
 from int8 import quantize_int8
-from layouts import load_model
+from layouts import load_model, load_quantized, save_quantized
 
 # -----------------------------------------------------------------------------
 # Arguments and errors
@@ -154,6 +154,8 @@ def add_weight_options(p):
     p.add_argument("--blip2", help="a BLIP-2 directory or LAVIS safetensors (ViT + Q-Former)")
     p.add_argument("--qformer", help="the Q-Former, if not in the --blip2 path")
     p.add_argument("--int8", action="store_true", help="int8 weights for the language model")
+    p.add_argument("--model", help="a quantized model (`tinygptv.py quantize` wrote it): the whole --int8 "
+                   "model in one file, loaded by memory map instead of --phi2, --blip2 and --checkpoint")
 
 
 def load_for_inference(args, dtype=None):
@@ -161,6 +163,11 @@ def load_for_inference(args, dtype=None):
     weights, which need a trained stage checkpoint (the projections would otherwise be random and
     every answer garbage). With --int8 Phi-2 is quantized as it loads (layouts.load_model)."""
     check_real_weights(args)
+    if args.model:
+        if args.phi2 or args.checkpoint or args.run:
+            raise ValueError("--model is the whole model: give it without --phi2, --blip2, --checkpoint or --run")
+        model, tok, stage = load_quantized(args.model)
+        return model.to(args.device).eval(), tok, max(stage, 1)
     if args.phi2:
         if not args.checkpoint:
             raise ValueError("--phi2/--blip2 need --checkpoint too: without a trained stage checkpoint (ours, or an "
@@ -217,6 +224,25 @@ def main(argv=None):
         p.add_argument("--force", action="store_true", help="replace DESTINATION if it exists")
         a = p.parse_args(argv[1:])
         convert(a.sources, a.dst, a.num_heads, stage=a.stage, force=a.force)
+        return
+    if argv[:1] == ["quantize"]:
+        p = ArgumentParser(prog="tinygptv.py quantize", description="Write what --int8 builds from the downloads "
+                           "and a stage checkpoint (Phi-2 in int8 with the LoRA merged, the vision side in bf16) "
+                           "into one file, which --model then loads in seconds")
+        p.add_argument("dst", metavar="OUT.safetensors", help="the file to write")
+        add_weight_options(p)
+        p.add_argument("--force", action="store_true", help="replace OUT.safetensors if it exists")
+        a = p.parse_args(argv[1:])
+        if not (a.phi2 and a.checkpoint) or a.model:
+            raise ValueError("quantize needs --phi2, --blip2 and --checkpoint: the downloads and a trained stage")
+        output_file(a.dst, a.force, "the quantized model")
+        a.int8, a.device = True, "cpu"
+        model, tok, stage = load_for_inference(a, dtype=torch.bfloat16)
+        source = {"phi2": os.path.abspath(a.phi2), "blip2": os.path.abspath(a.blip2), "checkpoint":
+                  os.path.abspath(a.checkpoint), "checkpoint_sha256": file_digest(a.checkpoint)}
+        save_quantized(model, tok, stage, a.dst, source)
+        print(f"wrote {a.dst} ({os.path.getsize(a.dst) / 2 ** 20:,.1f} MB): "
+              f"python tinygptv.py --model {a.dst} --image PICTURE --prompt \"[vqa] ...\"")
         return
     if argv[:1] == ["params"]:
         for name, n in count_parameters(tg.TinyGPTVConfig.full()):

@@ -21,6 +21,7 @@ that translates names, so loading stays one strict path:
 - `init_projections`: stage 1's start from MiniGPT-4's released projection.
 """
 
+import json
 import math
 import os
 import re
@@ -28,13 +29,15 @@ from dataclasses import asdict, fields
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
 import tinygptv as tg
-from checkpoints import (StrictReader, check_overrides, config_file, open_safetensors, read_json, write_atomically,
-                         write_json)
+from checkpoints import (StrictReader, check_overrides, config_file, open_safetensors, read_json, regular_file,
+                         write_atomically, write_json)
 from fastpaths import float32_blocks
-from int8 import Int8Linear
+from int8 import Int8Linear, quantize_int8
 from phi2 import Phi2, Phi2Config
 from qformer import QFormer, QFormerConfig
 from qformer import config_from_json as qformer_config_from_json
@@ -324,6 +327,62 @@ def load_model(phi2_path, vit_path, qformer_path=None, checkpoint=None, dtype=No
         model.config.lora_r, model.config.lora_alpha = ck_config.lora_r, ck_config.lora_alpha
         tg.load_trained(model, {k: v for k, v in tensors.items() if ".lora_" not in k}, checkpoint)
     return model, stage
+
+
+# -----------------------------------------------------------------------------
+# The quantized file: `--int8`'s model written once, loaded by memory map in seconds
+
+QUANTIZED = "tinygptv-int8"  # the metadata "format" of a file save_quantized writes
+
+
+def save_quantized(model, tok, stage, path, source):
+    """The model as `load_model(..., int8=True)` built it (Phi-2's Linear layers int8 with the
+    checkpoint's LoRA merged, the rest in the dtype it was read in) in one safetensors file, with its
+    config, stage, tokenizer and `source` ({what: where it came from}) in the metadata."""
+    tensors = dict(model.state_dict())
+    for name, m in model.named_modules():  # fbgemm keeps only its packed copy: the int8 weight read back
+        if isinstance(m, Int8Linear):
+            tensors[f"{name}.weight_int8"] = m.int8_weight()
+    meta = {"format": QUANTIZED, "config": json.dumps(model.config.to_dict()), "stage": str(stage),
+            "source": json.dumps(source), "tokenizer": tok.to_str(), "tokenizer_digest": tg.tokenizer_digest(tok)}
+    write_atomically(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta))
+
+
+def load_quantized(path, device="cpu"):
+    """-> (model in eval mode, tokenizer, stage) from a save_quantized file: the tensors are read
+    through safetensors' memory map and kept as they are stored (no quantization, no float32 copy);
+    the model is built around them on the meta device. Strict: a missing, unexpected or mis-shaped
+    tensor is named; a file of another kind is refused in one line."""
+    regular_file(path, "quantized model")
+    try:
+        handle = safe_open(path, framework="pt")
+        meta = handle.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    if meta.get("format") != QUANTIZED:
+        kind = "a stage checkpoint: give it as --checkpoint" if "stage" in meta else "not one"
+        raise ValueError(f"{path}: not a quantized model ({kind}); write one with `tinygptv.py quantize`")
+    try:
+        config, stage = tg.TinyGPTVConfig.from_dict(json.loads(meta["config"])), int(meta["stage"])
+        tok = Tokenizer.from_str(meta["tokenizer"])
+    except Exception as e:  # (a missing key, bad JSON, a tokenizer `tokenizers` cannot read)
+        raise ValueError(f"{path}: its metadata is damaged ({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
+    if stage not in (1, 2, 3, 4):
+        raise ValueError(f"{path}: says it holds stage {stage}; TinyGPT-V has stages 1-4")
+    with torch.device("meta"):  # shapes only: the file's tensors become the model's
+        model = tg.TinyGPTV(config)
+        quantize_int8(model)  # Phi-2's Linear layers as --int8 makes them
+    expected = model.state_dict()
+    with handle:
+        reader = StrictReader({k: handle.get_tensor(k) for k in handle.keys()}, path, integers=True)
+        tensors = {k: reader.take(k, ref.shape) for k, ref in expected.items()}
+        reader.finish()
+    model.load_state_dict(tensors, strict=True, assign=True)
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            m.pack()  # into the CPU kernel's layout (fbgemm), as loading from the downloads does
+    float32_blocks(model.visual_encoder)
+    return model.to(device).eval(), tok, stage
 
 
 def init_projections(model, path):

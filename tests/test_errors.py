@@ -353,6 +353,9 @@ TINYGPTV_ROWS = [
     ("a FIFO as the Phi-2 weights", CKPT + ["--phi2", "{d}/pipe.png"], 2, ("{d}/pipe.png", "FIFO")),
     ("a checkpoint name that is not UTF-8", REAL + ["--checkpoint", "{d}/st\udce9ge4.safetensors"], 2,
      ("--checkpoint", Not("corrupt"))),
+    ("a stage checkpoint as --model", ["--model", "{d}/stage4.safetensors"], 2, ("{d}/stage4.safetensors", "--checkpoint")),
+    ("a text file as --model", ["--model", "{d}/text.safetensors"], 2, "{d}/text.safetensors"),
+    ("--model beside the weights it replaces", CKPT + ["--model", "{d}/stage4.safetensors"], 2, "--model"),
 ]
 
 

@@ -3,9 +3,12 @@ every CPU kernel this machine can run; and quantizing while loading gives the ve
 quantizing after loading gives, so the 8 GB path (tinygptv.py --int8 on the downloads) is the
 same model as the simple one. Speed and memory are measured in bench.py (sections 2, 3 and 6)."""
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 import int8
 import tinygptv as tg
@@ -174,3 +177,104 @@ def test_assembled_int8_from_downloads_equals_quantize_int8_after(tmp_path):
     px = torch.randn(1, 3, 48, 48)
     with torch.no_grad():
         torch.testing.assert_close(during(ex, pixel_values=px)[0], after(ex, pixel_values=px)[0])
+
+
+# -----------------------------------------------------------------------------
+# The quantized file: what --int8 builds from the downloads, written once and read back by memory map
+
+
+@pytest.fixture(scope="module")
+def downloads(tmp_path_factory):
+    """The demo's shipped stand-ins as downloads (Phi-2 with its tokenizer, the ViT, the Q-Former) and a
+    stage-4 checkpoint with non-zero LoRA and random projections."""
+    import shutil
+    d = tmp_path_factory.mktemp("downloads")
+    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_backbones")
+    shutil.copytree(os.path.join(shipped, "phi2"), d / "phi2")
+    shutil.copy(os.path.join(shipped, "tokenizer.json"), d / "phi2" / "tokenizer.json")
+    model, _ = load_model(str(d / "phi2"), os.path.join(shipped, "vit"), os.path.join(shipped, "qformer"),
+                          proj_dim=tg.TinyGPTVConfig.tiny().proj_dim)
+    model.add_lora()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "llama_proj" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    tg.save_checkpoint(model, str(d / "stage4.safetensors"), stage=4)
+    return {"phi2": str(d / "phi2"), "vit": os.path.join(shipped, "vit"), "qformer": os.path.join(shipped, "qformer"),
+            "checkpoint": str(d / "stage4.safetensors"), "dir": d}
+
+
+def weight_args(w, **more):
+    import argparse
+    return argparse.Namespace(phi2=w["phi2"], blip2=w["vit"], qformer=w["qformer"], checkpoint=w["checkpoint"],
+                              int8=True, run=None, model=None, device="cpu", **more)
+
+
+def test_the_quantized_file_is_the_int8_model_from_the_downloads(downloads, tmp_path):
+    import cli
+    from layouts import load_quantized
+    w, out = downloads, str(tmp_path / "model.safetensors")
+    cli.main(["quantize", out, "--phi2", w["phi2"], "--blip2", w["vit"], "--qformer", w["qformer"],
+              "--checkpoint", w["checkpoint"]])
+    direct, tok, stage = cli.load_for_inference(weight_args(w), dtype=torch.bfloat16)
+    loaded, tok2, stage2 = load_quantized(out)
+    assert stage == stage2 == 4 and tok2.to_str() == tok.to_str()
+    a, b = dict(direct.named_modules()), dict(loaded.named_modules())
+    assert a.keys() == b.keys()
+    n_int8 = 0
+    for name, m in a.items():  # every tensor, the int8 weights read back from fbgemm's packed copies
+        if isinstance(m, int8.Int8Linear):
+            n_int8 += 1
+            assert torch.equal(m.int8_weight(), b[name].int8_weight()), name
+            assert (m.packed is None) == (b[name].packed is None), name  # the same kernel
+    sa, sb = direct.state_dict(), loaded.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) and sa[k].dtype == sb[k].dtype for k in sa)
+    assert n_int8 == 4 * 4 + 1  # qkv, dense, fc1, fc2 in each of the 4 layers, and lm_head: LoRA merged in them
+    image = Image.new("RGB", (96, 96), (240, 120, 20))
+    ex = [tg.make_example(tok, 4, "[vqa] what color is it?")]
+    with torch.no_grad():
+        px = direct.pixels([image], 4)
+        la = direct.generate_ids(px, ex, 6, [])
+        lb = loaded.generate_ids(loaded.pixels([image], 4), ex, 6, [])
+        qa = direct.project(direct.encode_queries(px))
+        qb = loaded.project(loaded.encode_queries(px))
+    assert la == lb and torch.equal(qa, qb)
+
+
+@pytest.mark.parametrize("what", ["truncated", "another stage", "a stage checkpoint", "a tensor missing",
+                                  "a tensor mis-shaped"])
+def test_a_bad_quantized_file_is_one_line(downloads, tmp_path, what):
+    import cli
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from layouts import load_quantized
+    w, good = downloads, str(tmp_path / "good.safetensors")
+    cli.main(["quantize", good, "--phi2", w["phi2"], "--blip2", w["vit"], "--qformer", w["qformer"],
+              "--checkpoint", w["checkpoint"]])
+    tensors = load_file(good)
+    with safe_open(good, "pt") as f:
+        meta = f.metadata()
+    bad, names = str(tmp_path / "bad.safetensors"), []
+    if what == "truncated":
+        with open(good, "rb") as f:
+            raw = f.read()
+        with open(bad, "wb") as f:
+            f.write(raw[:len(raw) * 2 // 3])
+    elif what == "another stage":
+        save_file(tensors, bad, metadata={**meta, "stage": "7"})
+        names = ["stage 7"]
+    elif what == "a stage checkpoint":
+        bad, names = w["checkpoint"], ["stage checkpoint", "--checkpoint"]
+    elif what == "a tensor missing":
+        key = "llama_model.layers.1.self_attn.dense.weight_int8"
+        save_file({k: v for k, v in tensors.items() if k != key}, bad, metadata=meta)
+        names = [key]
+    else:
+        key = "llama_proj2.bias"
+        save_file({**tensors, key: torch.zeros(3)}, bad, metadata=meta)
+        names = [key, "(3,)"]
+    with pytest.raises(ValueError) as e:
+        load_quantized(bad)
+    message = str(e.value)
+    assert "\n" not in message and bad in message and all(n in message for n in names), message
