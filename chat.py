@@ -259,7 +259,7 @@ def main(argv=None):
     if a.serve:
         import server
         return server.serve(chat, a.host, a.port)
-    image = a.image or (None if a.phi2 else os.path.join(a.run or demo.DEMO_RUN, "example.png"))
+    image = a.image or (None if a.phi2 or a.model else os.path.join(a.run or demo.DEMO_RUN, "example.png"))
     say = lambda text: print(text, file=sys.stderr, flush=True)
     if image:
         chat.set_image(data.load_image(image))

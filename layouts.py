@@ -349,14 +349,14 @@ def save_quantized(model, tok, stage, path, source):
 
 
 def load_quantized(path, device="cpu"):
-    """-> (model in eval mode, tokenizer, stage) from a save_quantized file: the tensors are read
-    through safetensors' memory map and kept as they are stored (no quantization, no float32 copy);
-    the model is built around them on the meta device. Strict: a missing, unexpected or mis-shaped
-    tensor is named; a file of another kind is refused in one line."""
+    """-> (model in eval mode, tokenizer, stage) from a save_quantized file: the model is built on the
+    meta device and each tensor read into it as stored (no quantization, no float32 copy), one at a
+    time. Strict: a missing, unexpected or mis-shaped tensor is named; a file of another kind is
+    refused in one line."""
     regular_file(path, "quantized model")
     try:
-        handle = safe_open(path, framework="pt")
-        meta = handle.metadata() or {}
+        with safe_open(path, framework="pt") as handle:  # (its header: the metadata)
+            meta = handle.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
     if meta.get("format") != QUANTIZED:
@@ -372,15 +372,18 @@ def load_quantized(path, device="cpu"):
     with torch.device("meta"):  # shapes only: the file's tensors become the model's
         model = tg.TinyGPTV(config)
         quantize_int8(model)  # Phi-2's Linear layers as --int8 makes them
-    expected = model.state_dict()
-    with handle:
-        reader = StrictReader({k: handle.get_tensor(k) for k in handle.keys()}, path, integers=True)
-        tensors = {k: reader.take(k, ref.shape) for k, ref in expected.items()}
-        reader.finish()
-    model.load_state_dict(tensors, strict=True, assign=True)
-    for m in model.modules():
-        if isinstance(m, Int8Linear):
-            m.pack()  # into the CPU kernel's layout (fbgemm), as loading from the downloads does
+    # Tensor by tensor, each int8 weight packed as soon as it is read: a memory-mapped read would hold
+    # the file's pages and the model's copies at once (8.0 GB at full size, bench.py section 6)
+    reader = StrictReader(open_safetensors(path), path, integers=True)
+    for prefix, module in model.named_modules():
+        for name, ref in list(module.named_parameters(recurse=False)):
+            t = reader.take(f"{prefix}.{name}".lstrip("."), ref.shape)
+            module._parameters[name] = nn.Parameter(t, requires_grad=False)
+        for name, ref in list(module.named_buffers(recurse=False)):
+            module._buffers[name] = reader.take(f"{prefix}.{name}".lstrip("."), ref.shape)
+        if isinstance(module, Int8Linear):
+            module.pack()  # into the CPU kernel's layout (fbgemm), as loading from the downloads does
+    reader.finish()
     float32_blocks(model.visual_encoder)
     return model.to(device).eval(), tok, stage
 
