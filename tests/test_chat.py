@@ -312,6 +312,11 @@ def test_the_page_says_what_is_wrong_with_an_upload(browser, site, run, tmp_path
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(urllib.request.Request(site + "api/ask?v=statuses", data=b"{not json"))
     assert e.value.code == 400 and "JSON" in json.loads(e.value.read())["error"]
+    urllib.request.urlopen(urllib.request.Request(site + "api/image?v=statuses", data=run["image"].read_bytes()))
+    long = json.dumps({"question": "[vqa] " + "why " * server.MAX_QUESTION_CHARS}).encode()
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(site + "api/ask?v=statuses", data=long))
+    assert e.value.code == 413 and "characters" in json.loads(e.value.read())["error"]
 
 
 def test_two_visitors_asking_at_once_are_both_answered_in_order(browser, site, run):
