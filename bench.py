@@ -25,6 +25,8 @@ one run, with the same weights, dtype and thread count. A reader of the paper ma
    worker processes, and the share of a step spent waiting for data.
 8. The chat: the first streamed token of a follow-up question against the first question about the
    same picture, and of the web page against the command line, on the demo's model and at full size.
+9. The vision tower at 224 and 448 px against its multiply-adds at the rate one large matrix
+   product of the same dtype reaches on this machine.
 
     python bench.py                          # all sections on the CPU, 2 threads
     python bench.py --quick                  # fewer layers, tokens and repeats
@@ -970,16 +972,56 @@ def section_chat(args, bw):
 
 
 # -----------------------------------------------------------------------------
+# 9. The vision tower against this machine's compute bound (issue 31)
+
+
+def vision_macs(config, size):
+    """Multiply-adds of one image through the ViT: the patch embedding, then per block qkv, the two
+    attention products, the output projection and the MLP, at (size / patch)^2 + 1 tokens."""
+    C, F, L, p = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.patch_size
+    T = (size // p) ** 2 + 1
+    per_block = T * (3 * C * C + C * C + 2 * C * F) + 2 * T * T * C
+    return (T - 1) * 3 * p * p * C + L * per_block
+
+
+def section_vision(args, bw):
+    """The vision tower (ViT + ln_vision, random weights, in the dtype --int8 loads it in) at 224 and
+    448 px against its multiply-adds over the rate one large matrix product of the same dtype reaches
+    here, in the same run; the CPU float32 path where bf16 is not fast (fastpaths.py)."""
+    from vit import VisionTransformer
+    config = preset_config(args.preset).vision
+    dtype = torch.bfloat16 if args.device.type == "cuda" or fastpaths.CPU_BF16_MATMUL else torch.float32
+    a = torch.randn(2048, config.hidden_size, dtype=dtype, device=args.device)
+    w = torch.randn(config.hidden_size, config.intermediate_size, dtype=dtype, device=args.device)
+    rate = a.shape[0] * w.shape[0] * w.shape[1] / median_time(lambda: a @ w, args.device, 3)  # MAC/s
+    with torch.device(args.device):
+        vit = VisionTransformer(config).to(dtype).eval()
+    rows = [Row(9, f"{args.preset} preset ViT in {str(dtype).removeprefix('torch.')}; one {a.shape[0]}x"
+                   f"{w.shape[0]}x{w.shape[1]} product reaches {rate * 2 / 1e12:.2f} TFLOP/s here")]
+    for size in (224, 448):
+        x = torch.randn(1, 3, size, size, dtype=dtype, device=args.device)
+        with torch.no_grad():
+            vit(x)  # warm-up: the position embedding's resize, allocator caches
+            t = median_time(lambda: vit(x), args.device, 2)
+        bound = vision_macs(config, size) / rate
+        rows.append(Row(9, f"vision tower, one image at {size} px ({vision_macs(config, size) / 1e9:.0f} GMAC) "
+                           "vs the compute bound", t, bound, "s", "<= 1.3x at 448" if size == 448 else "",
+                        t <= 1.3 * bound if size == 448 else None))
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # Main
 
 SECTIONS = {1: section_phi2, 2: section_int8, 3: section_inference, 4: section_training, 5: section_demo_training,
-            6: section_downloads, 7: section_loader, 8: section_chat}
+            6: section_downloads, 7: section_loader, 8: section_chat,
+            9: section_vision}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="1,2,3,4,5,6,7,8", help="comma-separated, from 1-8 (default: all)")
+    p.add_argument("--sections", default="1,2,3,4,5,6,7,8,9", help="comma-separated, from 1-9 (default: all)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=2, help="torch threads on the CPU, the same for every run")
     p.add_argument("--layers", type=int, help="Phi-2 layers in sections 1-2 (real width; default 4)")
@@ -1008,7 +1050,7 @@ def parse_args(argv=None):
     a.train_steps = a.train_steps or (2 if quick else 5)
     a.sections = sorted({int(s) for s in a.sections.split(",") if s.strip()})
     if not set(a.sections) <= set(SECTIONS):
-        p.error(f"--sections takes numbers from 1 to 8, got {a.sections}")
+        p.error(f"--sections takes numbers from 1 to 9, got {a.sections}")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: this torch sees no GPU")
     a.device = torch.device(a.device)

@@ -163,7 +163,7 @@ def load_for_inference(args, dtype=None):
     weights, which need a trained stage checkpoint (the projections would otherwise be random and
     every answer garbage). With --int8 Phi-2 is quantized as it loads (layouts.load_model)."""
     check_real_weights(args)
-    if args.model:
+    if getattr(args, "model", None):  # (a caller's own Namespace may not have the option)
         if args.phi2 or args.checkpoint or args.run:
             raise ValueError("--model is the whole model: give it without --phi2, --blip2, --checkpoint or --run")
         model, tok, stage = load_quantized(args.model)
