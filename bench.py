@@ -998,15 +998,18 @@ def section_vision(args, bw):
         vit = VisionTransformer(config).to(dtype).eval()
     rows = [Row(9, f"{args.preset} preset ViT in {str(dtype).removeprefix('torch.')}; one {a.shape[0]}x"
                    f"{w.shape[0]}x{w.shape[1]} product reaches {rate * 2 / 1e12:.2f} TFLOP/s here")]
-    for size in (224, 448):
-        x = torch.randn(1, 3, size, size, dtype=dtype, device=args.device)
-        with torch.no_grad():
-            vit(x)  # warm-up: the position embedding's resize, allocator caches
-            t = median_time(lambda: vit(x), args.device, 2)
-        bound = vision_macs(config, size) / rate
-        rows.append(Row(9, f"vision tower, one image at {size} px ({vision_macs(config, size) / 1e9:.0f} GMAC) "
-                           "vs the compute bound", t, bound, "s", "<= 1.3x at 448" if size == 448 else "",
-                        t <= 1.3 * bound if size == 448 else None))
+    for label in ("attention written out (vit.py: training)", "fused attention (--int8, --model)"):
+        if label.startswith("fused"):
+            fastpaths.fused_attention(vit)
+        for size in (224, 448):
+            x = torch.randn(1, 3, size, size, dtype=dtype, device=args.device)
+            with torch.no_grad():
+                vit(x)  # warm-up: the position embedding's resize, allocator caches
+                t = median_time(lambda: vit(x), args.device, 2)
+            bound, last = vision_macs(config, size) / rate, size == 448 and label.startswith("fused")
+            rows.append(Row(9, f"vision tower, {label}, one image at {size} px ({vision_macs(config, size) / 1e9:.0f} "
+                               "GMAC) vs the compute bound", t, bound, "s", "<= 1.3x at 448" if last else "",
+                            t <= 1.3 * bound if last else None))
     return rows
 
 

@@ -9,13 +9,15 @@ only faster on some machines. Its jobs:
 - `CPU_BF16_MATMUL` and `Float32Blocks`: whether torch multiplies bf16 matrices at full speed on
   this CPU, decided once when this file is imported, and, where it does not, a ViT whose bf16
   blocks are computed in float32, one block's weights widened at a time;
+- `FusedAttention`: the ViT's attention through torch's fused kernel, for inference (--int8, --model);
 - `compute_dtype`, `mixed_precision`, `autocast`: bf16 where a device computes in it at full speed.
 """
 
 import torch
+import torch.nn.functional as F
 
 from phi2 import KVCache
-from vit import VisionTransformer
+from vit import Attention, VisionTransformer
 
 # -----------------------------------------------------------------------------
 # The GPU decode path: one CUDA graph per decode step
@@ -198,4 +200,25 @@ def autocast(device, amp="auto", real=True):
 def float32_blocks(vit):
     """Give a loaded VisionTransformer the forward above (same parameters, same state dict)."""
     vit.__class__ = Float32Blocks
+    return vit
+
+
+class FusedAttention(Attention):
+    """vit.py's attention through torch's fused kernel (F.scaled_dot_product_attention), which never
+    holds the (T, T) scores: at 448 px (1,025 tokens) a block's attention took 36 ms here against
+    92 ms written out, on 2 cores in bf16 (docs/LOG.md, 2026-12-05). The same weights and formula;
+    the fused kernel's rounding differs from the written-out softmax's within the dtype's precision."""
+
+    def forward(self, x):
+        B, T, D = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])  # (3D,)
+        q, k, v = (self.qkv(x) + bias).view(B, T, 3, self.nh, self.hd).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+def fused_attention(vit):
+    """Give every block of a loaded VisionTransformer the attention above (same parameters)."""
+    for block in vit.blocks:
+        block.attn.__class__ = FusedAttention
     return vit

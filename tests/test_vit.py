@@ -114,6 +114,19 @@ def test_bf16_tower_computes_its_blocks_in_float32(tiny):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_fused_attention_matches_transformers(tiny):
+    # fastpaths.fused_attention (inference's --int8 and --model): torch's fused kernel in place of the
+    # written-out softmax, held against the reference as vit.py is
+    ref, _, model = tiny
+    fused = fastpaths.fused_attention(copy.deepcopy(model))
+    assert all(type(b.attn) is fastpaths.FusedAttention for b in fused.blocks)
+    with torch.no_grad():
+        x = pixels()
+        torch.testing.assert_close(fused(x), ref.vision_model(x).last_hidden_state)
+        x = pixels(H=64)  # 81 tokens, the position embedding resized: against vit.py's written-out attention
+        torch.testing.assert_close(fused(x), model(x))
+
+
 @pytest.mark.parametrize("fast_bf16", [False, True])
 def test_bf16_tower_on_the_cpu_takes_float32_blocks_only_without_fast_bf16(tiny, monkeypatch, fast_bf16):
     ref, _, model = tiny
