@@ -9,7 +9,8 @@ The API, all under /api/, a visitor named by ?v=ID (a random id the page makes):
     POST /api/image    the picture's bytes             -> {"width", "height"}
     POST /api/ask      {"question": "[vqa] ..."}       -> one JSON object per line, streamed:
                        {"wait": n} while n answers are ahead, {"text": piece} as the answer grows,
-                       then {"done": true, "answer", "boxes": [[x1, y1, x2, y2], ...], "dropped": n}
+                       then {"done": true, "answer", "boxes": [[x1, y1, x2, y2], ...], "dropped": n,
+                       "ticket": its place in the queue, "answered": answers made so far, this one included}
                        (or {"error": message})
     POST /api/restart  the conversation starts over, same picture
 Bad input (a picture too large or not a picture, a question too long, a malformed request) gets an
@@ -66,7 +67,7 @@ class Visitor:
 class App:
     def __init__(self, chat):
         self.chat, self.jobs, self.visitors = chat, queue.Queue(), OrderedDict()
-        self.taken = self.serving = 0  # tickets given out, and the one the model answers now
+        self.taken = self.serving = self.answered = 0  # tickets given out, the one answered now, answers made
         self.talking_with = None  # whose conversation the chat's KV cache holds
         self.lock = threading.Lock()  # for the visitors, which every request's thread looks up
         with open(PAGE, "rb") as f:
@@ -149,8 +150,9 @@ class App:
         finally:
             pieces.close()  # (a visitor gone mid-answer: the answer so far is its turn)
             visitor.turns = chat.turns
+        self.answered += 1
         job.events.put({"done": True, "answer": chat.answer, "boxes": data.parse_boxes(chat.answer),
-                        "dropped": chat.dropped})
+                        "dropped": chat.dropped, "ticket": job.ticket, "answered": self.answered})
 
 
 class Handler(BaseHTTPRequestHandler):
