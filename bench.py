@@ -629,7 +629,6 @@ def write_phi2(directory, llm, gen, shards=2):
     model.safetensors.index.json, config.json (transformers' PhiConfig) and tokenizer.json; q, k, v
     apart, under transformers' names. Without the stabilizers, which the release has not."""
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
     config = replace(llm, qk_layernorm=False, post_layernorm=False)
     with torch.device("meta"):
         names = [(k, tuple(p.shape)) for k, p in Phi2(config).state_dict().items()]
@@ -659,10 +658,7 @@ def write_phi2(directory, llm, gen, shards=2):
         json.dump(dict(asdict(config), architectures=["PhiForCausalLM"], model_type="phi",
                        hidden_act="gelu_new", num_key_value_heads=config.num_attention_heads,
                        tie_word_embeddings=False, torch_dtype="float16"), f)
-    words = "what color is it the a red blue circle square [vqa] [INST] [/INST] <Img> </Img>".split()
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", tg.BOS] + words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(os.path.join(directory, "tokenizer.json"))
+    word_tokenizer(config.vocab_size).save(os.path.join(directory, "tokenizer.json"))
     return total
 
 
@@ -755,17 +751,16 @@ def section_downloads(args, bw):
         r = run_child(args, "write", dir=d)
         if "error" in r:
             return rows + [Row(6, f"writing the downloads failed: {r['error']}", passed=False)]
-        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tinygptv.py"),
-               "--phi2", os.path.join(d, "phi-2"), "--blip2", os.path.join(d, "blip2"),
-               "--checkpoint", os.path.join(d, "stage4.safetensors"), "--int8", "--image", os.path.join(d, "red.png"),
-               "--prompt", "[vqa] what color is it", "--max-new-tokens", "8"]
-        code, peak, seconds, text = peak_rss_of(cmd, args.threads)
-        # quantized once (issue 31), then the same question from that file, loaded by memory map
+        script = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tinygptv.py")]
+        weights = ["--phi2", os.path.join(d, "phi-2"), "--blip2", os.path.join(d, "blip2"),
+                   "--checkpoint", os.path.join(d, "stage4.safetensors")]
+        question = ["--image", os.path.join(d, "red.png"), "--prompt", "[vqa] what color is it", "--max-new-tokens", "8"]
+        code, peak, seconds, text = peak_rss_of(script + weights + ["--int8"] + question, args.threads)
+        # quantized once (issue 31), then the same question from that file
         quantized = os.path.join(d, "model.safetensors")
-        q_cmd = [cmd[0], cmd[1], "quantize", quantized] + cmd[2:8]  # --phi2, --blip2, --checkpoint
-        q_code, q_peak, q_seconds, q_text = peak_rss_of(q_cmd, args.threads)
-        m_cmd = [cmd[0], cmd[1], "--model", quantized] + cmd[9:]  # --image, --prompt, --max-new-tokens
-        m_code, m_peak, m_seconds, m_text = peak_rss_of(m_cmd, args.threads) if q_code == 0 else (q_code, 0, 0, q_text)
+        q_code, q_peak, q_seconds, q_text = peak_rss_of(script + ["quantize", quantized] + weights, args.threads)
+        m_code, m_peak, m_seconds, m_text = peak_rss_of(script + ["--model", quantized] + question, args.threads) \
+            if q_code == 0 else (q_code, 0, 0, q_text)
     files = (r["phi2"] + r["blip2"]) / GB
     if code != 0:
         return rows + [Row(6, f"tinygptv.py --int8 failed (exit {code}): {text.strip().splitlines()[-1:]}", passed=False)]

@@ -67,6 +67,11 @@ class Chat:
         self.cache = KVCache()  # holds the first cache.length positions of the conversation
         self.generator = torch.Generator().manual_seed(self.seed)
 
+    def resume(self, image, image_embeds, turns):
+        """Take up a conversation kept elsewhere (server.py keeps one per visitor); the cache is filled
+        again from it on the next turn."""
+        self.image, self.image_embeds, self.turns, self.cache = image, image_embeds, turns, KVCache()
+
     @torch.no_grad()
     def set_image(self, image):
         """A PIL image: encoded once, through the vision tower, the Q-Former and the projections."""
@@ -92,10 +97,7 @@ class Chat:
 
     def _embeds(self, turns):
         """The whole conversation as Phi-2's input (1, T, C), the picture's 32 vectors in their place."""
-        embed, img = self.model.llama_model.embed_tokens, self.image_embeds[0]  # (n_query, C)
-        before, after = (embed(torch.tensor(ids, dtype=torch.long, device=img.device)).to(img.dtype)
-                         for ids in self._ids(turns))
-        return torch.cat([before, img, after])[None]
+        return self.model.assemble(self.image_embeds, [tg.Example(*self._ids(turns), answer=[])])[0]
 
     # -- a turn
     def ask(self, instruction):

@@ -166,8 +166,8 @@ class StrictReader:
 
     def load(self, model, read, convert=None):
         """Fill `model`, built on the meta device, module by module, then finish(). read(name, p)
-        returns the tensor for parameter `name` (as model.state_dict() names it; p is its meta
-        placeholder). convert(name, module), if given, sees each module as soon as its own tensors
+        returns the tensor for parameter or buffer `name` (as model.state_dict() names it; p is its
+        meta placeholder). convert(name, module), if given, sees each module as soon as its own tensors
         are in and returns what takes its place: itself, or a replacement such as int8.py's
         Int8Linear, so at most one layer's weights are ever held at full precision."""
         free_promptly()
@@ -176,6 +176,9 @@ class StrictReader:
             for name, p in list(module.named_parameters(recurse=False)):
                 t = read(f"{prefix}.{name}" if prefix else name, p)
                 setattr(module, name, torch.nn.Parameter(t, requires_grad=p.requires_grad))
+            for name, b in list(module.named_buffers(recurse=False)):  # (int8.Int8Linear's weights)
+                if name not in module._non_persistent_buffers_set:
+                    setattr(module, name, read(f"{prefix}.{name}" if prefix else name, b))
             new = module if convert is None or not prefix else convert(prefix, module)  # the root stays
             if new is not module:
                 parent, _, child = prefix.rpartition(".")
@@ -277,11 +280,17 @@ def write_atomically(final, write):
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, final)
     except (OSError, RuntimeError, SafetensorError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
-        raise OSError(f"{final}: cannot write it ({reason})") from None
+        raise cannot_write(final, e) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def cannot_write(final, e, more=""):
+    """A failed write (OSError; torch's RuntimeError or safetensors' own error for a full disk) as
+    one OSError naming `final`."""
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+    return OSError(f"{final}: cannot write it ({reason}){more}")
 
 
 def write_folder_atomically(final, write):
@@ -302,8 +311,7 @@ def write_folder_atomically(final, write):
             os.rename(final, old)
         os.rename(tmp, final)
     except (OSError, RuntimeError, SafetensorError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
-        raise OSError(f"{final}: cannot write it ({reason}); it is as it was") from None
+        raise cannot_write(final, e, "; it is as it was") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         recover_folder(final)  # stopped between the renames: the old one goes back

@@ -155,7 +155,7 @@ def add_weight_options(p):
     p.add_argument("--qformer", help="the Q-Former, if not in the --blip2 path")
     p.add_argument("--int8", action="store_true", help="int8 weights for the language model")
     p.add_argument("--model", help="a quantized model (`tinygptv.py quantize` wrote it): the whole --int8 "
-                   "model in one file, loaded by memory map instead of --phi2, --blip2 and --checkpoint")
+                   "model in one file, loaded as it is instead of --phi2, --blip2 and --checkpoint")
 
 
 def load_for_inference(args, dtype=None):
@@ -228,7 +228,7 @@ def main(argv=None):
     if argv[:1] == ["quantize"]:
         p = ArgumentParser(prog="tinygptv.py quantize", description="Write what --int8 builds from the downloads "
                            "and a stage checkpoint (Phi-2 in int8 with the LoRA merged, the vision side in bf16) "
-                           "into one file, which --model then loads in seconds")
+                           "into one file, which --model then loads without quantizing again")
         p.add_argument("dst", metavar="OUT.safetensors", help="the file to write")
         add_weight_options(p)
         p.add_argument("--force", action="store_true", help="replace OUT.safetensors if it exists")

@@ -217,9 +217,12 @@ def box_text(box):
     return "{" + "".join(f"<{int(v)}>" for v in box) + "}"
 
 
+BOX = re.compile(r"\{<(\d+)><(\d+)><(\d+)><(\d+)>\}")  # how an answer writes a box
+
+
 def parse_box(text):
     """The first `{<x1><y1><x2><y2>}` in text as a tuple of ints, or None (none, or out of 0-100)."""
-    m = re.search(r"\{<(\d+)><(\d+)><(\d+)><(\d+)>\}", text)
+    m = BOX.search(text)
     if m is None:
         return None
     box = tuple(int(v) for v in m.groups())
@@ -230,7 +233,7 @@ def parse_boxes(text):
     """Every whole `{<x1><y1><x2><y2>}` in an answer, corners in order, as tuples of ints; boxes with a
     coordinate above 100 and half-written ones are left out (a model can write either)."""
     boxes = []
-    for m in re.finditer(r"\{<(\d+)><(\d+)><(\d+)><(\d+)>\}", text):
+    for m in BOX.finditer(text):
         x1, y1, x2, y2 = (int(v) for v in m.groups())
         if max(x1, y1, x2, y2) <= 100:
             boxes.append((min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)))
@@ -576,4 +579,3 @@ def load_shards(pattern):
             raise ValueError(f"{shard}: not a readable webdataset shard ({e})") from None
         out += [Sample(pictures[k], "caption", "", clean_caption(texts[k]), {"key": k}) for k in pictures if k in texts]
     return out
-

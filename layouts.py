@@ -330,7 +330,7 @@ def load_model(phi2_path, vit_path, qformer_path=None, checkpoint=None, dtype=No
 
 
 # -----------------------------------------------------------------------------
-# The quantized file: `--int8`'s model written once, loaded by memory map in seconds
+# The quantized file: `--int8`'s model written once, loaded without quantizing again
 
 QUANTIZED = "tinygptv-int8"  # the metadata "format" of a file save_quantized writes
 
@@ -374,16 +374,12 @@ def load_quantized(path, device="cpu"):
         quantize_int8(model)  # Phi-2's Linear layers as --int8 makes them
     # Tensor by tensor, each int8 weight packed as soon as it is read: a memory-mapped read would hold
     # the file's pages and the model's copies at once (8.0 GB at full size, bench.py section 6)
-    reader = StrictReader(open_safetensors(path), path, integers=True)
-    for prefix, module in model.named_modules():
-        for name, ref in list(module.named_parameters(recurse=False)):
-            t = reader.take(f"{prefix}.{name}".lstrip("."), ref.shape)
-            module._parameters[name] = nn.Parameter(t, requires_grad=False)
-        for name, ref in list(module.named_buffers(recurse=False)):
-            module._buffers[name] = reader.take(f"{prefix}.{name}".lstrip("."), ref.shape)
+    def packed(name, module):  # into the CPU kernel's layout (fbgemm), as loading from the downloads does
         if isinstance(module, Int8Linear):
-            module.pack()  # into the CPU kernel's layout (fbgemm), as loading from the downloads does
-    reader.finish()
+            module.pack()
+        return module
+    reader = StrictReader(open_safetensors(path), path, integers=True)
+    reader.load(model, lambda name, p: reader.take(name, p.shape), packed)
     fused_attention(float32_blocks(model.visual_encoder))  # as --int8 from the downloads
     return model.to(device).eval(), tok, stage
 

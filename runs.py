@@ -103,7 +103,7 @@ def settings(args, stage):
             "--demo-train": args.demo_train, "--demo-eval": args.demo_eval}
 
 
-def saved_state(path, stage, settings, resume, restart, device="cpu"):
+def saved_state(path, stage, settings, resume, restart):
     """The interrupted stage's saved state to continue from, or None to start the stage fresh. A
     state file is never discarded without --restart, nor a fresh start taken for a resume, and it
     continues only a run with the same `settings` ({option: value})."""
@@ -115,10 +115,10 @@ def saved_state(path, stage, settings, resume, restart, device="cpu"):
     if not (resume or restart):
         raise ValueError(f"stage {stage} has an interrupted run's state ({path}): pass --resume to continue it "
                          "or --restart to start the stage over")
-    return None if restart else read_state(path, settings, device)
+    return None if restart else read_state(path, settings)
 
 
-def read_state(path, settings, device="cpu"):
+def read_state(path, settings):
     """A training state file (torch.save of tensors and plain containers, read weights-only, never
     code), checked: its fields are there and the settings it was trained with ({option: value})
     equal `settings`. -> the state dict, or a one-line ValueError naming the file or the option."""

@@ -32,7 +32,6 @@ from PIL import Image
 
 import data
 from cli import parse_user_prompt
-from phi2 import KVCache
 
 MAX_IMAGE_BYTES = 10 << 20  # 10 MB: a phone photo fits; the model sees 224 or 448 px anyway
 MAX_QUESTION_CHARS = 2000
@@ -139,7 +138,7 @@ class App:
             if visitor.image_embeds is None:
                 chat.set_image(visitor.image)
                 visitor.image_embeds = chat.image_embeds
-            chat.image, chat.image_embeds, chat.turns, chat.cache = visitor.image, visitor.image_embeds, visitor.turns, KVCache()
+            chat.resume(visitor.image, visitor.image_embeds, visitor.turns)
             self.talking_with = visitor
         pieces = chat.ask(instruction)
         try:

@@ -187,7 +187,7 @@ def train_stage(args, stage):
         raise ValueError(f"--grad-accum {args.grad_accum}: more micro-batches than the {sc.batch_size // nproc} samples "
                          f"each of {nproc} process(es) gets per step; lower it or raise --batch-size")
     state_path = os.path.join(args.out, f"stage{stage}.state.pt")
-    st = runs.saved_state(state_path, stage, runs.settings(args, stage), args.resume, args.restart, args.device)
+    st = runs.saved_state(state_path, stage, runs.settings(args, stage), args.resume, args.restart)
     torch.manual_seed(args.seed + stage)
     model, tok = build_model(args, stage, report=st is None)
     samples, order = stage_data(args, stage)  # (a source without samples is refused there)
