@@ -399,7 +399,8 @@ def random_model(config, dtype, device, quantized=False):
     """TinyGPTV with random weights, made in `dtype` directly. The modules are first built on the
     meta device (shapes only, no memory); then each module's tensors are allocated and filled in
     turn, so no float32 copy of the whole model ever exists. With `quantized`, Phi-2's Linear layers are
-    turned into Int8Linear while still on meta, so the int8 weights are the only copy allocated."""
+    turned into Int8Linear while still on meta, so the int8 weights are the only copy allocated, and the
+    vision tower takes the fused attention of the --int8 path."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # the meta tensors take this dtype, so to_empty allocates it
     try:
@@ -424,6 +425,8 @@ def random_model(config, dtype, device, quantized=False):
                     t.fill_(1.0 if name == "weight" else 0.0)  # norms start at 1; biases at 0
         if isinstance(module, int8.Int8Linear):
             module.pack()  # its weights are real now: into the CPU kernel's layout (int8.CPU_KERNEL)
+    if quantized:  # the tower as --int8 and --model run it (layouts.load_model, load_quantized)
+        fastpaths.fused_attention(model.visual_encoder)
     return model.eval()
 
 
