@@ -61,20 +61,26 @@ def combine_digits(y, scale):
 
 
 # -----------------------------------------------------------------------------
-# Which kernel multiplies on the CPU, chosen once for this machine
+# Which kernels multiply on the CPU, chosen once for this machine
 #
-#   "fbgemm":      fbgemm's prepacked int8 x int8 -> int32 GEMM (torch.ops.quantized, torch.ao's dynamic
-#                  int8 kernel), fed our weights, scales and digits: x86 (AVX2, AVX-512; VNNI if any).
-#   "weight_only": torch._weight_int8pack_mm, bf16 activations times int8 weights: ARM, or no fbgemm.
+#   "int_mm":      x86 with AVX-512 VNNI: the int8 weight is used as stored, nothing packed, so a quantized
+#                  file maps straight into the model (layouts.load_quantized). Over 16 rows (a prefill):
+#                  torch._int_mm, exact int32 sums of our two digits, as on a GPU; fewer (decoding):
+#                  torch._weight_int8pack_mm, bf16 activations times int8 weights.
+#   "fbgemm":      other x86 (AVX2): fbgemm's prepacked int8 x int8 -> int32 GEMM (torch.ops.quantized,
+#                  torch.ao's dynamic int8 kernel), fed our weights, scales and digits, for every row count.
+#   "weight_only": torch._weight_int8pack_mm for every row count: ARM, or no fbgemm.
 #
-# Why fbgemm (one token through Phi-2's matrices, weights not in cache; docs/LOG.md, 2026-12-02): on a
-# 2-core AMD EPYC with AVX-512 and VNNI, no AMX, it read the weights at 30-34 GB/s, oneDNN's
-# qlinear_pointwise 30-33, a torch.compile'd dequantize-and-reduce 32 (K = 2560) or 12 (K = 10240),
-# _weight_int8pack_mm 25; with AVX2 only (third session): fbgemm 12-13, int8pack 6.5-13, compiled 1.3.
+# Why (docs/LOG.md, 2026-12-02, 2026-12-05), on a 2-core EPYC with AVX-512 VNNI: one token through 1.26 GB
+# of Phi-2's matrices read them at 33 GB/s (fbgemm) or 32 (_weight_int8pack_mm); 64 rows took 228 ms
+# (fbgemm) or 216 (_int_mm); but packing Phi-2 for fbgemm took 18 s of a 23 s load. With AVX2 only,
+# _weight_int8pack_mm read 6.5-13 GB/s to fbgemm's 12-13, and _int_mm there is unmeasured: fbgemm stays.
 
 
 def cpu_kernel():
-    return "fbgemm" if "fbgemm" in torch.backends.quantized.supported_engines else "weight_only"
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return "weight_only"
+    return "int_mm" if getattr(torch.cpu, "_is_vnni_supported", lambda: False)() else "fbgemm"
 
 
 CPU_KERNEL = cpu_kernel()
@@ -104,8 +110,8 @@ class Int8Linear(nn.Module):
 
     Kernels: CPU_KERNEL on the CPU; fbgemm quantizes its input itself, per tensor, so given the digits
     as floats with scale 1 and zero point 64 it rounds nothing and its int32 sums are exactly ours
-    (tests/test_int8.py). On a GPU, `torch._int_mm` for over 16 rows; for fewer (one decoded token)
-    the weight dequantized to the activations' dtype."""
+    (tests/test_int8.py). `torch._int_mm` for over 16 rows on a GPU (and the "int_mm" CPU); for fewer
+    (one decoded token) on a GPU the weight dequantized to the activations' dtype."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -143,12 +149,13 @@ class Int8Linear(nn.Module):
             hi, lo, sx = quantize_rows(x2)  # (N, in) each, (N, 1)
             fbgemm = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
             y = combine_digits(fbgemm(torch.cat([hi, lo]), 1.0, DIGIT + 1, self.packed), sx)  # (N, out)
-        elif x.device.type == "cpu":  # weight-only kernel: bf16 activations, int8 weights, per-row scales
-            y = torch._weight_int8pack_mm(x2.bfloat16(), self.weight_int8, self.weight_scale.bfloat16()).float()
-        elif N > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0:  # torch._int_mm's rules
+        elif (N > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0  # torch._int_mm's rules
+              and (x.device.type != "cpu" or CPU_KERNEL == "int_mm")):
             hi, lo, sx = quantize_rows(x2)  # (N, in) each, (N, 1)
             digits = torch.cat([hi, lo]).to(torch.int8)  # (2N, in)
             y = combine_digits(torch._int_mm(digits, self.weight_int8.t()).float() * self.weight_scale, sx)  # (N, out)
+        elif x.device.type == "cpu":  # weight-only kernel: bf16 activations, int8 weights, per-row scales
+            y = torch._weight_int8pack_mm(x2.bfloat16(), self.weight_int8, self.weight_scale.bfloat16()).float()
         else:
             # GPU decode: the weight cast to the activations' dtype (exact: bf16 and fp16 hold every
             # integer up to 256), its per-row scale applied to the output: 1 + 2 + 2 bytes of traffic
@@ -171,14 +178,17 @@ def quantize_int8(model, vision=False):
     """A TinyGPTV model: merge LoRA, then replace the language model's Linear layers (and the vision side's, if asked)
     with Int8Linear. Returns the number of layers replaced."""
     merge_lora(model.llama_model)
-    roots = [model.llama_model] + ([model.visual_encoder, model.qformer] if vision else [])
+    return sum(int8_linears(root) for root in [model.llama_model] + ([model.visual_encoder, model.qformer] if vision else []))
+
+
+def int8_linears(root):
+    """Replace every nn.Linear inside `root` with an Int8Linear; -> how many."""
     count = 0
-    for root in roots:
-        for name, module in list(root.named_modules()):
-            for child_name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(module, child_name, Int8Linear(child))
-                    count += 1
+    for module in list(root.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, child_name, Int8Linear(child))
+                count += 1
     return count
 
 

@@ -37,6 +37,7 @@ import tinygptv as tg
 from checkpoints import (StrictReader, check_overrides, config_file, open_safetensors, read_json, regular_file,
                          write_atomically, write_json)
 from fastpaths import float32_blocks, fused_attention
+import int8 as int8_kernels  # (load_model's `int8` is a flag)
 from int8 import Int8Linear, quantize_int8
 from phi2 import Phi2, Phi2Config
 from qformer import QFormer, QFormerConfig
@@ -350,8 +351,8 @@ def save_quantized(model, tok, stage, path, source):
 
 def load_quantized(path, device="cpu"):
     """-> (model in eval mode, tokenizer, stage) from a save_quantized file: the model is built on the
-    meta device and each tensor read into it as stored (no quantization, no float32 copy), one at a
-    time. Strict: a missing, unexpected or mis-shaped tensor is named; a file of another kind is
+    meta device and each tensor taken into it as stored (no quantization, no float32 copy), by memory
+    map where the CPU's int8 kernel needs no packing (int8.CPU_KERNEL). Strict: a missing, unexpected or mis-shaped tensor is named; a file of another kind is
     refused in one line."""
     regular_file(path, "quantized model")
     try:
@@ -372,14 +373,18 @@ def load_quantized(path, device="cpu"):
     with torch.device("meta"):  # shapes only: the file's tensors become the model's
         model = tg.TinyGPTV(config)
         quantize_int8(model)  # Phi-2's Linear layers as --int8 makes them
-    # Tensor by tensor, each int8 weight packed as soon as it is read: a memory-mapped read would hold
-    # the file's pages and the model's copies at once (8.0 GB at full size, bench.py section 6)
-    def packed(name, module):  # into the CPU kernel's layout (fbgemm), as loading from the downloads does
-        if isinstance(module, Int8Linear):
-            module.pack()
-        return module
-    reader = StrictReader(open_safetensors(path), path, integers=True)
-    reader.load(model, lambda name, p: reader.take(name, p.shape), packed)
+    if int8_kernels.CPU_KERNEL == "fbgemm":  # its packed copies replace the int8 weights: read tensor by
+        # tensor, not mapped, or the file's pages would stay resident beside the copies (8.0 GB at full size)
+        reader = StrictReader(open_safetensors(path), path, integers=True)
+        convert = lambda name, module: module.pack() or module if isinstance(module, Int8Linear) else module
+    else:  # every tensor used as stored: the model's tensors are views of the file's memory maps (private:
+        # nothing written to them reaches the file), whose pages are read when first used. The vision tower
+        # has a map of its own, unmapped when its tensors go (a one-shot answer lets them go: cli.py)
+        with safe_open(path, framework="pt") as tower, safe_open(path, framework="pt") as rest:
+            reader = StrictReader({key: (tower if key.startswith("visual_encoder.") else rest).get_tensor(key)
+                                   for key in rest.keys()}, path, integers=True)
+        convert = None
+    reader.load(model, lambda name, p: reader.take(name, p.shape), convert)
     fused_attention(float32_blocks(model.visual_encoder))  # as --int8 from the downloads
     return model.to(device).eval(), tok, stage
 

@@ -17,8 +17,11 @@ from fastpaths import fused_attention
 from layouts import load_model, quantizer, save_pretrained
 from phi2 import Phi2, Phi2Config
 
-# the CPU kernels that can run here: fbgemm only where torch was built with it (x86)
-KERNELS = ["weight_only"] + (["fbgemm"] if "fbgemm" in torch.backends.quantized.supported_engines else [])
+# the CPU kernels that can run here: fbgemm only where torch was built with it (x86), int_mm where this
+# machine chose it (int8.cpu_kernel: VNNI), as its exactness is measured only there
+KERNELS = ["weight_only"] + (["fbgemm"] if "fbgemm" in torch.backends.quantized.supported_engines else []) + \
+    (["int_mm"] if int8.cpu_kernel() == "int_mm" else [])
+EXACT = [k for k in ("fbgemm", "int_mm") if k in KERNELS]  # integer sums: our arithmetic exactly
 
 
 def test_weight_rounding_is_per_channel_symmetric():
@@ -69,33 +72,37 @@ def exact_product(x, lin):
     return (hi @ wq.t() + (lo @ wq.t()) / 126) * sx * sw + lin.bias.double()
 
 
-@pytest.mark.skipif("fbgemm" not in KERNELS, reason="fbgemm is x86 only")
-def test_fbgemm_computes_exactly_our_per_token_arithmetic(monkeypatch):
-    # the kernel gets both digits, scale 1 and zero point 64: its int32 sums are ours
-    monkeypatch.setattr(int8, "CPU_KERNEL", "fbgemm")
+@pytest.mark.parametrize("kernel", EXACT)
+def test_integer_kernels_compute_exactly_our_per_token_arithmetic(kernel, monkeypatch):
+    # fbgemm gets both digits, scale 1 and zero point 64; _int_mm gets them as int8 (over 16 rows):
+    # either way the int32 sums are ours
+    monkeypatch.setattr(int8, "CPU_KERNEL", kernel)
     torch.manual_seed(0)
     lin = nn.Linear(128, 64)
     q = int8.Int8Linear(lin)
-    x = torch.randn(5, 128) * torch.tensor([1.0, 100.0, 0.01, 1.0, 3.0])[:, None]  # an outlier token
-    exact = exact_product(x, lin)  # (5, 64)
+    x = torch.randn(20, 128) * torch.rand(20, 1).mul(6).sub(3).exp()  # tokens of very different sizes
+    x[3] *= 100.0  # an outlier token
+    exact = exact_product(x, lin)  # (20, 64)
     torch.testing.assert_close(q(x).double(), exact, rtol=1e-5, atol=1e-5)  # several tokens at once
-    for i in range(5):  # one token at a time, as decoding runs
-        torch.testing.assert_close(q(x[i:i + 1]).double(), exact[i:i + 1], rtol=1e-5, atol=1e-5)
+    if kernel == "fbgemm":  # (int_mm decodes a token at a time through the weight-only kernel)
+        for i in range(5):  # one token at a time, as decoding runs
+            torch.testing.assert_close(q(x[i:i + 1]).double(), exact[i:i + 1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif("fbgemm" not in KERNELS, reason="fbgemm is x86 only")
-def test_fbgemm_is_exact_where_int16_pair_sums_would_saturate(monkeypatch):
+@pytest.mark.parametrize("kernel", EXACT)
+def test_integer_kernels_are_exact_where_int16_pair_sums_would_saturate(kernel, monkeypatch):
     # every weight +-127 and every activation at its token's maximum, with the weight's sign: with
-    # 8-bit activations fbgemm's AVX2 kernel (no VNNI) would sum pairs past 32767 here
-    monkeypatch.setattr(int8, "CPU_KERNEL", "fbgemm")
+    # 8-bit activations an int8 kernel without VNNI would sum pairs past 32767 here
+    monkeypatch.setattr(int8, "CPU_KERNEL", kernel)
     torch.manual_seed(0)
     lin = nn.Linear(256, 8)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(8, 256).sign())
     q = int8.Int8Linear(lin)
-    x = torch.cat([lin.weight[:1], -lin.weight[:1], torch.ones(1, 256)]) * 3.0  # (3, 256)
+    x = torch.cat([lin.weight[:1], -lin.weight[:1], torch.ones(1, 256)]).repeat(6, 1) * 3.0  # (18, 256)
     torch.testing.assert_close(q(x).double(), exact_product(x, lin), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(q(x[:1]).double(), exact_product(x[:1], lin), rtol=1e-6, atol=1e-6)
+    if kernel == "fbgemm":
+        torch.testing.assert_close(q(x[:1]).double(), exact_product(x[:1], lin), rtol=1e-6, atol=1e-6)
 
 
 def test_moving_off_the_cpu_unpacks_the_weight():
@@ -213,9 +220,24 @@ def weight_args(w, **more):
                               int8=True, run=None, model=None, device="cpu", **more)
 
 
-def test_the_quantized_file_is_the_int8_model_from_the_downloads(downloads, tmp_path):
+def mapped_from(t, path):
+    """Whether tensor t's memory lies in a mapping of the file at path (Linux's /proc/self/maps)."""
+    address = t.data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, *rest = line.split()
+            lo, hi = (int(a, 16) for a in span.split("-"))
+            if lo <= address < hi:
+                return rest[-1] == os.path.realpath(path)
+    return False
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_quantized_file_is_the_int8_model_from_the_downloads(downloads, tmp_path, kernel, monkeypatch):
+    # each CPU kernel: fbgemm packs what it reads; the others use the file's tensors in place, mapped
     import cli
     from layouts import load_quantized
+    monkeypatch.setattr(int8, "CPU_KERNEL", kernel)
     w, out = downloads, str(tmp_path / "model.safetensors")
     cli.main(["quantize", out, "--phi2", w["phi2"], "--blip2", w["vit"], "--qformer", w["qformer"],
               "--checkpoint", w["checkpoint"]])
@@ -233,6 +255,10 @@ def test_the_quantized_file_is_the_int8_model_from_the_downloads(downloads, tmp_
     sa, sb = direct.state_dict(), loaded.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) and sa[k].dtype == sb[k].dtype for k in sa)
     assert n_int8 == 4 * 4 + 1  # qkv, dense, fc1, fc2 in each of the 4 layers, and lm_head: LoRA merged in them
+    if os.path.exists("/proc/self/maps"):
+        fc1 = loaded.llama_model.layers[0].mlp.fc1
+        assert mapped_from(fc1.weight_int8 if kernel != "fbgemm" else fc1.weight_scale, out) == (kernel != "fbgemm")
+        assert mapped_from(loaded.visual_encoder.blocks[0].mlp.fc1.weight, out) == (kernel != "fbgemm")
     image = Image.new("RGB", (96, 96), (240, 120, 20))
     ex = [tg.make_example(tok, 4, "[vqa] what color is it?")]
     with torch.no_grad():
@@ -242,6 +268,12 @@ def test_the_quantized_file_is_the_int8_model_from_the_downloads(downloads, tmp_
         qa = direct.project(direct.encode_queries(px))
         qb = loaded.project(loaded.encode_queries(px))
     assert la == lb and torch.equal(qa, qb)
+    if os.path.exists("/proc/self/maps") and kernel != "fbgemm":  # the tower's map goes with its tensors
+        maps = lambda: sum(line.rstrip().endswith(os.path.realpath(out)) for line in open("/proc/self/maps"))
+        before = maps()
+        del sa, sb  # (references to every tensor)
+        loaded.visual_encoder.to("meta")  # as a one-shot answer lets the tower go (cli.py)
+        assert maps() < before and mapped_from(loaded.llama_model.layers[0].mlp.fc1.weight_int8, out)
 
 
 @pytest.mark.parametrize("what", ["truncated", "another stage", "a stage checkpoint", "a tensor missing",
