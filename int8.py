@@ -40,15 +40,10 @@ def quantize_weight(w):
 DIGIT = 63  # each digit in [-63, 63]: see fbgemm_pack for why not 127
 
 
-def row_scales(x):
-    """(N, in) -> s_x (N, 1) float32: max|x_token| / 63, computed afresh for every input (dynamic)."""
-    return x.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-8).div_(DIGIT)
-
-
 def quantize_rows(x):
     """(N, in) float -> digits hi, lo (N, in each; float, integers in [-63, 63]) and s_x (N, 1), with
     x = s_x * (hi + lo / 126) to within s_x / 252: hi = round(x / s_x), lo = round(126 * (x / s_x - hi))."""
-    scale = row_scales(x)
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-8).div_(DIGIT)  # (N, 1), afresh each time
     u = x.float().div(scale)  # (N, in), in [-63, 63]
     hi = u.round()
     return hi, u.sub_(hi).mul_(2 * DIGIT).round_(), scale
@@ -61,20 +56,14 @@ def combine_digits(y, scale):
 
 
 # -----------------------------------------------------------------------------
-# Which kernels multiply on the CPU, chosen once for this machine
-#
-#   "int_mm":      x86 with AVX-512 VNNI: the int8 weight is used as stored, nothing packed, so a quantized
-#                  file maps straight into the model (layouts.load_quantized). Over 16 rows (a prefill):
-#                  torch._int_mm, exact int32 sums of our two digits, as on a GPU; fewer (decoding):
-#                  torch._weight_int8pack_mm, bf16 activations times int8 weights.
-#   "fbgemm":      other x86 (AVX2): fbgemm's prepacked int8 x int8 -> int32 GEMM (torch.ops.quantized,
-#                  torch.ao's dynamic int8 kernel), fed our weights, scales and digits, for every row count.
+# Which kernels multiply on the CPU, chosen once for this machine (docs/LOG.md, 2026-12-02 and 2026-12-05):
+#   "int_mm":      AVX-512 VNNI. Nothing packed, so a quantized file maps straight into the model. Over 16
+#                  rows (a prefill) torch._int_mm, exact int32 sums of our digits as on a GPU (64 rows: 216 ms
+#                  to fbgemm's 228); fewer (decoding) torch._weight_int8pack_mm, bf16 activations, about 10%
+#                  slower than fbgemm, whose packing of Phi-2 took 18 s of a 23 s load.
+#   "fbgemm":      other x86 (AVX2, where _weight_int8pack_mm read 6.5-13 GB/s to its 12-13): fbgemm's
+#                  prepacked int8 GEMM (torch.ao's dynamic int8 kernel), fed our weights and digits.
 #   "weight_only": torch._weight_int8pack_mm for every row count: ARM, or no fbgemm.
-#
-# Why (docs/LOG.md, 2026-12-02, 2026-12-05), on a 2-core EPYC with AVX-512 VNNI: one token through 1.26 GB
-# of Phi-2's matrices read them at 33 GB/s (fbgemm) or 32 (_weight_int8pack_mm); 64 rows took 228 ms
-# (fbgemm) or 216 (_int_mm); but packing Phi-2 for fbgemm took 18 s of a 23 s load. With AVX2 only,
-# _weight_int8pack_mm read 6.5-13 GB/s to fbgemm's 12-13, and _int_mm there is unmeasured: fbgemm stays.
 
 
 def cpu_kernel():
