@@ -377,11 +377,15 @@ def load_quantized(path, device="cpu"):
         # tensor, not mapped, or the file's pages would stay resident beside the copies (8.0 GB at full size)
         reader = StrictReader(open_safetensors(path), path, integers=True)
         convert = lambda name, module: module.pack() or module if isinstance(module, Int8Linear) else module
-    else:  # every tensor used as stored: the model's tensors are views of the file's memory maps (private:
-        # nothing written to them reaches the file), whose pages are read when first used. The vision tower
-        # has a map of its own, unmapped when its tensors go (a one-shot answer lets them go: cli.py)
+    else:  # the model's float tensors are views of the file's memory maps (private: nothing written to them
+        # reaches the file), whose pages are read when first used; the vision tower has a map of its own,
+        # unmapped when its tensors go (a one-shot answer lets them go: cli.py). The int8 weights are read
+        # into memory of their own, 64-byte aligned: in a file they may lie at any address, and
+        # _weight_int8pack_mm crashed on one 1 byte off
+        files = open_safetensors(path)
         with safe_open(path, framework="pt") as tower, safe_open(path, framework="pt") as rest:
-            reader = StrictReader({key: (tower if key.startswith("visual_encoder.") else rest).get_tensor(key)
+            reader = StrictReader({key: files[key] if key.endswith(".weight_int8") else
+                                   (tower if key.startswith("visual_encoder.") else rest).get_tensor(key)
                                    for key in rest.keys()}, path, integers=True)
         convert = None
     reader.load(model, lambda name, p: reader.take(name, p.shape), convert)

@@ -257,7 +257,10 @@ def test_the_quantized_file_is_the_int8_model_from_the_downloads(downloads, tmp_
     assert n_int8 == 4 * 4 + 1  # qkv, dense, fc1, fc2 in each of the 4 layers, and lm_head: LoRA merged in them
     if os.path.exists("/proc/self/maps"):
         fc1 = loaded.llama_model.layers[0].mlp.fc1
-        assert mapped_from(fc1.weight_int8 if kernel != "fbgemm" else fc1.weight_scale, out) == (kernel != "fbgemm")
+        assert mapped_from(fc1.weight_scale, out) == (kernel != "fbgemm")
+        assert kernel == "fbgemm" or not mapped_from(fc1.weight_int8, out)
+    for m in b.values():  # read into aligned memory: torch's int8 kernels crashed on a weight 1 byte off
+        assert not isinstance(m, int8.Int8Linear) or m.packed is not None or m.weight_int8.data_ptr() % 64 == 0
         assert mapped_from(loaded.visual_encoder.blocks[0].mlp.fc1.weight, out) == (kernel != "fbgemm")
     image = Image.new("RGB", (96, 96), (240, 120, 20))
     ex = [tg.make_example(tok, 4, "[vqa] what color is it?")]
@@ -273,7 +276,7 @@ def test_the_quantized_file_is_the_int8_model_from_the_downloads(downloads, tmp_
         before = maps()
         del sa, sb  # (references to every tensor)
         loaded.visual_encoder.to("meta")  # as a one-shot answer lets the tower go (cli.py)
-        assert maps() < before and mapped_from(loaded.llama_model.layers[0].mlp.fc1.weight_int8, out)
+        assert maps() < before and mapped_from(loaded.llama_model.layers[0].mlp.fc1.weight_scale, out)
 
 
 @pytest.mark.parametrize("what", ["truncated", "another stage", "a stage checkpoint", "a tensor missing",
