@@ -267,6 +267,27 @@ def output_file(path, force, what="the output"):
     return path
 
 
+def save_aligned(tensors, path, metadata, align=64):
+    """A safetensors file whose tensors start on `align`-byte boundaries, where their sizes allow, so
+    that a memory map hands torch's kernels aligned tensors (_weight_int8pack_mm crashed on an int8
+    weight 1 byte off). The format lets the header end in spaces, and the data may come in any
+    order: the header is padded to a multiple of `align`, tensors whose bytes are a multiple of it
+    come first, the rest after, larger elements first (each still aligned to its element size)."""
+    size = lambda k: tensors[k].numel() * tensors[k].element_size()
+    order = sorted(tensors, key=lambda k: (size(k) % align != 0, -tensors[k].element_size(), k))
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    header, offset = {"__metadata__": metadata}, 0
+    for k in order:
+        header[k] = {"dtype": names[tensors[k].dtype], "shape": list(tensors[k].shape), "data_offsets": [offset, offset + size(k)]}
+        offset += size(k)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % align)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for k in order:
+            f.write(tensors[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 def write_atomically(final, write):
     """write(tmp) into a temporary file beside `final`, then rename it over `final` in one step, so
     an interruption or a full disk leaves `final` as it was. The file gets the permissions any new

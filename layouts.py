@@ -35,7 +35,7 @@ from tokenizers import Tokenizer
 
 import tinygptv as tg
 from checkpoints import (StrictReader, check_overrides, config_file, open_safetensors, read_json, regular_file,
-                         write_atomically, write_json)
+                         save_aligned, write_atomically, write_json)
 from fastpaths import float32_blocks, fused_attention
 import int8 as int8_kernels  # (load_model's `int8` is a flag)
 from int8 import Int8Linear, quantize_int8
@@ -346,7 +346,7 @@ def save_quantized(model, tok, stage, path, source):
             tensors[f"{name}.weight_int8"] = m.int8_weight()
     meta = {"format": QUANTIZED, "config": json.dumps(model.config.to_dict()), "stage": str(stage),
             "source": json.dumps(source), "tokenizer": tok.to_str(), "tokenizer_digest": tg.tokenizer_digest(tok)}
-    write_atomically(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta))
+    write_atomically(path, lambda tmp: save_aligned(tensors, tmp, meta))  # (so the int8 weights map aligned)
 
 
 def load_quantized(path, device="cpu"):
@@ -377,18 +377,17 @@ def load_quantized(path, device="cpu"):
         # tensor, not mapped, or the file's pages would stay resident beside the copies (8.0 GB at full size)
         reader = StrictReader(open_safetensors(path), path, integers=True)
         convert = lambda name, module: module.pack() or module if isinstance(module, Int8Linear) else module
-    else:  # the model's float tensors are views of the file's memory maps (private: nothing written to them
-        # reaches the file), whose pages are read when first used; the vision tower has a map of its own,
-        # unmapped when its tensors go (a one-shot answer lets them go: cli.py). The int8 weights are read
-        # into memory of their own, 64-byte aligned: in a file they may lie at any address, and
-        # _weight_int8pack_mm crashed on one 1 byte off
-        files = open_safetensors(path)
+    else:  # every tensor used as stored: the model's tensors are views of the file's memory maps (private:
+        # nothing written to them reaches the file), whose pages are read when first used. The vision tower
+        # has a map of its own, unmapped when its tensors go (a one-shot answer lets them go: cli.py)
         with safe_open(path, framework="pt") as tower, safe_open(path, framework="pt") as rest:
-            reader = StrictReader({key: files[key] if key.endswith(".weight_int8") else
-                                   (tower if key.startswith("visual_encoder.") else rest).get_tensor(key)
+            reader = StrictReader({key: (tower if key.startswith("visual_encoder.") else rest).get_tensor(key)
                                    for key in rest.keys()}, path, integers=True)
         convert = None
-    reader.load(model, lambda name, p: reader.take(name, p.shape), convert)
+    def read(name, p):  # an int8 weight off a 64-byte boundary (not as save_quantized writes them) is copied:
+        t = reader.take(name, p.shape)  # torch's CPU int8 kernels crashed on one 1 byte off
+        return t.clone() if t.dtype == torch.int8 and t.data_ptr() % 64 else t
+    reader.load(model, read, convert)
     fused_attention(float32_blocks(model.visual_encoder))  # as --int8 from the downloads
     return model.to(device).eval(), tok, stage
 

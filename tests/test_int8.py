@@ -258,8 +258,8 @@ def test_the_quantized_file_is_the_int8_model_from_the_downloads(downloads, tmp_
     if os.path.exists("/proc/self/maps"):
         fc1 = loaded.llama_model.layers[0].mlp.fc1
         assert mapped_from(fc1.weight_scale, out) == (kernel != "fbgemm")
-        assert kernel == "fbgemm" or not mapped_from(fc1.weight_int8, out)
-    for m in b.values():  # read into aligned memory: torch's int8 kernels crashed on a weight 1 byte off
+        assert kernel == "fbgemm" or mapped_from(fc1.weight_int8, out)
+    for m in b.values():  # aligned, as save_quantized writes them: torch's int8 kernels crashed on one 1 byte off
         assert not isinstance(m, int8.Int8Linear) or m.packed is not None or m.weight_int8.data_ptr() % 64 == 0
         assert mapped_from(loaded.visual_encoder.blocks[0].mlp.fc1.weight, out) == (kernel != "fbgemm")
     image = Image.new("RGB", (96, 96), (240, 120, 20))
@@ -276,7 +276,44 @@ def test_the_quantized_file_is_the_int8_model_from_the_downloads(downloads, tmp_
         before = maps()
         del sa, sb  # (references to every tensor)
         loaded.visual_encoder.to("meta")  # as a one-shot answer lets the tower go (cli.py)
-        assert maps() < before and mapped_from(loaded.llama_model.layers[0].mlp.fc1.weight_scale, out)
+        assert maps() < before and mapped_from(loaded.llama_model.layers[0].mlp.fc1.weight_int8, out)
+
+
+def test_save_aligned_writes_safetensors_with_aligned_tensors(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from checkpoints import save_aligned
+    torch.manual_seed(0)
+    tensors = {"w": torch.randint(-127, 128, (3, 64), dtype=torch.int8), "odd": torch.randint(-127, 128, (5, 7), dtype=torch.int8),
+               "b": torch.randn(3, 5).bfloat16(), "f": torch.randn(7), "m": torch.tensor([True, False, True]),
+               "e": torch.zeros(0, 3), "w2": torch.randint(-127, 128, (2, 128), dtype=torch.int8)}
+    path = str(tmp_path / "a.safetensors")
+    save_aligned(tensors, path, {"format": "test"})
+    back = load_file(path)  # safetensors' own reader takes it
+    assert back.keys() == tensors.keys() and all(back[k].dtype == t.dtype and torch.equal(back[k], t) for k, t in tensors.items())
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {"format": "test"}
+        assert f.get_tensor("w").data_ptr() % 64 == 0 and f.get_tensor("w2").data_ptr() % 64 == 0
+        assert f.get_tensor("f").data_ptr() % 4 == 0 and f.get_tensor("b").data_ptr() % 2 == 0
+
+
+def test_a_quantized_file_written_unaligned_still_loads_aligned(downloads, tmp_path):
+    # a file safetensors' own writer laid out (int8 weights anywhere): those off 64 bytes are copied
+    import cli
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from layouts import load_quantized
+    w, good, plain = downloads, str(tmp_path / "good.safetensors"), str(tmp_path / "plain.safetensors")
+    cli.main(["quantize", good, "--phi2", w["phi2"], "--blip2", w["vit"], "--qformer", w["qformer"],
+              "--checkpoint", w["checkpoint"]])
+    with safe_open(good, "pt") as f:
+        meta = f.metadata()
+    save_file(load_file(good), plain, metadata=meta)
+    a, b = load_quantized(good)[0], load_quantized(plain)[0]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    weights = [m.weight_int8 for m in b.modules() if isinstance(m, int8.Int8Linear) and m.packed is None]
+    assert all(t.data_ptr() % 64 == 0 for t in weights)
 
 
 @pytest.mark.parametrize("what", ["truncated", "another stage", "a stage checkpoint", "a tensor missing",
