@@ -57,10 +57,11 @@ def combine_digits(y, scale):
 
 # -----------------------------------------------------------------------------
 # Which kernels multiply on the CPU, chosen once for this machine (docs/LOG.md, 2026-12-02 and 2026-12-05):
-#   "int_mm":      AVX-512 VNNI. Nothing packed, so a quantized file maps straight into the model. Over 16
+#   "int_mm":      AVX-512 VNNI. Nothing packed, so a quantized file maps straight into the model. Over 4
 #                  rows (a prefill) torch._int_mm, exact int32 sums of our digits as on a GPU (64 rows: 216 ms
 #                  to fbgemm's 228); fewer (decoding) torch._weight_int8pack_mm, bf16 activations, about 10%
-#                  slower than fbgemm, whose packing of Phi-2 took 18 s of a 23 s load.
+#                  slower than fbgemm, whose packing of Phi-2 took 18 s of a 23 s load. (A 10240x2560 weight,
+#                  4 rows: 0.93 ms int8pack, 1.56 _int_mm; 8 rows: 1.91, 1.67.)
 #   "fbgemm":      other x86 (AVX2, where _weight_int8pack_mm read 6.5-13 GB/s to its 12-13): fbgemm's
 #                  prepacked int8 GEMM (torch.ao's dynamic int8 kernel), fed our weights and digits.
 #   "weight_only": torch._weight_int8pack_mm for every row count: ARM, or no fbgemm.
@@ -99,7 +100,7 @@ class Int8Linear(nn.Module):
 
     Kernels: CPU_KERNEL on the CPU; fbgemm quantizes its input itself, per tensor, so given the digits
     as floats with scale 1 and zero point 64 it rounds nothing and its int32 sums are exactly ours
-    (tests/test_int8.py). `torch._int_mm` for over 16 rows on a GPU (and the "int_mm" CPU); for fewer
+    (tests/test_int8.py). `torch._int_mm` for over 16 rows on a GPU (over 4 on the "int_mm" CPU); for fewer
     (one decoded token) on a GPU the weight dequantized to the activations' dtype."""
 
     def __init__(self, linear: nn.Linear):
@@ -138,8 +139,8 @@ class Int8Linear(nn.Module):
             hi, lo, sx = quantize_rows(x2)  # (N, in) each, (N, 1)
             fbgemm = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
             y = combine_digits(fbgemm(torch.cat([hi, lo]), 1.0, DIGIT + 1, self.packed), sx)  # (N, out)
-        elif (N > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0  # torch._int_mm's rules
-              and (x.device.type != "cpu" or CPU_KERNEL == "int_mm")):
+        elif (self.in_features % 8 == 0 and self.out_features % 8 == 0  # torch._int_mm's rules on a GPU,
+              and (N > 16 if x.device.type != "cpu" else N > 4 and CPU_KERNEL == "int_mm")):  # crossover on a CPU
             hi, lo, sx = quantize_rows(x2)  # (N, in) each, (N, 1)
             digits = torch.cat([hi, lo]).to(torch.int8)  # (2N, in)
             y = combine_digits(torch._int_mm(digits, self.weight_int8.t()).float() * self.weight_scale, sx)  # (N, out)

@@ -84,9 +84,10 @@ def test_integer_kernels_compute_exactly_our_per_token_arithmetic(kernel, monkey
     x[3] *= 100.0  # an outlier token
     exact = exact_product(x, lin)  # (20, 64)
     torch.testing.assert_close(q(x).double(), exact, rtol=1e-5, atol=1e-5)  # several tokens at once
-    if kernel == "fbgemm":  # (int_mm decodes a token at a time through the weight-only kernel)
+    if kernel == "fbgemm":  # (int_mm decodes up to 4 tokens at a time through the weight-only kernel)
         for i in range(5):  # one token at a time, as decoding runs
             torch.testing.assert_close(q(x[i:i + 1]).double(), exact[i:i + 1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q(x[:5]).double(), exact[:5], rtol=1e-5, atol=1e-5)  # a short prompt
 
 
 @pytest.mark.parametrize("kernel", EXACT)
