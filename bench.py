@@ -26,7 +26,8 @@ one run, with the same weights, dtype and thread count. A reader of the paper ma
 8. The chat: the first streamed token of a follow-up question against the first question about the
    same picture, and of the web page against the command line, on the demo's model and at full size.
 9. The vision tower at 224 and 448 px against its multiply-adds at the rate one large matrix
-   product of the same dtype reaches on this machine.
+   product of the same dtype reaches on this machine; and an int8 tower against it (time, and the
+   Q-Former's outputs against the bf16 tower's).
 
     python bench.py                          # all sections on the CPU, 2 threads
     python bench.py --quick                  # fewer layers, tokens and repeats
@@ -417,7 +418,8 @@ def random_model(config, dtype, device, quantized=False):
 
 
 def fill_like_trained(model, gen, device):
-    """Give a model built on the meta device random weights at a trained model's scale, module by module."""
+    """Give a model random weights at a trained model's scale, module by module, each module's tensors
+    allocated afresh (to_empty): a model built on the meta device never exists in full at another dtype."""
     for prefix, module in model.named_modules():
         module.to_empty(device=device, recurse=False)
         for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):

@@ -276,6 +276,9 @@ def save_aligned(tensors, path, metadata, align=64):
     size = lambda k: tensors[k].numel() * tensors[k].element_size()
     order = sorted(tensors, key=lambda k: (size(k) % align != 0, -tensors[k].element_size(), k))
     names = {dtype: name for name, dtype in DTYPES.items()}
+    for k, t in tensors.items():
+        if t.dtype not in names:
+            raise ValueError(f"{path}: tensor '{k}' is {t.dtype}, which this writer does not store")
     header, offset = {"__metadata__": metadata}, 0
     for k in order:
         header[k] = {"dtype": names[tensors[k].dtype], "shape": list(tensors[k].shape), "data_offsets": [offset, offset + size(k)]}

@@ -276,9 +276,10 @@ def main(argv=None):
     instruction = parse_user_prompt(a.prompt) if stage >= 3 else ""
     image = data.load_image(a.image)
     # one image per command: once the tower has encoded it, its weights (2 GB at full size) can go, so
-    # they are not resident beside Phi-2's while it answers (bench.py section 6 measures the peak); the
-    # hook returns None, which keeps the tower's output
-    model.visual_encoder.register_forward_hook(lambda tower, inputs, output: tower.to("meta") and None)
+    # they are not resident beside Phi-2's while it answers (bench.py section 6 measures the peak)
+    def let_go(tower, inputs, output):  # (returns None: the tower's output stands)
+        tower.to("meta")
+    model.visual_encoder.register_forward_hook(let_go)
     answer = model.generate(tok, [image], [instruction], stage=stage, max_new_tokens=a.max_new_tokens,
                             temperature=a.temperature, top_p=a.top_p, seed=a.seed, decoder=decoder_for(a.device))[0]
     print(answer)

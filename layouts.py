@@ -376,7 +376,11 @@ def load_quantized(path, device="cpu"):
     if int8_kernels.CPU_KERNEL == "fbgemm":  # its packed copies replace the int8 weights: read tensor by
         # tensor, not mapped, or the file's pages would stay resident beside the copies (8.0 GB at full size)
         reader = StrictReader(open_safetensors(path), path, integers=True)
-        convert = lambda name, module: module.pack() or module if isinstance(module, Int8Linear) else module
+
+        def convert(name, module):  # into fbgemm's layout, as loading from the downloads does
+            if isinstance(module, Int8Linear):
+                module.pack()
+            return module
     else:  # every tensor used as stored: the model's tensors are views of the file's memory maps (private:
         # nothing written to them reaches the file), whose pages are read when first used. The vision tower
         # has a map of its own, unmapped when its tensors go (a one-shot answer lets them go: cli.py)
