@@ -1001,10 +1001,10 @@ def section_vision(args, bw):
     a = torch.randn(2048, config.hidden_size, dtype=dtype, device=args.device)
     w = torch.randn(config.hidden_size, config.intermediate_size, dtype=dtype, device=args.device)
     rate = a.shape[0] * w.shape[0] * w.shape[1] / median_time(lambda: a @ w, args.device, 3)  # MAC/s
+    with torch.device("meta"):  # shapes only: fill_like_trained allocates each module's tensors in `dtype`
+        vit, bridge = VisionTransformer(config).to(dtype), QFormer(full.qformer).to(dtype)
     gen = torch.Generator(args.device).manual_seed(0)
-    with torch.device(args.device):
-        vit = fill_like_trained(VisionTransformer(config).to(dtype), gen, args.device).eval()
-        bridge = fill_like_trained(QFormer(full.qformer).to(dtype), gen, args.device).eval()
+    vit, bridge = (fill_like_trained(m, gen, args.device).eval() for m in (vit, bridge))
     rows = [Row(9, f"{args.preset} preset ViT in {str(dtype).removeprefix('torch.')}; one {a.shape[0]}x"
                    f"{w.shape[0]}x{w.shape[1]} product reaches {rate * 2 / 1e12:.2f} TFLOP/s here")]
     seconds = {}

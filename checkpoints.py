@@ -281,7 +281,8 @@ def save_aligned(tensors, path, metadata, align=64):
             raise ValueError(f"{path}: tensor '{k}' is {t.dtype}, which this writer does not store")
     header, offset = {"__metadata__": metadata}, 0
     for k in order:
-        header[k] = {"dtype": names[tensors[k].dtype], "shape": list(tensors[k].shape), "data_offsets": [offset, offset + size(k)]}
+        header[k] = {"dtype": names[tensors[k].dtype], "shape": list(tensors[k].shape),
+                     "data_offsets": [offset, offset + size(k)]}
         offset += size(k)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % align)

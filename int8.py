@@ -57,11 +57,10 @@ def combine_digits(y, scale):
 
 # -----------------------------------------------------------------------------
 # Which kernels multiply on the CPU, chosen once for this machine (docs/LOG.md, 2026-12-02 and 2026-12-05):
-#   "int_mm":      AVX-512 VNNI. Nothing packed, so a quantized file maps straight into the model. Over 4
-#                  rows (a prefill) torch._int_mm, exact int32 sums of our digits as on a GPU (64 rows: 216 ms
-#                  to fbgemm's 228); fewer (decoding) torch._weight_int8pack_mm, bf16 activations, about 10%
-#                  slower than fbgemm, whose packing of Phi-2 took 18 s of a 23 s load. (A 10240x2560 weight,
-#                  4 rows: 0.93 ms int8pack, 1.56 _int_mm; 8 rows: 1.91, 1.67.)
+#   "int_mm":      AVX-512 VNNI. Nothing packed, so a quantized file maps straight into the model. Over 4 rows
+#                  (a prefill) torch._int_mm, exact int32 sums of our digits as on a GPU; fewer (decoding; 4 rows
+#                  of a 10240x2560 weight: 0.93 ms to _int_mm's 1.56, 8 rows 1.91 to 1.67) _weight_int8pack_mm,
+#                  bf16 activations, ~10% slower than fbgemm, whose packing of Phi-2 took 18 s of a 23 s load.
 #   "fbgemm":      other x86 (AVX2, where _weight_int8pack_mm read 6.5-13 GB/s to its 12-13): fbgemm's
 #                  prepacked int8 GEMM (torch.ao's dynamic int8 kernel), fed our weights and digits.
 #   "weight_only": torch._weight_int8pack_mm for every row count: ARM, or no fbgemm.
@@ -168,7 +167,8 @@ def quantize_int8(model, vision=False):
     """A TinyGPTV model: merge LoRA, then replace the language model's Linear layers (and the vision side's, if asked)
     with Int8Linear. Returns the number of layers replaced."""
     merge_lora(model.llama_model)
-    return sum(int8_linears(root) for root in [model.llama_model] + ([model.visual_encoder, model.qformer] if vision else []))
+    roots = [model.llama_model] + ([model.visual_encoder, model.qformer] if vision else [])
+    return sum(int8_linears(root) for root in roots)
 
 
 def int8_linears(root):

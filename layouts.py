@@ -352,8 +352,8 @@ def save_quantized(model, tok, stage, path, source):
 def load_quantized(path, device="cpu"):
     """-> (model in eval mode, tokenizer, stage) from a save_quantized file: the model is built on the
     meta device and each tensor taken into it as stored (no quantization, no float32 copy), by memory
-    map where the CPU's int8 kernel needs no packing (int8.CPU_KERNEL). Strict: a missing, unexpected or mis-shaped tensor is named; a file of another kind is
-    refused in one line."""
+    map where the CPU's int8 kernel needs no packing (int8.CPU_KERNEL). Strict: a missing, unexpected
+    or mis-shaped tensor is named; a file of another kind is refused in one line."""
     regular_file(path, "quantized model")
     try:
         with safe_open(path, framework="pt") as handle:  # (its header: the metadata)
@@ -388,8 +388,11 @@ def load_quantized(path, device="cpu"):
             reader = StrictReader({key: (tower if key.startswith("visual_encoder.") else rest).get_tensor(key)
                                    for key in rest.keys()}, path, integers=True)
         convert = None
-    def read(name, p):  # an int8 weight off a 64-byte boundary (not as save_quantized writes them) is copied:
-        t = reader.take(name, p.shape)  # torch's CPU int8 kernels crashed on one 1 byte off
+
+    def read(name, p):
+        t = reader.take(name, p.shape)
+        # an int8 weight off a 64-byte boundary (a file save_quantized did not write) is copied: torch's CPU
+        # int8 kernels crashed on one 1 byte off
         return t.clone() if t.dtype == torch.int8 and t.data_ptr() % 64 else t
     reader.load(model, read, convert)
     fused_attention(float32_blocks(model.visual_encoder))  # as --int8 from the downloads
