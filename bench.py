@@ -468,6 +468,7 @@ def preset_config(name):
 def child_inference(spec, device):
     """One image, `new_tokens` greedy tokens, the model in int8 (Phi-2) + bf16 (the rest), or all bf16."""
     config = preset_config(spec["preset"])
+    int8.CPU_KERNEL = spec.get("kernel", int8.CPU_KERNEL)  # (section 3's comparison of CPU kernels)
     model = random_model(config, torch.bfloat16, device, quantized=spec["dtype"] == "int8")
     size = config.vision.image_size
     pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
@@ -507,6 +508,20 @@ def section_inference(args, bw):
                 r["s_per_token"] <= 1.5 * bound if dtype == "int8" else None),
             Row(3, f"{label}: time to first token (vision tower + prefill)", r["first_token_s"], None, "s"),
         ]
+    # Where this CPU's int8 kernel packs nothing (int8.py), the decode it costs against fbgemm's packed kernel:
+    # three runs of each, alternated, as this machine's speed drifts between runs
+    if args.device.type == "cpu" and int8.CPU_KERNEL != "fbgemm" and "error" not in runs["int8"] and \
+            "fbgemm" in torch.backends.quantized.supported_engines:
+        times = {int8.CPU_KERNEL: [runs["int8"]["s_per_token"]], "fbgemm": []}
+        for kernel in ["fbgemm", int8.CPU_KERNEL, "fbgemm", int8.CPU_KERNEL, "fbgemm"]:
+            r = run_child(args, "infer", dtype="int8", new_tokens=args.full_new_tokens, kernel=kernel)
+            if "error" not in r:
+                times[kernel].append(r["s_per_token"])
+        if times["fbgemm"]:
+            ours, packed = statistics.median(times[int8.CPU_KERNEL]), statistics.median(times["fbgemm"])
+            rows.append(Row(3, f"int8 Phi-2: time per token, this CPU's kernel ({int8.CPU_KERNEL}, nothing packed) vs "
+                               f"fbgemm's packed one (medians of {len(times[int8.CPU_KERNEL])} and "
+                               f"{len(times['fbgemm'])} runs, alternated)", ours, packed, "s"))
     return rows
 
 

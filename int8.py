@@ -57,10 +57,10 @@ def combine_digits(y, scale):
 
 # -----------------------------------------------------------------------------
 # Which kernels multiply on the CPU, chosen once for this machine (docs/LOG.md, 2026-12-02 and 2026-12-05):
-#   "int_mm":      AVX-512 VNNI. Nothing packed, so a quantized file maps straight into the model. Over 4 rows
-#                  (a prefill) torch._int_mm, exact int32 sums of our digits as on a GPU; fewer (decoding; 4 rows
-#                  of a 10240x2560 weight: 0.93 ms to _int_mm's 1.56, 8 rows 1.91 to 1.67) _weight_int8pack_mm,
-#                  bf16 activations, ~10% slower than fbgemm, whose packing of Phi-2 took 18 s of a 23 s load.
+#   "int_mm":      AVX-512 VNNI. Nothing packed, so a quantized file maps straight into the model: over 4
+#                  rows (a prefill; the measured crossover) torch._int_mm, exact int32 sums of our digits as on
+#                  a GPU; fewer (decoding) _weight_int8pack_mm, bf16 activations, 1.1-1.5x fbgemm's time
+#                  (it is compute-bound where fbgemm is memory-bound), whose packing took 18 s of a 23 s load.
 #   "fbgemm":      other x86 (AVX2, where _weight_int8pack_mm read 6.5-13 GB/s to its 12-13): fbgemm's
 #                  prepacked int8 GEMM (torch.ao's dynamic int8 kernel), fed our weights and digits.
 #   "weight_only": torch._weight_int8pack_mm for every row count: ARM, or no fbgemm.
