@@ -6,13 +6,17 @@ A reader of the paper may skip this file: train.py calls it around the stages. I
   over, and so are the temporaries its killed writes left behind;
 - `settings`, `saved_state`, `restore`, `save_state`: the step checkpoint of an interrupted stage (weights,
   optimizer, step, RNG), written atomically and read weights-only, never as code, and refused when
-  the settings it was trained with differ from the resumed run's.
+  the settings it was trained with differ from the resumed run's;
+- `torchrun_exit`: how a torchrun worker ends, once every file is written.
 """
 
 import os
 import re
+import sys
+from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 
 import tinygptv as tg
 from checkpoints import pid_alive, write_atomically
@@ -162,3 +166,25 @@ def save_state(path, model, opt, scaler, step, stage_config, settings):
              "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
              "step": step, "stage_config": stage_config, "settings": settings}
     write_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+@contextmanager
+def torchrun_exit():
+    """Around train.py's main: a torchrun worker's process group torn down, its output flushed, then the
+    process ended at once (os._exit, with the exit code it had) rather than by Python's own exit. There
+    a gloo worker thread can still be dropping the last barrier's work while the interpreter finalizes;
+    the drop takes the GIL, which a finalizing interpreter answers by ending the thread, and that unwind
+    through a C++ destructor aborts a finished run (SIGABRT; 2 runs in 84 on a loaded 2-core CPU,
+    docs/LOG.md 2026-12-05). A bug's exception passes through, its traceback printed as usual."""
+    try:
+        yield
+        code = 0
+    except SystemExit as e:  # run_cli's one-line failures, --help
+        if not dist.is_initialized():
+            raise
+        code = e.code or 0
+    if dist.is_initialized():
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

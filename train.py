@@ -404,12 +404,9 @@ def run(args):
 
 
 def main(argv=None):
-    try:
+    with runs.torchrun_exit():  # a torchrun worker's process group torn down, the process ended
         run_cli(lambda: run(parse_args(argv)),
                 interrupted="interrupted: finished stages and the last step checkpoint are intact; `--resume` continues")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
