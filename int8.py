@@ -56,28 +56,29 @@ def combine_digits(y, scale):
 
 
 # -----------------------------------------------------------------------------
-# Which kernels multiply on the CPU, chosen once for this machine (docs/LOG.md, 2026-12-02 and 2026-12-05):
-#   "int_mm":      AVX-512 VNNI. Nothing packed, so a quantized file maps straight into the model: over 4
-#                  rows (a prefill; the measured crossover) torch._int_mm, exact int32 sums of our digits as on
-#                  a GPU; fewer (decoding) _weight_int8pack_mm, bf16 activations, 1.1-1.5x fbgemm's time
-#                  (it is compute-bound where fbgemm is memory-bound), whose packing took 18 s of a 23 s load.
-#   "fbgemm":      other x86 (AVX2, where _weight_int8pack_mm read 6.5-13 GB/s to its 12-13): fbgemm's
-#                  prepacked int8 GEMM (torch.ao's dynamic int8 kernel), fed our weights and digits.
-#   "weight_only": torch._weight_int8pack_mm for every row count: ARM, or no fbgemm.
+# Which kernel multiplies on the CPU, chosen once for this machine (docs/LOG.md, 2026-12-02 and -05). Both
+# x86 kernels take our two digits and sum them exactly in int32, from a packed copy of the weight made on
+# the layer's first use (or as it is built), which is then the only copy kept:
+#   "onednn":      AVX-512 VNNI: oneDNN's int8 GEMM (torch's x86 quantization backend). One decoded token
+#                  read Phi-2's matrices at 44 GB/s to fbgemm's 35, packing 2.65 GB in about 4 s to its 7-18.
+#   "fbgemm":      other x86 (AVX2): fbgemm's int8 GEMM, the kernel torch.ao's dynamic int8 calls.
+#   "weight_only": torch._weight_int8pack_mm (bf16 activations, nothing packed): ARM, or no fbgemm.
+PACKING = ("onednn", "fbgemm")
 
 
 def cpu_kernel():
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         return "weight_only"
-    return "int_mm" if getattr(torch.cpu, "_is_vnni_supported", lambda: False)() else "fbgemm"
+    vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: False)() and hasattr(torch.ops.onednn, "qlinear_prepack")
+    return "onednn" if vnni else "fbgemm"
 
 
 CPU_KERNEL = cpu_kernel()
 
 
 def fbgemm_pack(weight_int8, scale):
-    """Our int8 weight (out, in) and scales (out,), zero points 0, as fbgemm's packed copy (the only one
-    kept). It takes uint8 activations, digit d as d + 64 in [1, 127]; without VNNI it sums pairs of
+    """Our int8 weight (out, in) and scales (out,), zero points 0, as fbgemm's packed copy. It takes
+    uint8 activations, digit d as d + 64 in [1, 127] (oneDNN the same); without VNNI it sums pairs of
     products in int16, saturating above 32767, which two of at most 127 * 127 never reach (so torch.ao
     passes `reduce_range=True`, 7-bit activations): digits keep to [-63, 63], products exact on any x86."""
     with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm's kernels still take them
@@ -97,10 +98,10 @@ class Int8Linear(nn.Module):
     not K; the digits, 126 times finer than one 8-bit value, leave that as almost the whole error. And
     outliers, 8-bit activations' classic failure (LLM.int8(), Dettmers 2022), inflate only their token's s_x.
 
-    Kernels: CPU_KERNEL on the CPU; fbgemm quantizes its input itself, per tensor, so given the digits
-    as floats with scale 1 and zero point 64 it rounds nothing and its int32 sums are exactly ours
-    (tests/test_int8.py). `torch._int_mm` for over 16 rows on a GPU (over 4 on the "int_mm" CPU); for fewer
-    (one decoded token) on a GPU the weight dequantized to the activations' dtype."""
+    Kernels: CPU_KERNEL on the CPU, fed the digits as uint8 with zero point 64 (oneDNN), or as floats
+    that fbgemm's own per-tensor rounding, scale 1, maps to the same: their int32 sums are exactly ours
+    (tests/test_int8.py). On a GPU `torch._int_mm` for over 16 rows; for fewer (one decoded token)
+    the weight dequantized to the activations' dtype."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -109,42 +110,55 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
         self.register_buffer("weight_int8", weight)
-        self.packed = None  # fbgemm's packed copy of weight_int8, which then is the only one kept
+        self.packed = None  # the CPU kernel's packed copy of weight_int8, which then is the only one kept
         self.pack()
 
     def pack(self):
-        """On the CPU with fbgemm: pack the int8 weight at load (bench.py again, after filling a meta model)."""
-        if self.weight_int8 is not None and self.weight_int8.device.type == "cpu" and CPU_KERNEL == "fbgemm":
+        """On the CPU with a packing kernel: pack the int8 weight, as the layer is built or on its first
+        use (a weight mapped from a quantized file is packed as a prefill first needs it: layouts.py)."""
+        if self.weight_int8 is not None and self.weight_int8.device.type == "cpu" and CPU_KERNEL in PACKING:
             free_promptly()  # packing layer after layer frees as much as it keeps: see checkpoints.py
-            self.packed, self.weight_int8 = fbgemm_pack(self.weight_int8, self.weight_scale), None
+            if CPU_KERNEL == "onednn":
+                self.packed = (torch.ops.onednn.qlinear_prepack(self.weight_int8, None),  # (in, out), blocked
+                               torch.zeros(self.out_features, dtype=torch.int32))  # the zero points
+            else:
+                self.packed = fbgemm_pack(self.weight_int8, self.weight_scale)
+            self.weight_int8 = None
 
     def int8_weight(self):
-        """The int8 weight (out, in), read back from fbgemm's packed copy where that is the one kept."""
+        """The int8 weight (out, in), read back from the packed copy where that is the one kept."""
         if self.packed is None:
             return self.weight_int8
+        if isinstance(self.packed, tuple):  # oneDNN's
+            return self.packed[0].to_dense().t().contiguous()
         return torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
 
     def _apply(self, fn, recurse=True):
-        # model.to("cuda") and the like: fbgemm's packed weight stays on the CPU, so unpack it first
+        # model.to("cuda") and the like: a packed weight stays on the CPU, so unpack it first
         if self.packed is not None and fn(torch.empty(0)).device.type != "cpu":
             self.weight_int8, self.packed = self.int8_weight(), None
         return super()._apply(fn, recurse)
 
     def forward(self, x):
+        self.pack()  # (a mapped weight's first use)
         shape, dtype = x.shape, x.dtype
         x2 = x.reshape(-1, shape[-1])  # (N, in)
-        N = x2.shape[0]
-        if self.packed is not None:  # CPU, fbgemm: both digits as one batch of 2N rows
+        if self.packed is not None:  # CPU: both digits as one batch of 2N rows, as uint8 with zero point 64
             hi, lo, sx = quantize_rows(x2)  # (N, in) each, (N, 1)
-            fbgemm = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
-            y = combine_digits(fbgemm(torch.cat([hi, lo]), 1.0, DIGIT + 1, self.packed), sx)  # (N, out)
-        elif (self.in_features % 8 == 0 and self.out_features % 8 == 0  # torch._int_mm's rules on a GPU,
-              and (N > 16 if x.device.type != "cpu" else N > 4 and CPU_KERNEL == "int_mm")):  # crossover on a CPU
+            if isinstance(self.packed, tuple):  # oneDNN
+                digits = torch.cat([hi, lo]).add_(DIGIT + 1).to(torch.uint8)  # (2N, in)
+                y = torch.ops.onednn.qlinear_pointwise(digits, 1.0, DIGIT + 1, self.packed[0], self.weight_scale,
+                                                       self.packed[1], None, 1.0, 0, torch.float32, "none", [], "")
+            else:  # fbgemm, given floats, rounds them to the same uint8
+                fbgemm = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+                y = fbgemm(torch.cat([hi, lo]), 1.0, DIGIT + 1, self.packed)
+            y = combine_digits(y, sx)  # (N, out)
+        elif x.device.type == "cpu":  # weight-only kernel: bf16 activations, int8 weights, per-row scales
+            y = torch._weight_int8pack_mm(x2.bfloat16(), self.weight_int8, self.weight_scale.bfloat16()).float()
+        elif self.in_features % 8 == 0 and self.out_features % 8 == 0 and x2.shape[0] > 16:  # torch._int_mm's rules
             hi, lo, sx = quantize_rows(x2)  # (N, in) each, (N, 1)
             digits = torch.cat([hi, lo]).to(torch.int8)  # (2N, in)
             y = combine_digits(torch._int_mm(digits, self.weight_int8.t()).float() * self.weight_scale, sx)  # (N, out)
-        elif x.device.type == "cpu":  # weight-only kernel: bf16 activations, int8 weights, per-row scales
-            y = torch._weight_int8pack_mm(x2.bfloat16(), self.weight_int8, self.weight_scale.bfloat16()).float()
         else:
             # GPU decode: the weight cast to the activations' dtype (exact: bf16 and fp16 hold every
             # integer up to 256), its per-row scale applied to the output: 1 + 2 + 2 bytes of traffic
@@ -155,7 +169,7 @@ class Int8Linear(nn.Module):
         return y.to(dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self):
-        kernel = "fbgemm" if self.packed is not None else "torch"
+        kernel = "torch" if self.packed is None else "onednn" if isinstance(self.packed, tuple) else "fbgemm"
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={kernel}"
 
 
@@ -183,7 +197,7 @@ def int8_linears(root):
 
 
 def weight_bytes(module):
-    """Bytes of a module's weights: parameters, buffers and fbgemm's packed int8 copies."""
+    """Bytes of a module's weights: parameters, buffers and the packed int8 copies."""
     packed = sum(m.out_features * m.in_features for m in module.modules()
                  if isinstance(m, Int8Linear) and m.packed is not None)
     return packed + sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))

@@ -352,7 +352,7 @@ def save_quantized(model, tok, stage, path, source):
 def load_quantized(path, device="cpu"):
     """-> (model in eval mode, tokenizer, stage) from a save_quantized file: the model is built on the
     meta device and each tensor taken into it as stored (no quantization, no float32 copy), by memory
-    map where the CPU's int8 kernel needs no packing (int8.CPU_KERNEL). Strict: a missing, unexpected
+    map; a CPU kernel that packs int8 weights (int8.CPU_KERNEL) packs each on its first use. Strict: a missing, unexpected
     or mis-shaped tensor is named; a file of another kind is refused in one line."""
     regular_file(path, "quantized model")
     try:
@@ -373,28 +373,29 @@ def load_quantized(path, device="cpu"):
     with torch.device("meta"):  # shapes only: the file's tensors become the model's
         model = tg.TinyGPTV(config)
         quantize_int8(model)  # Phi-2's Linear layers as --int8 makes them
-    if int8_kernels.CPU_KERNEL == "fbgemm":  # its packed copies replace the int8 weights: read tensor by
-        # tensor, not mapped, or the file's pages would stay resident beside the copies (8.0 GB at full size)
-        reader = StrictReader(open_safetensors(path), path, integers=True)
-
-        def convert(name, module):  # into fbgemm's layout, as loading from the downloads does
-            if isinstance(module, Int8Linear):
-                module.pack()
-            return module
-    else:  # every tensor used as stored: the model's tensors are views of the file's memory maps (private:
-        # nothing written to them reaches the file), whose pages are read when first used. The vision tower
-        # has a map of its own, unmapped when its tensors go (a one-shot answer lets them go: cli.py)
-        with safe_open(path, framework="pt") as tower, safe_open(path, framework="pt") as rest:
-            reader = StrictReader({key: (tower if key.startswith("visual_encoder.") else rest).get_tensor(key)
-                                   for key in rest.keys()}, path, integers=True)
-        convert = None
+    # every tensor used as stored: the model's tensors are views of the file's memory maps (private: nothing
+    # written to them reaches the file), whose pages are read when first used. The vision tower has a map of
+    # its own, unmapped when its tensors go (a one-shot answer lets them go: cli.py); so has each int8 weight
+    # where the CPU's kernel packs them (int8.PACKING), unmapped as its layer packs it on first use, so the
+    # file's pages never stay resident beside the packed copies (8.0 GB at full size)
+    own_maps = int8_kernels.CPU_KERNEL in int8_kernels.PACKING
+    with safe_open(path, framework="pt") as tower, safe_open(path, framework="pt") as rest:
+        tensors = {}
+        for key in rest.keys():
+            if own_maps and key.endswith(".weight_int8"):
+                with safe_open(path, framework="pt") as one:
+                    tensors[key] = one.get_tensor(key)
+            else:
+                tensors[key] = (tower if key.startswith("visual_encoder.") else rest).get_tensor(key)
+    reader = StrictReader(tensors, path, integers=True)
+    del tensors
 
     def read(name, p):
         t = reader.take(name, p.shape)
         # an int8 weight off a 64-byte boundary (a file save_quantized did not write) is copied: torch's CPU
         # int8 kernels crashed on one 1 byte off
         return t.clone() if t.dtype == torch.int8 and t.data_ptr() % 64 else t
-    reader.load(model, read, convert)
+    reader.load(model, read)
     fused_attention(float32_blocks(model.visual_encoder))  # as --int8 from the downloads
     return model.to(device).eval(), tok, stage
 

@@ -17,11 +17,11 @@ from fastpaths import fused_attention
 from layouts import load_model, quantizer, save_pretrained
 from phi2 import Phi2, Phi2Config
 
-# the CPU kernels that can run here: fbgemm only where torch was built with it (x86), int_mm where this
+# the CPU kernels that can run here: fbgemm only where torch was built with it (x86), onednn where this
 # machine chose it (int8.cpu_kernel: VNNI), as its exactness is measured only there
 KERNELS = ["weight_only"] + (["fbgemm"] if "fbgemm" in torch.backends.quantized.supported_engines else []) + \
-    (["int_mm"] if int8.cpu_kernel() == "int_mm" else [])
-EXACT = [k for k in ("fbgemm", "int_mm") if k in KERNELS]  # integer sums: our arithmetic exactly
+    (["onednn"] if int8.cpu_kernel() == "onednn" else [])
+EXACT = [k for k in int8.PACKING if k in KERNELS]  # integer sums: our arithmetic exactly
 
 
 def test_weight_rounding_is_per_channel_symmetric():
@@ -39,7 +39,7 @@ def test_int8_linear_error_and_memory(kernel, monkeypatch):
     torch.manual_seed(0)
     lin = nn.Linear(256, 512)
     q = int8.Int8Linear(lin)
-    assert (q.packed is not None) == (kernel == "fbgemm")
+    assert (q.packed is not None) == (kernel in int8.PACKING)
     assert torch.equal(q.int8_weight(), int8.quantize_weight(lin.weight)[0])  # packing keeps our weights
     for n in (1, 32):  # one decoded token and a prefill
         x = torch.randn(n, 256)
@@ -74,8 +74,7 @@ def exact_product(x, lin):
 
 @pytest.mark.parametrize("kernel", EXACT)
 def test_integer_kernels_compute_exactly_our_per_token_arithmetic(kernel, monkeypatch):
-    # fbgemm gets both digits, scale 1 and zero point 64; _int_mm gets them as int8 (over 4 rows):
-    # either way the int32 sums are ours
+    # fbgemm and oneDNN get both digits, scale 1 and zero point 64: their int32 sums are ours
     monkeypatch.setattr(int8, "CPU_KERNEL", kernel)
     torch.manual_seed(0)
     lin = nn.Linear(128, 64)
@@ -84,9 +83,8 @@ def test_integer_kernels_compute_exactly_our_per_token_arithmetic(kernel, monkey
     x[3] *= 100.0  # an outlier token
     exact = exact_product(x, lin)  # (20, 64)
     torch.testing.assert_close(q(x).double(), exact, rtol=1e-5, atol=1e-5)  # several tokens at once
-    if kernel == "fbgemm":  # (int_mm decodes up to 4 tokens at a time through the weight-only kernel)
-        for i in range(5):  # one token at a time, as decoding runs
-            torch.testing.assert_close(q(x[i:i + 1]).double(), exact[i:i + 1], rtol=1e-5, atol=1e-5)
+    for i in range(5):  # one token at a time, as decoding runs
+        torch.testing.assert_close(q(x[i:i + 1]).double(), exact[i:i + 1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(q(x[:5]).double(), exact[:5], rtol=1e-5, atol=1e-5)  # a short prompt
 
 
@@ -102,14 +100,13 @@ def test_integer_kernels_are_exact_where_int16_pair_sums_would_saturate(kernel, 
     q = int8.Int8Linear(lin)
     x = torch.cat([lin.weight[:1], -lin.weight[:1], torch.ones(1, 256)]).repeat(6, 1) * 3.0  # (18, 256)
     torch.testing.assert_close(q(x).double(), exact_product(x, lin), rtol=1e-6, atol=1e-6)
-    if kernel == "fbgemm":
-        torch.testing.assert_close(q(x[:1]).double(), exact_product(x[:1], lin), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(q(x[:1]).double(), exact_product(x[:1], lin), rtol=1e-6, atol=1e-6)
 
 
 def test_moving_off_the_cpu_unpacks_the_weight():
     torch.manual_seed(0)
     q = int8.Int8Linear(nn.Linear(64, 32))
-    q.to("meta")  # stands for a GPU here: fbgemm's packed weight cannot go there
+    q.to("meta")  # stands for a GPU here: a packed weight cannot go there
     assert q.packed is None and q.weight_int8.shape == (32, 64) and q.weight_int8.dtype == torch.int8
 
 
@@ -246,7 +243,8 @@ def quantized(downloads):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_the_quantized_file_is_the_int8_model_from_the_downloads(downloads, quantized, kernel, monkeypatch):
-    # each CPU kernel: fbgemm packs what it reads; the others use the file's tensors in place, mapped
+    # each CPU kernel: the file's tensors used in place, mapped; fbgemm and oneDNN pack each int8 weight
+    # on its first use, when its own map goes
     import cli
     from layouts import load_quantized
     monkeypatch.setattr(int8, "CPU_KERNEL", kernel)
@@ -257,21 +255,23 @@ def test_the_quantized_file_is_the_int8_model_from_the_downloads(downloads, quan
     a, b = dict(direct.named_modules()), dict(loaded.named_modules())
     assert a.keys() == b.keys()
     n_int8 = 0
-    for name, m in a.items():  # every tensor, the int8 weights read back from fbgemm's packed copies
+    for name, m in a.items():  # every tensor, the int8 weights read back from the packed copies
         if isinstance(m, int8.Int8Linear):
             n_int8 += 1
             assert torch.equal(m.int8_weight(), b[name].int8_weight()), name
-            assert (m.packed is None) == (b[name].packed is None), name  # the same kernel
-    sa, sb = direct.state_dict(), loaded.state_dict()
+            assert (m.packed is None) == (kernel not in int8.PACKING) and b[name].packed is None, name  # not yet
+    sa, sb = ({k: t for k, t in m.state_dict().items() if not k.endswith(".weight_int8")} for m in (direct, loaded))
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) and sa[k].dtype == sb[k].dtype for k in sa)
     assert n_int8 == 4 * 4 + 1  # qkv, dense, fc1, fc2 in each of the 4 layers, and lm_head: LoRA merged in them
+    maps = lambda: len(spans_of(out))
     if os.path.exists("/proc/self/maps"):
-        assert mapped_from(loaded.llama_model.layers[0].mlp.fc1.weight_scale, out) == (kernel != "fbgemm")
-        assert mapped_from(loaded.visual_encoder.blocks[0].mlp.fc1.weight, out) == (kernel != "fbgemm")
+        assert mapped_from(loaded.llama_model.layers[0].mlp.fc1.weight_scale, out)
+        assert mapped_from(loaded.visual_encoder.blocks[0].mlp.fc1.weight, out)
         for m in b.values():  # aligned in the file, as save_quantized writes them, so mapped, not copied
             # (torch's int8 kernels crashed on a weight 1 byte off)
-            if isinstance(m, int8.Int8Linear) and m.packed is None and m.weight_int8.numel() % 64 == 0:
+            if isinstance(m, int8.Int8Linear) and m.weight_int8.numel() % 64 == 0:
                 assert mapped_from(m.weight_int8, out) and m.weight_int8.data_ptr() % 64 == 0
+        before = maps()
     image = Image.new("RGB", (96, 96), (240, 120, 20))
     ex = [tg.make_example(tok, 4, "[vqa] what color is it?")]
     with torch.no_grad():
@@ -281,12 +281,15 @@ def test_the_quantized_file_is_the_int8_model_from_the_downloads(downloads, quan
         qa = direct.project(direct.encode_queries(px))
         qb = loaded.project(loaded.encode_queries(px))
     assert la == lb and torch.equal(qa, qb)
-    if os.path.exists("/proc/self/maps") and kernel != "fbgemm":  # the tower's map goes with its tensors
-        maps = lambda: len(spans_of(out))
-        before = maps()
+    for name, m in b.items():  # used once: packed where the kernel packs, as the directly loaded model is
+        if isinstance(m, int8.Int8Linear):
+            assert (m.packed is None) == (a[name].packed is None) == (kernel not in int8.PACKING), name
+    if os.path.exists("/proc/self/maps"):  # a packed weight's map went with it; the tower's goes with its tensors
         del sa, sb  # (references to every tensor)
+        packed = maps()
+        assert (packed < before) == (kernel in int8.PACKING)
         loaded.visual_encoder.to("meta")  # as a one-shot answer lets the tower go (cli.py)
-        assert maps() < before and mapped_from(loaded.llama_model.layers[0].mlp.fc1.weight_int8, out)
+        assert maps() < packed and mapped_from(loaded.llama_model.layers[0].mlp.fc1.weight_scale, out)
 
 
 def test_save_aligned_writes_safetensors_with_aligned_tensors(tmp_path):
@@ -321,7 +324,7 @@ def test_a_quantized_file_written_unaligned_still_loads_aligned(quantized, tmp_p
     a, b = load_quantized(good)[0], load_quantized(plain)[0]
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    weights = [m.weight_int8 for m in b.modules() if isinstance(m, int8.Int8Linear) and m.packed is None]
+    weights = [m.weight_int8 for m in b.modules() if isinstance(m, int8.Int8Linear)]  # (none packed yet)
     assert all(t.data_ptr() % 64 == 0 for t in weights)
 
 
