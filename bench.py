@@ -69,7 +69,7 @@ import int8
 import loader
 import tinygptv as tg
 import train
-from cli import parse_user_prompt
+from cli import pack_where_it_pays, parse_user_prompt
 from fastpaths import decoder_for
 from layouts import save_pretrained
 from phi2 import Phi2, Phi2Config
@@ -297,13 +297,11 @@ def section_phi2(args, bw):
 # 2. int8 decoding against fp32, bf16 and torch's own int8
 
 
-def swap_linears(model, make):
-    """Replace every nn.Linear in `model` by make(linear), as int8.quantize_int8 does for Phi-2."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, name, make(child))
-    return model
+def int8_copy(model):
+    """model's Linear layers as Int8Linear, packed as the chat packs them (cli.pack_where_it_pays)."""
+    model = copy.deepcopy(model)
+    int8.int8_linears(model)
+    return pack_where_it_pays(model, "many")
 
 
 def torch_ao_int8(model):
@@ -334,7 +332,7 @@ def section_int8(args, bw):
     torch.manual_seed(0)
     fp32 = Phi2(Phi2Config.phi2(num_hidden_layers=L)).to(dev).eval()
     variants = {"fp32": fp32, "bf16": copy.deepcopy(fp32).to(torch.bfloat16),
-                "int8": swap_linears(copy.deepcopy(fp32), int8.Int8Linear)}
+                "int8": int8_copy(fp32)}
     if dev.type == "cpu":
         ao = torch_ao_int8(copy.deepcopy(fp32))
         if ao is not None:
@@ -412,8 +410,9 @@ def random_model(config, dtype, device, quantized=False):
     finally:
         torch.set_default_dtype(default)
     fill_like_trained(model, torch.Generator(device).manual_seed(0), device)
-    if quantized:  # the tower as --int8 and --model run it (layouts.load_model, load_quantized)
-        fastpaths.fused_attention(model.visual_encoder)
+    if quantized:  # the tower as --int8 and --model run it (layouts.load_model, load_quantized); Phi-2 packed
+        fastpaths.fused_attention(model.visual_encoder)  # as the chat and the server pack it (sections 3, 8)
+        pack_where_it_pays(model, "many")
     return model.eval()
 
 
@@ -432,8 +431,6 @@ def fill_like_trained(model, gen, device):
                     t.normal_(0.0, 0.02, generator=gen)  # matrices, embeddings, query tokens, positions
                 else:
                     t.fill_(1.0 if name == "weight" else 0.0)  # norms start at 1; biases at 0
-        if isinstance(module, int8.Int8Linear):
-            module.pack()  # its weights are real now: into fbgemm's layout where that is the CPU kernel
     return model
 
 
@@ -508,8 +505,8 @@ def section_inference(args, bw):
                 r["s_per_token"] <= 1.5 * bound if dtype == "int8" else None),
             Row(3, f"{label}: time to first token (vision tower + prefill)", r["first_token_s"], None, "s"),
         ]
-    # Where this CPU's int8 kernel packs nothing (int8.py), the decode it costs against fbgemm's packed kernel:
-    # three runs of each, alternated, as this machine's speed drifts between runs
+    # Where this CPU's int8 kernel is not fbgemm (int8.py), its decode against fbgemm's: three runs of each,
+    # alternated, as this machine's speed drifts between runs
     if args.device.type == "cpu" and int8.CPU_KERNEL != "fbgemm" and "error" not in runs["int8"] and \
             "fbgemm" in torch.backends.quantized.supported_engines:
         times = {int8.CPU_KERNEL: [runs["int8"]["s_per_token"]], "fbgemm": []}
@@ -519,8 +516,8 @@ def section_inference(args, bw):
                 times[kernel].append(r["s_per_token"])
         if times["fbgemm"]:
             ours, packed = statistics.median(times[int8.CPU_KERNEL]), statistics.median(times["fbgemm"])
-            rows.append(Row(3, f"int8 Phi-2: time per token, this CPU's kernel ({int8.CPU_KERNEL}, nothing packed) vs "
-                               f"fbgemm's packed one (medians of {len(times[int8.CPU_KERNEL])} and "
+            rows.append(Row(3, f"int8 Phi-2: time per token, this CPU's kernel ({int8.CPU_KERNEL}) vs "
+                               f"fbgemm (medians of {len(times[int8.CPU_KERNEL])} and "
                                f"{len(times['fbgemm'])} runs, alternated)", ours, packed, "s"))
     return rows
 

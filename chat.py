@@ -256,7 +256,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.draw:
         output_file(a.draw, a.force, "the drawing")
-    model, tok, stage = load_for_inference(a, dtype=torch.bfloat16 if a.int8 and a.phi2 else None)
+    model, tok, stage = load_for_inference(a, dtype=torch.bfloat16 if a.int8 and a.phi2 else None, answers="many")
     chat = Chat(model, tok, stage, a.max_new_tokens, a.temperature, a.top_p, a.seed)
     if a.serve:
         import server

@@ -24,7 +24,8 @@ import tinygptv as tg
 from checkpoints import file_digest, output_file, write_atomically
 from convert import convert
 from fastpaths import decoder_for
-from int8 import quantize_int8
+import int8 as int8_kernels
+from int8 import Int8Linear, quantize_int8
 from layouts import load_model, load_quantized, save_quantized
 
 # -----------------------------------------------------------------------------
@@ -158,16 +159,17 @@ def add_weight_options(p):
                    "model in one file, loaded as it is instead of --phi2, --blip2 and --checkpoint")
 
 
-def load_for_inference(args, dtype=None):
+def load_for_inference(args, dtype=None, answers="few"):
     """-> (model on args.device in eval mode, tokenizer, stage): the demo run by default, or real
     weights, which need a trained stage checkpoint (the projections would otherwise be random and
-    every answer garbage). With --int8 Phi-2 is quantized as it loads (layouts.load_model)."""
+    every answer garbage). With --int8 Phi-2 is quantized as it loads (layouts.load_model).
+    `answers` ("few", "many" or "none") says whether packing the int8 weights pays: see pack_where_it_pays."""
     check_real_weights(args)
     if getattr(args, "model", None):  # (a caller's own Namespace may not have the option)
         if args.phi2 or args.checkpoint or args.run:
             raise ValueError("--model is the whole model: give it without --phi2, --blip2, --checkpoint or --run")
         model, tok, stage = load_quantized(args.model)
-        return model.to(args.device).eval(), tok, max(stage, 1)
+        return pack_where_it_pays(model.to(args.device).eval(), answers), tok, max(stage, 1)
     if args.phi2:
         if not args.checkpoint:
             raise ValueError("--phi2/--blip2 need --checkpoint too: without a trained stage checkpoint (ours, or an "
@@ -189,7 +191,19 @@ def load_for_inference(args, dtype=None):
     if trained_with not in (None, tg.tokenizer_digest(tok)):
         raise ValueError(f"{checkpoint} was trained with another tokenizer than the one given: use the tokenizer.json "
                          "of the run or download it was trained on")
-    return model.to(args.device).eval(), tok, max(stage, 1)
+    return pack_where_it_pays(model.to(args.device).eval(), answers), tok, max(stage, 1)
+
+
+def pack_where_it_pays(model, answers):
+    """Pack Phi-2's int8 weights for the CPU's kernel (int8.CPU_KERNEL) where that pays. fbgemm (AVX2):
+    always, its unpacked stand-in reading at half its speed. oneDNN (AVX-512 VNNI): for "many" answers
+    (the chat, its server, eval.py), not "few" (one command's answer): packing Phi-2 took 10-14 s on the
+    2-core EPYC and saves about 0.03 s per decoded token (docs/LOG.md, 2026-12-05). "none": quantize."""
+    if answers == "many" or (answers == "few" and int8_kernels.CPU_KERNEL == "fbgemm"):
+        for module in model.modules():
+            if isinstance(module, Int8Linear):
+                module.pack()  # (on the CPU, with a kernel that packs)
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -237,7 +251,7 @@ def main(argv=None):
             raise ValueError("quantize needs --phi2, --blip2 and --checkpoint: the downloads and a trained stage")
         output_file(a.dst, a.force, "the quantized model")
         a.int8, a.device = True, "cpu"
-        model, tok, stage = load_for_inference(a, dtype=torch.bfloat16)
+        model, tok, stage = load_for_inference(a, dtype=torch.bfloat16, answers="none")
         source = {"phi2": os.path.abspath(a.phi2), "blip2": os.path.abspath(a.blip2), "checkpoint":
                   os.path.abspath(a.checkpoint), "checkpoint_sha256": file_digest(a.checkpoint)}
         save_quantized(model, tok, stage, a.dst, source)

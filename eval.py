@@ -491,7 +491,7 @@ def main(argv=None):
 
 
 def load_model(args):
-    return load_for_inference(args)
+    return load_for_inference(args, answers="many")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,9 @@ The paper promises inference in 8 GB of GPU memory, or on a CPU (docs/PAPER.md s
 official code's bitsandbytes needs a GPU: here each weight row is symmetric int8 with its own scale.
 
 - `quantize_weight`, `quantize_rows`: weights per output channel, activations per token as two int8 digits;
-- `CPU_KERNEL`: which of torch's kernels multiplies on this CPU, chosen once at import;
+- `CPU_KERNEL`, `pack_weight`: which of torch's kernels multiplies on this CPU (chosen once), its layout;
 - `Int8Linear`: one Linear layer in int8 (weights, scales, bias), its error bound in the docstring;
-- `quantize_int8`: merge LoRA, then swap a built model's Linear layers for Int8Linear (layouts.py
-  does it while the weights load, so no full-precision copy of the language model ever exists);
+- `quantize_int8`: merge LoRA, then swap a built model's Linear layers for Int8Linear (layouts.py: while loading);
 - `weight_bytes`: what a module's weights occupy, for bench.py's memory figures.
 """
 
@@ -37,7 +36,7 @@ def quantize_weight(w):
 # fp32 on bench.py's 4-layer Phi-2, the weights alone 2.1%; a second, the first's rounding remainder at
 # 1/126 of its step, holds x to about 14 bits and leaves the weights' 2.1%. Both share one int8 GEMM of
 # 2N rows (weights read once), yet a CPU decode step took 5-30% longer than with one (docs/LOG.md, 2026-12-02).
-DIGIT = 63  # each digit in [-63, 63]: see fbgemm_pack for why not 127
+DIGIT = 63  # each digit in [-63, 63]: see pack_weight for why not 127
 
 
 def quantize_rows(x):
@@ -56,31 +55,31 @@ def combine_digits(y, scale):
 
 
 # -----------------------------------------------------------------------------
-# Which kernel multiplies on the CPU, chosen once for this machine (docs/LOG.md, 2026-12-02 and -05). Both
-# x86 kernels take our two digits and sum them exactly in int32, from a packed copy of the weight made on
-# the layer's first use (or as it is built), which is then the only copy kept:
-#   "onednn":      AVX-512 VNNI: oneDNN's int8 GEMM (torch's x86 quantization backend). One decoded token
-#                  read Phi-2's matrices at 44 GB/s to fbgemm's 35, packing 2.65 GB in about 4 s to its 7-18.
+# Which kernels multiply on the CPU, chosen once for this machine (docs/LOG.md, 2026-12-02 and -05). The
+# packing ones take a packed copy of the weight (`Int8Linear.pack`, where it pays: cli.load_for_inference):
+#   "onednn":      AVX-512 VNNI: oneDNN's int8 GEMM, one decoded token reading Phi-2 at 44 GB/s to fbgemm's 35.
+#                  Unpacked: torch._int_mm over 4 rows, _weight_int8pack_mm for fewer (bf16 activations, 31 GB/s).
 #   "fbgemm":      other x86 (AVX2): fbgemm's int8 GEMM, the kernel torch.ao's dynamic int8 calls.
-#   "weight_only": torch._weight_int8pack_mm (bf16 activations, nothing packed): ARM, or no fbgemm.
+#   "weight_only": torch._weight_int8pack_mm for every row count: ARM, or no fbgemm.
 PACKING = ("onednn", "fbgemm")
 
 
 def cpu_kernel():
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         return "weight_only"
-    vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: False)() and hasattr(torch.ops.onednn, "qlinear_prepack")
-    return "onednn" if vnni else "fbgemm"
+    return "onednn" if getattr(torch.cpu, "_is_vnni_supported", lambda: False)() else "fbgemm"
 
 
 CPU_KERNEL = cpu_kernel()
 
 
-def fbgemm_pack(weight_int8, scale):
-    """Our int8 weight (out, in) and scales (out,), zero points 0, as fbgemm's packed copy. It takes
-    uint8 activations, digit d as d + 64 in [1, 127] (oneDNN the same); without VNNI it sums pairs of
-    products in int16, saturating above 32767, which two of at most 127 * 127 never reach (so torch.ao
-    passes `reduce_range=True`, 7-bit activations): digits keep to [-63, 63], products exact on any x86."""
+def pack_weight(weight_int8, scale):
+    """Our int8 weight (out, in) and scales (out,), zero points 0, in the CPU kernel's packed layout. Both
+    take uint8 activations, digit d as d + 64 in [1, 127]; without VNNI fbgemm sums pairs of products in
+    int16, saturating above 32767, which two of at most 127 * 127 never reach (so torch.ao passes
+    `reduce_range=True`, 7-bit activations): digits keep to [-63, 63], products exact on any x86."""
+    if CPU_KERNEL == "onednn":  # its weight (in, out), blocked, and the zero points it is given with it
+        return torch.ops.onednn.qlinear_prepack(weight_int8, None), torch.zeros(len(scale), dtype=torch.int32)
     with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm's kernels still take them
         warnings.simplefilter("ignore")
         q = torch._make_per_channel_quantized_tensor(weight_int8.cpu(), scale.double().cpu(),
@@ -98,10 +97,10 @@ class Int8Linear(nn.Module):
     not K; the digits, 126 times finer than one 8-bit value, leave that as almost the whole error. And
     outliers, 8-bit activations' classic failure (LLM.int8(), Dettmers 2022), inflate only their token's s_x.
 
-    Kernels: CPU_KERNEL on the CPU, fed the digits as uint8 with zero point 64 (oneDNN), or as floats
-    that fbgemm's own per-tensor rounding, scale 1, maps to the same: their int32 sums are exactly ours
-    (tests/test_int8.py). On a GPU `torch._int_mm` for over 16 rows; for fewer (one decoded token)
-    the weight dequantized to the activations' dtype."""
+    Kernels: CPU_KERNEL's packed copy on the CPU, fed the digits as uint8 with zero point 64 (oneDNN), or
+    as floats that fbgemm's own per-tensor rounding, scale 1, maps to the same: their int32 sums are
+    exactly ours (tests/test_int8.py), as are `torch._int_mm`'s, on a GPU for over 16 rows (over 4 on a
+    VNNI CPU, unpacked); for fewer the weight-only kernel (CPU) or the weight dequantized (GPU)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -111,19 +110,12 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
         self.register_buffer("weight_int8", weight)
         self.packed = None  # the CPU kernel's packed copy of weight_int8, which then is the only one kept
-        self.pack()
 
     def pack(self):
-        """On the CPU with a packing kernel: pack the int8 weight, as the layer is built or on its first
-        use (a weight mapped from a quantized file is packed as a prefill first needs it: layouts.py)."""
+        """On the CPU with a packing kernel (CPU_KERNEL): the int8 weight replaced by the kernel's packed copy."""
         if self.weight_int8 is not None and self.weight_int8.device.type == "cpu" and CPU_KERNEL in PACKING:
             free_promptly()  # packing layer after layer frees as much as it keeps: see checkpoints.py
-            if CPU_KERNEL == "onednn":
-                self.packed = (torch.ops.onednn.qlinear_prepack(self.weight_int8, None),  # (in, out), blocked
-                               torch.zeros(self.out_features, dtype=torch.int32))  # the zero points
-            else:
-                self.packed = fbgemm_pack(self.weight_int8, self.weight_scale)
-            self.weight_int8 = None
+            self.packed, self.weight_int8 = pack_weight(self.weight_int8, self.weight_scale), None
 
     def int8_weight(self):
         """The int8 weight (out, in), read back from the packed copy where that is the one kept."""
@@ -140,9 +132,9 @@ class Int8Linear(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x):
-        self.pack()  # (a mapped weight's first use)
         shape, dtype = x.shape, x.dtype
         x2 = x.reshape(-1, shape[-1])  # (N, in)
+        N = x2.shape[0]
         if self.packed is not None:  # CPU: both digits as one batch of 2N rows, as uint8 with zero point 64
             hi, lo, sx = quantize_rows(x2)  # (N, in) each, (N, 1)
             if isinstance(self.packed, tuple):  # oneDNN
@@ -153,16 +145,16 @@ class Int8Linear(nn.Module):
                 fbgemm = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
                 y = fbgemm(torch.cat([hi, lo]), 1.0, DIGIT + 1, self.packed)
             y = combine_digits(y, sx)  # (N, out)
-        elif x.device.type == "cpu":  # weight-only kernel: bf16 activations, int8 weights, per-row scales
-            y = torch._weight_int8pack_mm(x2.bfloat16(), self.weight_int8, self.weight_scale.bfloat16()).float()
-        elif self.in_features % 8 == 0 and self.out_features % 8 == 0 and x2.shape[0] > 16:  # torch._int_mm's rules
+        elif (self.in_features % 8 == 0 and self.out_features % 8 == 0  # torch._int_mm's rules on a GPU,
+              and (N > 16 if x.device.type != "cpu" else N > 4 and CPU_KERNEL == "onednn")):  # crossover on a CPU
             hi, lo, sx = quantize_rows(x2)  # (N, in) each, (N, 1)
             digits = torch.cat([hi, lo]).to(torch.int8)  # (2N, in)
             y = combine_digits(torch._int_mm(digits, self.weight_int8.t()).float() * self.weight_scale, sx)  # (N, out)
+        elif x.device.type == "cpu":  # weight-only kernel: bf16 activations, int8 weights, per-row scales
+            y = torch._weight_int8pack_mm(x2.bfloat16(), self.weight_int8, self.weight_scale.bfloat16()).float()
         else:
-            # GPU decode: the weight cast to the activations' dtype (exact: bf16 and fp16 hold every
-            # integer up to 256), its per-row scale applied to the output: 1 + 2 + 2 bytes of traffic
-            # per weight in bf16, not the 1 + 4 + 4 + 4 + 4 of dequantizing to fp32 and scaling it.
+            # GPU decode: the weight cast to the activations' dtype (exact for int8 in bf16 and fp16), its scale
+            # applied to the output: 1 + 2 + 2 bytes of traffic per weight, not the 1 + 4 + 4 + 4 + 4 of fp32
             y = (F.linear(x2, self.weight_int8.to(dtype)) * self.weight_scale.to(dtype)).float()  # (N, out)
         if self.bias is not None:
             y = y + self.bias
@@ -187,13 +179,10 @@ def quantize_int8(model, vision=False):
 
 def int8_linears(root):
     """Replace every nn.Linear inside `root` with an Int8Linear; -> how many."""
-    count = 0
-    for module in list(root.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, child_name, Int8Linear(child))
-                count += 1
-    return count
+    linears = [(m, name) for m in root.modules() for name, child in m.named_children() if isinstance(child, nn.Linear)]
+    for module, name in linears:
+        setattr(module, name, Int8Linear(getattr(module, name)))
+    return len(linears)
 
 
 def weight_bytes(module):

@@ -352,8 +352,8 @@ def save_quantized(model, tok, stage, path, source):
 def load_quantized(path, device="cpu"):
     """-> (model in eval mode, tokenizer, stage) from a save_quantized file: the model is built on the
     meta device and each tensor taken into it as stored (no quantization, no float32 copy), by memory
-    map; a CPU kernel that packs int8 weights (int8.CPU_KERNEL) packs each on its first use. Strict: a missing, unexpected
-    or mis-shaped tensor is named; a file of another kind is refused in one line."""
+    map; packing for the CPU's kernel, where it pays, is the caller's (cli.pack_where_it_pays). Strict:
+    a missing, unexpected or mis-shaped tensor is named; a file of another kind is refused in one line."""
     regular_file(path, "quantized model")
     try:
         with safe_open(path, framework="pt") as handle:  # (its header: the metadata)
@@ -376,8 +376,8 @@ def load_quantized(path, device="cpu"):
     # every tensor used as stored: the model's tensors are views of the file's memory maps (private: nothing
     # written to them reaches the file), whose pages are read when first used. The vision tower has a map of
     # its own, unmapped when its tensors go (a one-shot answer lets them go: cli.py); so has each int8 weight
-    # where the CPU's kernel packs them (int8.PACKING), unmapped as its layer packs it on first use, so the
-    # file's pages never stay resident beside the packed copies (8.0 GB at full size)
+    # where the CPU's kernel packs them (int8.PACKING), unmapped as it is packed (cli.pack_where_it_pays), so
+    # the file's pages never stay resident beside the packed copies (8.0 GB at full size)
     own_maps = int8_kernels.CPU_KERNEL in int8_kernels.PACKING
     with safe_open(path, framework="pt") as tower, safe_open(path, framework="pt") as rest:
         tensors = {}

@@ -34,12 +34,15 @@ def test_weight_rounding_is_per_channel_symmetric():
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_int8_linear_error_and_memory(kernel, monkeypatch):
+@pytest.mark.parametrize("packed", [False, True], ids=["as stored", "packed"])
+def test_int8_linear_error_and_memory(kernel, packed, monkeypatch):
     monkeypatch.setattr(int8, "CPU_KERNEL", kernel)
     torch.manual_seed(0)
     lin = nn.Linear(256, 512)
     q = int8.Int8Linear(lin)
-    assert (q.packed is not None) == (kernel in int8.PACKING)
+    if packed:
+        q.pack()
+    assert (q.packed is not None) == (packed and kernel in int8.PACKING)
     assert torch.equal(q.int8_weight(), int8.quantize_weight(lin.weight)[0])  # packing keeps our weights
     for n in (1, 32):  # one decoded token and a prefill
         x = torch.randn(n, 256)
@@ -72,19 +75,23 @@ def exact_product(x, lin):
     return (hi @ wq.t() + (lo @ wq.t()) / 126) * sx * sw + lin.bias.double()
 
 
-@pytest.mark.parametrize("kernel", EXACT)
-def test_integer_kernels_compute_exactly_our_per_token_arithmetic(kernel, monkeypatch):
-    # fbgemm and oneDNN get both digits, scale 1 and zero point 64: their int32 sums are ours
+@pytest.mark.parametrize("kernel, packed", [(k, True) for k in EXACT] + [("onednn", False)] * ("onednn" in KERNELS))
+def test_integer_kernels_compute_exactly_our_per_token_arithmetic(kernel, packed, monkeypatch):
+    # fbgemm and oneDNN get both digits, scale 1 and zero point 64: their int32 sums are ours; so are
+    # _int_mm's, which a VNNI CPU runs over 4 rows of an unpacked weight (fewer: the weight-only kernel)
     monkeypatch.setattr(int8, "CPU_KERNEL", kernel)
     torch.manual_seed(0)
     lin = nn.Linear(128, 64)
     q = int8.Int8Linear(lin)
+    if packed:
+        q.pack()
     x = torch.randn(20, 128) * torch.rand(20, 1).mul(6).sub(3).exp()  # tokens of very different sizes
     x[3] *= 100.0  # an outlier token
     exact = exact_product(x, lin)  # (20, 64)
     torch.testing.assert_close(q(x).double(), exact, rtol=1e-5, atol=1e-5)  # several tokens at once
-    for i in range(5):  # one token at a time, as decoding runs
-        torch.testing.assert_close(q(x[i:i + 1]).double(), exact[i:i + 1], rtol=1e-5, atol=1e-5)
+    if packed:
+        for i in range(5):  # one token at a time, as decoding runs
+            torch.testing.assert_close(q(x[i:i + 1]).double(), exact[i:i + 1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(q(x[:5]).double(), exact[:5], rtol=1e-5, atol=1e-5)  # a short prompt
 
 
@@ -98,14 +105,28 @@ def test_integer_kernels_are_exact_where_int16_pair_sums_would_saturate(kernel, 
     with torch.no_grad():
         lin.weight.copy_(torch.randn(8, 256).sign())
     q = int8.Int8Linear(lin)
+    q.pack()
     x = torch.cat([lin.weight[:1], -lin.weight[:1], torch.ones(1, 256)]).repeat(6, 1) * 3.0  # (18, 256)
     torch.testing.assert_close(q(x).double(), exact_product(x, lin), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(q(x[:1]).double(), exact_product(x[:1], lin), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_command_packs_where_packing_pays(kernel, monkeypatch):
+    # fbgemm always (AVX2: its unpacked stand-in is slow); oneDNN for many answers only; quantize never
+    import cli
+    monkeypatch.setattr(int8, "CPU_KERNEL", kernel)
+    for answers, packs in (("none", False), ("few", kernel == "fbgemm"), ("many", kernel in int8.PACKING)):
+        model = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 16))
+        int8.int8_linears(model)
+        cli.pack_where_it_pays(model, answers)
+        assert [m.packed is not None for m in (model[0], model[2])] == [packs, packs], answers
+
+
 def test_moving_off_the_cpu_unpacks_the_weight():
     torch.manual_seed(0)
     q = int8.Int8Linear(nn.Linear(64, 32))
+    q.pack()
     q.to("meta")  # stands for a GPU here: a packed weight cannot go there
     assert q.packed is None and q.weight_int8.shape == (32, 64) and q.weight_int8.dtype == torch.int8
 
@@ -243,26 +264,21 @@ def quantized(downloads):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_the_quantized_file_is_the_int8_model_from_the_downloads(downloads, quantized, kernel, monkeypatch):
-    # each CPU kernel: the file's tensors used in place, mapped; fbgemm and oneDNN pack each int8 weight
-    # on its first use, when its own map goes
+    # each CPU kernel: the file's tensors used in place, mapped; one answer, then the weights packed as the
+    # chat packs them (fbgemm and oneDNN: each int8 weight's own map goes as it is packed), another answer
     import cli
     from layouts import load_quantized
     monkeypatch.setattr(int8, "CPU_KERNEL", kernel)
     w, out = downloads, quantized
-    direct, tok, stage = cli.load_for_inference(weight_args(w), dtype=torch.bfloat16)
+    direct, tok, stage = cli.load_for_inference(weight_args(w), dtype=torch.bfloat16, answers="none")
     loaded, tok2, stage2 = load_quantized(out)
     assert stage == stage2 == 4 and tok2.to_str() == tok.to_str()
     a, b = dict(direct.named_modules()), dict(loaded.named_modules())
     assert a.keys() == b.keys()
-    n_int8 = 0
-    for name, m in a.items():  # every tensor, the int8 weights read back from the packed copies
-        if isinstance(m, int8.Int8Linear):
-            n_int8 += 1
-            assert torch.equal(m.int8_weight(), b[name].int8_weight()), name
-            assert (m.packed is None) == (kernel not in int8.PACKING) and b[name].packed is None, name  # not yet
-    sa, sb = ({k: t for k, t in m.state_dict().items() if not k.endswith(".weight_int8")} for m in (direct, loaded))
+    sa, sb = direct.state_dict(), loaded.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) and sa[k].dtype == sb[k].dtype for k in sa)
-    assert n_int8 == 4 * 4 + 1  # qkv, dense, fc1, fc2 in each of the 4 layers, and lm_head: LoRA merged in them
+    assert sum(isinstance(m, int8.Int8Linear) for m in b.values()) == 4 * 4 + 1  # qkv, dense, fc1, fc2 in each
+    # of the 4 layers, and lm_head: LoRA merged in them
     maps = lambda: len(spans_of(out))
     if os.path.exists("/proc/self/maps"):
         assert mapped_from(loaded.llama_model.layers[0].mlp.fc1.weight_scale, out)
@@ -271,23 +287,26 @@ def test_the_quantized_file_is_the_int8_model_from_the_downloads(downloads, quan
             # (torch's int8 kernels crashed on a weight 1 byte off)
             if isinstance(m, int8.Int8Linear) and m.weight_int8.numel() % 64 == 0:
                 assert mapped_from(m.weight_int8, out) and m.weight_int8.data_ptr() % 64 == 0
-        before = maps()
+        del sa, sb  # (references to every tensor)
+        unpacked = maps()
     image = Image.new("RGB", (96, 96), (240, 120, 20))
     ex = [tg.make_example(tok, 4, "[vqa] what color is it?")]
-    with torch.no_grad():
-        px = direct.pixels([image], 4)
-        la = direct.generate_ids(px, ex, 6, [])
-        lb = loaded.generate_ids(loaded.pixels([image], 4), ex, 6, [])
-        qa = direct.project(direct.encode_queries(px))
-        qb = loaded.project(loaded.encode_queries(px))
-    assert la == lb and torch.equal(qa, qb)
-    for name, m in b.items():  # used once: packed where the kernel packs, as the directly loaded model is
-        if isinstance(m, int8.Int8Linear):
-            assert (m.packed is None) == (a[name].packed is None) == (kernel not in int8.PACKING), name
+    for packing in ("none", "many"):
+        direct, loaded = cli.pack_where_it_pays(direct, packing), cli.pack_where_it_pays(loaded, packing)
+        for name, m in b.items():
+            if isinstance(m, int8.Int8Linear):
+                assert (m.packed is None) == (a[name].packed is None) == (packing == "none" or kernel not in int8.PACKING)
+                assert torch.equal(m.int8_weight(), a[name].int8_weight()), name  # read back from a packed copy
+        with torch.no_grad():
+            px = direct.pixels([image], 4)
+            la = direct.generate_ids(px, ex, 6, [])
+            lb = loaded.generate_ids(loaded.pixels([image], 4), ex, 6, [])
+            qa = direct.project(direct.encode_queries(px))
+            qb = loaded.project(loaded.encode_queries(px))
+        assert la == lb and torch.equal(qa, qb), packing
     if os.path.exists("/proc/self/maps"):  # a packed weight's map went with it; the tower's goes with its tensors
-        del sa, sb  # (references to every tensor)
         packed = maps()
-        assert (packed < before) == (kernel in int8.PACKING)
+        assert (packed < unpacked) == (kernel in int8.PACKING)
         loaded.visual_encoder.to("meta")  # as a one-shot answer lets the tower go (cli.py)
         assert maps() < packed and mapped_from(loaded.llama_model.layers[0].mlp.fc1.weight_scale, out)
 
