@@ -394,12 +394,13 @@ def section_int8(args, bw):
 # Random models at the paper's sizes, built in their final dtype
 
 
-def random_model(config, dtype, device, quantized=False):
+def random_model(config, dtype, device, quantized=False, pack=True):
     """TinyGPTV with random weights, made in `dtype` directly. The modules are first built on the
     meta device (shapes only, no memory); then each module's tensors are allocated and filled in
     turn, so no float32 copy of the whole model ever exists. With `quantized`, Phi-2's Linear layers are
-    turned into Int8Linear while still on meta, so the int8 weights are the only copy allocated, and the
-    vision tower takes the fused attention of the --int8 path."""
+    turned into Int8Linear while still on meta, so the int8 weights are the only copy allocated, packed as
+    the chat packs them unless not `pack` (one command's answer), and the vision tower takes the fused
+    attention of the --int8 path."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # the meta tensors take this dtype, so to_empty allocates it
     try:
@@ -412,7 +413,7 @@ def random_model(config, dtype, device, quantized=False):
     fill_like_trained(model, torch.Generator(device).manual_seed(0), device)
     if quantized:  # the tower as --int8 and --model run it (layouts.load_model, load_quantized); Phi-2 packed
         fastpaths.fused_attention(model.visual_encoder)  # as the chat and the server pack it (sections 3, 8)
-        pack_where_it_pays(model, "many")
+        pack_where_it_pays(model, "many" if pack else "none")
     return model.eval()
 
 
@@ -466,7 +467,7 @@ def child_inference(spec, device):
     """One image, `new_tokens` greedy tokens, the model in int8 (Phi-2) + bf16 (the rest), or all bf16."""
     config = preset_config(spec["preset"])
     int8.CPU_KERNEL = spec.get("kernel", int8.CPU_KERNEL)  # (section 3's comparison of CPU kernels)
-    model = random_model(config, torch.bfloat16, device, quantized=spec["dtype"] == "int8")
+    model = random_model(config, torch.bfloat16, device, quantized=spec["dtype"] == "int8", pack=spec.get("pack", True))
     size = config.vision.image_size
     pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
     example = prompt_example(config.llm)
@@ -505,20 +506,25 @@ def section_inference(args, bw):
                 r["s_per_token"] <= 1.5 * bound if dtype == "int8" else None),
             Row(3, f"{label}: time to first token (vision tower + prefill)", r["first_token_s"], None, "s"),
         ]
-    # Where this CPU's int8 kernel is not fbgemm (int8.py), its decode against fbgemm's: three runs of each,
+    # This CPU's kernel, packed (as the chat runs), against fbgemm's where that is another (int8.py), and
+    # against the weights as stored (one command's answer, cli.pack_where_it_pays): three runs of each,
     # alternated, as this machine's speed drifts between runs
-    if args.device.type == "cpu" and int8.CPU_KERNEL != "fbgemm" and "error" not in runs["int8"] and \
-            "fbgemm" in torch.backends.quantized.supported_engines:
-        times = {int8.CPU_KERNEL: [runs["int8"]["s_per_token"]], "fbgemm": []}
-        for kernel in ["fbgemm", int8.CPU_KERNEL, "fbgemm", int8.CPU_KERNEL, "fbgemm"]:
-            r = run_child(args, "infer", dtype="int8", new_tokens=args.full_new_tokens, kernel=kernel)
+    if args.device.type == "cpu" and "error" not in runs["int8"] and int8.CPU_KERNEL in int8.PACKING:
+        ours = f"{int8.CPU_KERNEL}, packed"
+        others = {"as stored": dict(kernel=int8.CPU_KERNEL, pack=False)}
+        if int8.CPU_KERNEL != "fbgemm":
+            others["fbgemm, packed"] = dict(kernel="fbgemm")
+        times = {ours: [runs["int8"]["s_per_token"]], **{k: [] for k in others}}
+        for name in [*others, ours] * 2 + [*others]:
+            spec = others.get(name, dict(kernel=int8.CPU_KERNEL))
+            r = run_child(args, "infer", dtype="int8", new_tokens=args.full_new_tokens, **spec)
             if "error" not in r:
-                times[kernel].append(r["s_per_token"])
-        if times["fbgemm"]:
-            ours, packed = statistics.median(times[int8.CPU_KERNEL]), statistics.median(times["fbgemm"])
-            rows.append(Row(3, f"int8 Phi-2: time per token, this CPU's kernel ({int8.CPU_KERNEL}) vs "
-                               f"fbgemm (medians of {len(times[int8.CPU_KERNEL])} and "
-                               f"{len(times['fbgemm'])} runs, alternated)", ours, packed, "s"))
+                times[name].append(r["s_per_token"])
+        for name in others:
+            if times[name]:
+                rows.append(Row(3, f"int8 Phi-2: time per token, {ours} vs {name} (medians of {len(times[ours])} and "
+                                   f"{len(times[name])} runs, alternated)", statistics.median(times[ours]),
+                                statistics.median(times[name]), "s"))
     return rows
 
 

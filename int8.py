@@ -139,7 +139,7 @@ class Int8Linear(nn.Module):
             hi, lo, sx = quantize_rows(x2)  # (N, in) each, (N, 1)
             if isinstance(self.packed, tuple):  # oneDNN
                 digits = torch.cat([hi, lo]).add_(DIGIT + 1).to(torch.uint8)  # (2N, in)
-                y = torch.ops.onednn.qlinear_pointwise(digits, 1.0, DIGIT + 1, self.packed[0], self.weight_scale,
+                y = torch.ops.onednn.qlinear_pointwise(digits, 1.0, DIGIT + 1, self.packed[0], self.weight_scale.float(),
                                                        self.packed[1], None, 1.0, 0, torch.float32, "none", [], "")
             else:  # fbgemm, given floats, rounds them to the same uint8
                 fbgemm = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32

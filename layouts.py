@@ -37,7 +37,6 @@ import tinygptv as tg
 from checkpoints import (StrictReader, check_overrides, config_file, open_safetensors, read_json, regular_file,
                          save_aligned, write_atomically, write_json)
 from fastpaths import float32_blocks, fused_attention
-import int8 as int8_kernels  # (load_model's `int8` is a flag)
 from int8 import Int8Linear, quantize_int8
 from phi2 import Phi2, Phi2Config
 from qformer import QFormer, QFormerConfig
@@ -375,14 +374,13 @@ def load_quantized(path, device="cpu"):
         quantize_int8(model)  # Phi-2's Linear layers as --int8 makes them
     # every tensor used as stored: the model's tensors are views of the file's memory maps (private: nothing
     # written to them reaches the file), whose pages are read when first used. The vision tower has a map of
-    # its own, unmapped when its tensors go (a one-shot answer lets them go: cli.py); so has each int8 weight
-    # where the CPU's kernel packs them (int8.PACKING), unmapped as it is packed (cli.pack_where_it_pays), so
-    # the file's pages never stay resident beside the packed copies (8.0 GB at full size)
-    own_maps = int8_kernels.CPU_KERNEL in int8_kernels.PACKING
+    # its own, unmapped when its tensors go (a one-shot answer lets them go: cli.py); so has each int8 weight,
+    # unmapped if it is packed (cli.pack_where_it_pays), so the file's pages never stay resident beside the
+    # packed copies (8.0 GB at full size)
     with safe_open(path, framework="pt") as tower, safe_open(path, framework="pt") as rest:
         tensors = {}
         for key in rest.keys():
-            if own_maps and key.endswith(".weight_int8"):
+            if key.endswith(".weight_int8"):
                 with safe_open(path, framework="pt") as one:
                     tensors[key] = one.get_tensor(key)
             else:
