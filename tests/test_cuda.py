@@ -38,11 +38,12 @@ def test_int8_linear_on_cuda_matches_fp32(n):
 
 
 def test_int8_linear_quantized_on_the_cpu_moves_to_cuda():
-    # on the CPU the int8 weight may live in fbgemm's packed layout; .cuda() unpacks it first
+    # packed on the CPU (oneDNN's or fbgemm's layout, where this CPU packs), .cuda() unpacks it first
     torch.manual_seed(0)
     lin = nn.Linear(512, 1024)
     q = int8.Int8Linear(lin)
     weight = q.int8_weight().clone()
+    q.pack()
     q = q.cuda()
     assert q.packed is None and q.weight_int8.device.type == "cuda"
     assert torch.equal(q.weight_int8.cpu(), weight)
