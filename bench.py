@@ -1042,6 +1042,7 @@ def section_vision(args, bw):
     # per token): kept only if it is faster and the Q-Former's 32 outputs stay within 1% of the bf16 tower's
     quantized = copy.deepcopy(vit)
     int8.int8_linears(quantized)
+    pack_where_it_pays(quantized, "few")  # as one command's answer would run it
     for size in (224, 448):
         x = torch.randn(1, 3, size, size, dtype=dtype, device=args.device)
         with torch.no_grad():

@@ -5,7 +5,8 @@ A reader of the paper may skip this file. Its jobs:
   `device_option`) and an `ArgumentParser` whose errors are one line like every other;
 - `run_cli`: an expected failure is one line on stderr and exit code 2, Ctrl-C one line and 130;
 - `add_weight_options` and `load_for_inference`: which model a command answers from, the demo's by
-  default or real weights (--phi2, --blip2, --checkpoint, --int8), for tinygptv.py and eval.py;
+  default or real weights (--phi2, --blip2, --checkpoint, --int8, --model), for tinygptv.py, chat.py
+  and eval.py; `pack_where_it_pays`: whether its int8 weights are packed for the CPU's kernel;
 - `main`: `python tinygptv.py --image x.png --prompt "..."`, `... convert` and `... params`.
 """
 
@@ -199,6 +200,8 @@ def pack_where_it_pays(model, answers):
     always, its unpacked stand-in reading at half its speed. oneDNN (AVX-512 VNNI): for "many" answers
     (the chat, its server, eval.py), not "few" (one command's answer): packing Phi-2 took 10-14 s on the
     2-core EPYC and saves about 0.03 s per decoded token (docs/LOG.md, 2026-12-05). "none": quantize."""
+    if answers not in ("few", "many", "none"):
+        raise ValueError(f"answers={answers!r}: few, many or none")
     if answers == "many" or (answers == "few" and int8_kernels.CPU_KERNEL == "fbgemm"):
         for module in model.modules():
             if isinstance(module, Int8Linear):

@@ -56,7 +56,7 @@ def combine_digits(y, scale):
 
 # -----------------------------------------------------------------------------
 # Which kernels multiply on the CPU, chosen once for this machine (docs/LOG.md, 2026-12-02 and -05). The
-# packing ones take a packed copy of the weight (`Int8Linear.pack`, where it pays: cli.load_for_inference):
+# packing ones take a packed copy of the weight (`Int8Linear.pack`, where it pays: cli.pack_where_it_pays):
 #   "onednn":      AVX-512 VNNI: oneDNN's int8 GEMM, one decoded token reading Phi-2 at 44 GB/s to fbgemm's 35.
 #                  Unpacked: torch._int_mm over 4 rows, _weight_int8pack_mm for fewer (bf16 activations, 31 GB/s).
 #   "fbgemm":      other x86 (AVX2): fbgemm's int8 GEMM, the kernel torch.ao's dynamic int8 calls.
@@ -65,9 +65,9 @@ PACKING = ("onednn", "fbgemm")
 
 
 def cpu_kernel():
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
-        return "weight_only"
-    return "onednn" if getattr(torch.cpu, "_is_vnni_supported", lambda: False)() else "fbgemm"
+    engines = torch.backends.quantized.supported_engines
+    vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
+    return "weight_only" if "fbgemm" not in engines else "onednn" if vnni and "onednn" in engines else "fbgemm"
 
 
 CPU_KERNEL = cpu_kernel()

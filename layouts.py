@@ -340,7 +340,7 @@ def save_quantized(model, tok, stage, path, source):
     checkpoint's LoRA merged, the rest in the dtype it was read in) in one safetensors file, with its
     config, stage, tokenizer and `source` ({what: where it came from}) in the metadata."""
     tensors = dict(model.state_dict())
-    for name, m in model.named_modules():  # fbgemm keeps only its packed copy: the int8 weight read back
+    for name, m in model.named_modules():  # a packed layer keeps only its packed copy: the int8 weight read back
         if isinstance(m, Int8Linear):
             tensors[f"{name}.weight_int8"] = m.int8_weight()
     meta = {"format": QUANTIZED, "config": json.dumps(model.config.to_dict()), "stage": str(stage),

@@ -13,6 +13,7 @@ A reader of the paper may skip this file: train.py calls it around the stages. I
 import os
 import re
 import sys
+import traceback
 from contextlib import contextmanager
 
 import torch
@@ -175,16 +176,23 @@ def torchrun_exit():
     a gloo worker thread can still be dropping the last barrier's work while the interpreter finalizes;
     the drop takes the GIL, which a finalizing interpreter answers by ending the thread, and that unwind
     through a C++ destructor aborts a finished run (SIGABRT; 2 runs in 84 on a loaded 2-core CPU,
-    docs/LOG.md 2026-12-05). A bug's exception passes through, its traceback printed as usual."""
+    docs/LOG.md 2026-12-05). A bug's traceback is printed as Python would, and the exit code is 1."""
     try:
         yield
         code = 0
-    except SystemExit as e:  # run_cli's one-line failures, --help
+    except BaseException as e:
         if not dist.is_initialized():
             raise
-        code = e.code or 0
+        if isinstance(e, SystemExit) and (e.code is None or isinstance(e.code, int)):
+            code = e.code or 0  # run_cli's one-line failures (2), Ctrl-C (130), --help (0)
+        else:
+            traceback.print_exc()
+            code = 1
     if dist.is_initialized():
         dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # (a closed pipe must not keep the process from ending)
+                pass
         os._exit(code)

@@ -44,6 +44,7 @@ def test_int8_linear_quantized_on_the_cpu_moves_to_cuda():
     q = int8.Int8Linear(lin)
     weight = q.int8_weight().clone()
     q.pack()
+    assert (q.packed is not None) == (int8.CPU_KERNEL in int8.PACKING)
     q = q.cuda()
     assert q.packed is None and q.weight_int8.device.type == "cuda"
     assert torch.equal(q.weight_int8.cpu(), weight)
