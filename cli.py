@@ -22,7 +22,7 @@ import torch.nn as nn
 import data
 import demo
 import tinygptv as tg
-from checkpoints import file_digest, output_file, write_atomically
+from checkpoints import file_digest, output_file, reuse_freed_memory, write_atomically
 from convert import convert
 from fastpaths import decoder_for
 import int8 as int8_kernels
@@ -170,7 +170,7 @@ def load_for_inference(args, dtype=None, answers="few"):
         if args.phi2 or args.checkpoint or args.run:
             raise ValueError("--model is the whole model: give it without --phi2, --blip2, --checkpoint or --run")
         model, tok, stage = load_quantized(args.model)
-        return pack_where_it_pays(model.to(args.device).eval(), answers), tok, max(stage, 1)
+        return ready_to_answer(model, args.device, answers), tok, max(stage, 1)
     if args.phi2:
         if not args.checkpoint:
             raise ValueError("--phi2/--blip2 need --checkpoint too: without a trained stage checkpoint (ours, or an "
@@ -192,7 +192,15 @@ def load_for_inference(args, dtype=None, answers="few"):
     if trained_with not in (None, tg.tokenizer_digest(tok)):
         raise ValueError(f"{checkpoint} was trained with another tokenizer than the one given: use the tokenizer.json "
                          "of the run or download it was trained on")
-    return pack_where_it_pays(model.to(args.device).eval(), answers), tok, max(stage, 1)
+    return ready_to_answer(model, args.device, answers), tok, max(stage, 1)
+
+
+def ready_to_answer(model, device, answers):
+    """A loaded model on its device, in eval mode, its int8 weights packed where that pays, and the
+    process's memory allocator set for answering (checkpoints.reuse_freed_memory)."""
+    model = pack_where_it_pays(model.to(device).eval(), answers)
+    reuse_freed_memory()
+    return model
 
 
 def pack_where_it_pays(model, answers):
