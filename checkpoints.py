@@ -12,7 +12,10 @@ A reader of the paper may skip this file. Its jobs:
   downloads, stage checkpoints and a resumed run's saved weights all go through it;
 - `config_file`, `read_json`: a checkpoint's config, a data file or JSON lines, with one-line
   errors naming the file;
+- `free_promptly`, `reuse_freed_memory`: glibc's malloc set for loading (large freed blocks handed
+  back) and then for answering (freed blocks reused);
 - `output_file`: the one refusal rule for what a command writes (nothing replaced without --force);
+- `save_aligned`: a safetensors file whose tensors a memory map hands out aligned;
 - `write_atomically`, `write_folder_atomically`, `write_json`: a write that an interruption or a full
   disk never leaves half done, with the same permissions for every file.
 """
@@ -101,12 +104,8 @@ def free_promptly():
     default it keeps freed blocks of up to 32 MB in its heap for reuse, and loading tensor by tensor
     frees thousands of them between the ones it keeps, so the heap fragments: after Phi-2 loaded in
     int8 (2.9 GB of weights) the process held 5.5 GB, 2.3 GB of it freed memory never returned, and
-    peaked at 7.2 GB on the way (measured). int8.py's packing calls it too. Elsewhere than glibc
-    this does nothing."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD: fixed at 4 MB
-    except (OSError, AttributeError):
-        pass
+    peaked at 7.2 GB on the way (measured). int8.py's packing calls it too."""
+    mallopt(M_MMAP_THRESHOLD=4 << 20)  # fixed at 4 MB
 
 
 def reuse_freed_memory():
@@ -114,11 +113,18 @@ def reuse_freed_memory():
     its heap and not hand the heap's top back, so each forward's activations take the memory the last
     one freed instead of fresh pages from the kernel. At 448 px the vision tower's GELU took 22 ms a
     block on fresh pages against 0.9 ms, the whole tower 4.1-4.5 s against 3.6-3.8 s, on the 2-core
-    EPYC VM (docs/LOG.md, 2026-12-05). Elsewhere than glibc this does nothing."""
+    EPYC VM (docs/LOG.md, 2026-12-05). free_promptly sets its own once per process, so a load after
+    this one runs with these settings."""
+    mallopt(M_MMAP_THRESHOLD=32 << 20, M_TRIM_THRESHOLD=1 << 30)  # up to 1 GB free at the heap's top kept
+
+
+def mallopt(**settings):
+    """glibc's mallopt for each setting, by its name in malloc.h; elsewhere than glibc, nothing."""
+    codes = {"M_TRIM_THRESHOLD": -1, "M_MMAP_THRESHOLD": -3}
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB come from the heap
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: up to 1 GB free at the heap's top is kept
+        for name, value in settings.items():
+            libc.mallopt(codes[name], value)
     except (OSError, AttributeError):
         pass
 

@@ -25,7 +25,7 @@ import tinygptv as tg
 from checkpoints import file_digest, output_file, reuse_freed_memory, write_atomically
 from convert import convert
 from fastpaths import decoder_for
-import int8 as int8_kernels
+import int8
 from int8 import Int8Linear, quantize_int8
 from layouts import load_model, load_quantized, save_quantized
 
@@ -210,7 +210,7 @@ def pack_where_it_pays(model, answers):
     2-core EPYC and saves about 0.03 s per decoded token (docs/LOG.md, 2026-12-05). "none": quantize."""
     if answers not in ("few", "many", "none"):
         raise ValueError(f"answers={answers!r}: few, many or none")
-    if answers == "many" or (answers == "few" and int8_kernels.CPU_KERNEL == "fbgemm"):
+    if answers == "many" or (answers == "few" and int8.CPU_KERNEL == "fbgemm"):
         for module in model.modules():
             if isinstance(module, Int8Linear):
                 module.pack()  # (on the CPU, with a kernel that packs)
