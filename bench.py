@@ -400,8 +400,8 @@ def random_model(config, dtype, device, quantized=False, pack=True):
     meta device (shapes only, no memory); then each module's tensors are allocated and filled in
     turn, so no float32 copy of the whole model ever exists. With `quantized`, Phi-2's Linear layers are
     turned into Int8Linear while still on meta, so the int8 weights are the only copy allocated, packed as
-    the chat packs them unless not `pack` (one command's answer), and the vision tower takes the fused
-    attention of the --int8 path."""
+    the chat packs them unless not `pack` (one command's answer), and the vision tower takes the
+    inference attention of the --int8 path."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # the meta tensors take this dtype, so to_empty allocates it
     try:
@@ -413,7 +413,7 @@ def random_model(config, dtype, device, quantized=False, pack=True):
         torch.set_default_dtype(default)
     fill_like_trained(model, torch.Generator(device).manual_seed(0), device)
     if quantized:  # the tower as --int8 and --model run it (layouts.load_model, load_quantized); Phi-2 packed
-        fastpaths.fused_attention(model.visual_encoder)  # as the chat and the server pack it (sections 3, 8)
+        fastpaths.inference_attention(model.visual_encoder)  # as the chat and the server pack it (sections 3, 8)
         pack_where_it_pays(model, "many" if pack else "none")
     reuse_freed_memory()  # (cli.ready_to_answer)
     return model.eval()
@@ -1030,15 +1030,15 @@ def section_vision(args, bw):
     rows = [Row(9, f"{args.preset} preset ViT in {str(dtype).removeprefix('torch.')}; one {a.shape[0]}x"
                    f"{w.shape[0]}x{w.shape[1]} product reaches {rate * 2 / 1e12:.2f} TFLOP/s here")]
     seconds = {}
-    for label in ("attention written out (vit.py: training)", "fused attention (--int8, --model)"):
-        if label.startswith("fused"):
-            fastpaths.fused_attention(vit)
+    for label in ("attention written out (vit.py: training)", "inference attention (--int8, --model)"):
+        if label.startswith("inference"):
+            fastpaths.inference_attention(vit)
         for size in (224, 448):
             x = torch.randn(1, 3, size, size, dtype=dtype, device=args.device)
             with torch.no_grad():
                 vit(x)  # warm-up: the position embedding's resize, allocator caches
                 t = seconds[size] = median_time(lambda: vit(x), args.device, 2)
-            bound, last = vision_macs(config, size) / rate, size == 448 and label.startswith("fused")
+            bound, last = vision_macs(config, size) / rate, size == 448 and label.startswith("inference")
             rows.append(Row(9, f"vision tower, {label}, one image at {size} px ({vision_macs(config, size) / 1e9:.0f} "
                                "GMAC) vs the compute bound", t, bound, "s", "<= 1.3x at 448" if last else "",
                             t <= 1.3 * bound if last else None))
@@ -1054,7 +1054,7 @@ def section_vision(args, bw):
             t = median_time(lambda: quantized(x), args.device, 2)
         error = ((out - ref).norm() / ref.norm()).item()
         keep = t < seconds[size] and error <= 0.01
-        rows.append(Row(9, f"int8 vision tower at {size} px against the fused one above: the Q-Former's outputs "
+        rows.append(Row(9, f"int8 vision tower at {size} px against the inference one above: the Q-Former's outputs "
                            f"{100 * error:.2f}% off ({'kept' if keep else 'not kept'}: needs faster and <= 1%)",
                         t, seconds[size], "s"))
     return rows

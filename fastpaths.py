@@ -9,7 +9,8 @@ only faster on some machines. Its jobs:
 - `CPU_BF16_MATMUL` and `Float32Blocks`: whether torch multiplies bf16 matrices at full speed on
   this CPU, decided once when this file is imported, and, where it does not, a ViT whose bf16
   blocks are computed in float32, one block's weights widened at a time;
-- `FusedAttention`: the ViT's attention through torch's fused kernel, for inference (--int8, --model);
+- `InferenceAttention`: the ViT's attention for inference (--int8, --model), head by head on a CPU in
+  bf16, through torch's fused kernel elsewhere;
 - `compute_dtype`, `mixed_precision`, `autocast`: bf16 where a device computes in it at full speed.
 """
 
@@ -203,22 +204,35 @@ def float32_blocks(vit):
     return vit
 
 
-class FusedAttention(Attention):
-    """vit.py's attention through torch's fused kernel (F.scaled_dot_product_attention), which never
-    holds the (T, T) scores: at 448 px (1,025 tokens) a block's attention took 36 ms here against
-    92 ms written out, on 2 cores in bf16 (docs/LOG.md, 2026-12-05). The same weights and formula;
-    the fused kernel's rounding differs from the written-out softmax's within the dtype's precision."""
+class InferenceAttention(Attention):
+    """vit.py's attention for inference (--int8, --model), the same weights and formula computed the
+    way each device does it fastest (docs/LOG.md, 2026-12-05):
+    - on a CPU in bf16, vit.py's formula one head at a time: a head's (T, T) scores (2 MB at 448 px)
+      stay in cache from the first product through the softmax to the second, and the products run at
+      the machine's bf16 rate. At 448 px a block's attention took 12 ms here against 34 ms through torch's
+      fused kernel, whose bf16 CPU kernel multiplies small tiles at a fifth of that rate;
+    - elsewhere (a GPU, or float32 blocks), torch's fused kernel (F.scaled_dot_product_attention),
+      which never holds the scores; its rounding differs from the written-out softmax's within the dtype's
+      precision."""
 
     def forward(self, x):
         B, T, D = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])  # (3D,)
         q, k, v = (self.qkv(x) + bias).view(B, T, 3, self.nh, self.hd).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hd)
+        if x.device.type != "cpu" or x.dtype != torch.bfloat16:
+            y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hd)
+        else:
+            q = q * self.hd ** -0.5  # (B, nh, T, hd): scaling T queries costs less than scaling T*T scores
+            y = torch.empty_like(q)
+            for b in range(B):
+                for h in range(self.nh):
+                    att = (q[b, h] @ k[b, h].transpose(0, 1)).softmax(-1)  # (T, T); computed in fp32, rounded once
+                    torch.mm(att, v[b, h], out=y[b, h])  # (T, hd)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 
-def fused_attention(vit):
+def inference_attention(vit):
     """Give every block of a loaded VisionTransformer the attention above (same parameters)."""
     for block in vit.blocks:
-        block.attn.__class__ = FusedAttention
+        block.attn.__class__ = InferenceAttention
     return vit

@@ -13,7 +13,7 @@ from PIL import Image
 import int8
 import tinygptv as tg
 from checkpoints import StrictReader, open_safetensors
-from fastpaths import fused_attention
+from fastpaths import inference_attention
 from layouts import load_model, quantizer, save_pretrained
 from phi2 import Phi2, Phi2Config
 
@@ -192,7 +192,7 @@ def test_assembled_int8_from_downloads_equals_quantize_int8_after(tmp_path):
     kw = dict(checkpoint=str(tmp_path / "stage4.safetensors"), proj_dim=model.config.proj_dim)
     after, stage = load_model(*paths, **kw)
     int8.quantize_int8(after)
-    fused_attention(after.visual_encoder)  # the tower's inference path, which load_model(int8=True) takes
+    inference_attention(after.visual_encoder)  # the tower's inference path, which load_model(int8=True) takes
     during, stage_during = load_model(*paths, int8=True, **kw)
     assert stage == stage_during == 4
     a, b = int8_state(after.llama_model), int8_state(during.llama_model)

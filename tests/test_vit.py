@@ -114,17 +114,38 @@ def test_bf16_tower_computes_its_blocks_in_float32(tiny):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_fused_attention_matches_transformers(tiny):
-    # fastpaths.fused_attention (inference's --int8 and --model): torch's fused kernel in place of the
-    # written-out softmax, held against the reference as vit.py is
+def test_inference_attention_matches_transformers(tiny):
+    # fastpaths.inference_attention (inference's --int8 and --model) in float32: torch's fused kernel in
+    # place of the written-out softmax, held against the reference as vit.py is
     ref, _, model = tiny
-    fused = fastpaths.fused_attention(copy.deepcopy(model))
-    assert all(type(b.attn) is fastpaths.FusedAttention for b in fused.blocks)
+    fused = fastpaths.inference_attention(copy.deepcopy(model))
+    assert all(type(b.attn) is fastpaths.InferenceAttention for b in fused.blocks)
     with torch.no_grad():
         x = pixels()
         torch.testing.assert_close(fused(x), ref.vision_model(x).last_hidden_state)
         x = pixels(H=64)  # 81 tokens, the position embedding resized: against vit.py's written-out attention
         torch.testing.assert_close(fused(x), model(x))
+
+
+def test_inference_attention_head_by_head_in_bf16(tiny):
+    # On a CPU in bf16 the attention is computed one head at a time: held against vit.py's written-out
+    # attention in float32 and in bf16. The tiny model's scores are near 0 (every softmax near uniform, so a
+    # wrong scale would pass): its q, k and v weights are scaled up first, to make the attention peaked.
+    _, _, model = tiny
+    peaked = copy.deepcopy(model)
+    with torch.no_grad():
+        for block in peaked.blocks:
+            block.attn.qkv.weight.mul_(4)
+    bf16 = copy.deepcopy(peaked).to(torch.bfloat16)
+    heads = fastpaths.inference_attention(copy.deepcopy(bf16))
+    x = pixels()
+    with torch.no_grad():
+        out = heads(x.bfloat16()).float()
+        expected = peaked(x)
+        written_out = bf16(x.bfloat16()).float()
+    # written out in bf16: 0.7% from float32 here; head by head with the scale off by 10%: 4.4%
+    assert (out - expected).norm() / expected.norm() < 1.5e-2
+    assert (out - written_out).norm() / written_out.norm() < 1.5e-2
 
 
 @pytest.mark.parametrize("fast_bf16", [False, True])
