@@ -24,7 +24,7 @@ import demo
 import tinygptv as tg
 from checkpoints import file_digest, output_file, reuse_freed_memory, write_atomically
 from convert import convert
-from fastpaths import decoder_for
+from fastpaths import decoder_for, inference_attention
 import int8
 from int8 import Int8Linear, quantize_int8
 from layouts import load_model, load_quantized, save_quantized
@@ -196,8 +196,10 @@ def load_for_inference(args, dtype=None, answers="few"):
 
 
 def ready_to_answer(model, device, answers):
-    """A loaded model on its device, in eval mode, its int8 weights packed where that pays, and the
+    """A loaded model on its device, in eval mode, its vision tower's attention computed the fastest way
+    for inference (fastpaths.InferenceAttention), its int8 weights packed where that pays, and the
     process's memory allocator set for answering (checkpoints.reuse_freed_memory)."""
+    inference_attention(model.visual_encoder)
     model = pack_where_it_pays(model.to(device).eval(), answers)
     reuse_freed_memory()
     return model

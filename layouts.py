@@ -36,7 +36,7 @@ from tokenizers import Tokenizer
 import tinygptv as tg
 from checkpoints import (StrictReader, check_overrides, config_file, open_safetensors, read_json, regular_file,
                          save_aligned, write_atomically, write_json)
-from fastpaths import float32_blocks, inference_attention
+from fastpaths import float32_blocks
 from int8 import Int8Linear, quantize_int8
 from phi2 import Phi2, Phi2Config
 from qformer import QFormer, QFormerConfig
@@ -321,7 +321,7 @@ def load_model(phi2_path, vit_path, qformer_path=None, checkpoint=None, dtype=No
     missing = [n for n in targets if lora and f"{n}.lora_A" not in lora] + convert.unused()
     if missing:  # every adapter of the checkpoint merged, and every layer's found
         raise ValueError(f"{checkpoint}: the LoRA of {missing[0]} does not match Phi-2's layers")
-    vit = inference_attention(float32_blocks(load_vit(vit_path, dtype, device)))  # (inference only: fused attention)
+    vit = float32_blocks(load_vit(vit_path, dtype, device))
     model, _ = tg.build(vit, load_qformer(qformer_path or vit_path, dtype, device), llm, None, proj_dim, dtype, device)
     if checkpoint is not None:  # the adapters are in Phi-2's int8 weights: the rest loads as usual
         model.config.lora_r, model.config.lora_alpha = ck_config.lora_r, ck_config.lora_alpha
@@ -394,7 +394,7 @@ def load_quantized(path, device="cpu"):
         # int8 kernels crashed on one 1 byte off
         return t.clone() if t.dtype == torch.int8 and t.data_ptr() % 64 else t
     reader.load(model, read)
-    inference_attention(float32_blocks(model.visual_encoder))  # as --int8 from the downloads
+    float32_blocks(model.visual_encoder)  # as --int8 from the downloads
     return model.to(device).eval(), tok, stage
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 import int8
 import tinygptv as tg
 from checkpoints import StrictReader, open_safetensors
-from fastpaths import inference_attention
+from fastpaths import InferenceAttention
 from layouts import load_model, quantizer, save_pretrained
 from phi2 import Phi2, Phi2Config
 
@@ -192,7 +192,6 @@ def test_assembled_int8_from_downloads_equals_quantize_int8_after(tmp_path):
     kw = dict(checkpoint=str(tmp_path / "stage4.safetensors"), proj_dim=model.config.proj_dim)
     after, stage = load_model(*paths, **kw)
     int8.quantize_int8(after)
-    inference_attention(after.visual_encoder)  # the tower's inference path, which load_model(int8=True) takes
     during, stage_during = load_model(*paths, int8=True, **kw)
     assert stage == stage_during == 4
     a, b = int8_state(after.llama_model), int8_state(during.llama_model)
@@ -271,7 +270,9 @@ def test_the_quantized_file_is_the_int8_model_from_the_downloads(downloads, quan
     w, out = downloads, quantized
     direct, tok, stage = cli.load_for_inference(weight_args(w), dtype=torch.bfloat16, answers="none")
     loaded, tok2, stage2 = load_quantized(out)
+    loaded = cli.ready_to_answer(loaded, "cpu", "none")  # as load_for_inference made direct ready
     assert stage == stage2 == 4 and tok2.to_str() == tok.to_str()
+    assert all(type(m.visual_encoder.blocks[0].attn) is InferenceAttention for m in (direct, loaded))
     a, b = dict(direct.named_modules()), dict(loaded.named_modules())
     assert a.keys() == b.keys()
     sa, sb = direct.state_dict(), loaded.state_dict()
