@@ -70,7 +70,7 @@ import loader
 import tinygptv as tg
 import train
 from checkpoints import reuse_freed_memory
-from cli import pack_where_it_pays, parse_user_prompt
+from cli import pack_where_it_pays, parse_user_prompt, ready_to_answer
 from fastpaths import decoder_for
 from layouts import save_pretrained
 from phi2 import Phi2, Phi2Config
@@ -400,8 +400,8 @@ def random_model(config, dtype, device, quantized=False, pack=True):
     meta device (shapes only, no memory); then each module's tensors are allocated and filled in
     turn, so no float32 copy of the whole model ever exists. With `quantized`, Phi-2's Linear layers are
     turned into Int8Linear while still on meta, so the int8 weights are the only copy allocated, packed as
-    the chat packs them unless not `pack` (one command's answer), and the vision tower takes the
-    inference attention of the --int8 path."""
+    the chat packs them unless not `pack` (one command's answer). Every model is readied to answer as a
+    command readies it (cli.ready_to_answer)."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # the meta tensors take this dtype, so to_empty allocates it
     try:
@@ -412,11 +412,9 @@ def random_model(config, dtype, device, quantized=False, pack=True):
     finally:
         torch.set_default_dtype(default)
     fill_like_trained(model, torch.Generator(device).manual_seed(0), device)
-    if quantized:  # the tower as --int8 and --model run it (layouts.load_model, load_quantized); Phi-2 packed
-        fastpaths.inference_attention(model.visual_encoder)  # as the chat and the server pack it (sections 3, 8)
-        pack_where_it_pays(model, "many" if pack else "none")
-    reuse_freed_memory()  # (cli.ready_to_answer)
-    return model.eval()
+    # ready as a command readies its model to answer: the tower's inference attention, Phi-2 packed as the
+    # chat and the server pack it (sections 3, 8) or used as stored, the allocator set for answering
+    return ready_to_answer(model, device, "many" if quantized and pack else "none")
 
 
 def fill_like_trained(model, gen, device):
