@@ -1028,7 +1028,7 @@ def section_vision(args, bw):
     rows = [Row(9, f"{args.preset} preset ViT in {str(dtype).removeprefix('torch.')}; one {a.shape[0]}x"
                    f"{w.shape[0]}x{w.shape[1]} product reaches {rate * 2 / 1e12:.2f} TFLOP/s here")]
     seconds = {}
-    for label in ("attention written out (vit.py: training)", "inference attention (--int8, --model)"):
+    for label in ("attention written out (vit.py: training)", "inference attention (answering)"):
         if label.startswith("inference"):
             fastpaths.inference_attention(vit)
         for size in (224, 448):

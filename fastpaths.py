@@ -9,8 +9,8 @@ only faster on some machines. Its jobs:
 - `CPU_BF16_MATMUL` and `Float32Blocks`: whether torch multiplies bf16 matrices at full speed on
   this CPU, decided once when this file is imported, and, where it does not, a ViT whose bf16
   blocks are computed in float32, one block's weights widened at a time;
-- `InferenceAttention`: the ViT's attention for inference (--int8, --model), head by head on a CPU in
-  bf16, through torch's fused kernel elsewhere;
+- `InferenceAttention`: the ViT's attention for answering, head by head on a CPU in bf16, through
+  torch's fused kernel elsewhere;
 - `compute_dtype`, `mixed_precision`, `autocast`: bf16 where a device computes in it at full speed.
 """
 
@@ -205,8 +205,8 @@ def float32_blocks(vit):
 
 
 class InferenceAttention(Attention):
-    """vit.py's attention for inference (--int8, --model), the same weights and formula computed the
-    way each device does it fastest (docs/LOG.md, 2026-12-05):
+    """vit.py's attention for answering (every command's model: cli.ready_to_answer), the same weights
+    and formula computed the way each device does it fastest (docs/LOG.md, 2026-12-05):
     - on a CPU in bf16, vit.py's formula one head at a time: a head's (T, T) scores (2 MB at 448 px)
       stay in cache from the first product through the softmax to the second, and the products run at
       the machine's bf16 rate. At 448 px a block's attention took 12 ms here against 34 ms through torch's
@@ -227,7 +227,7 @@ class InferenceAttention(Attention):
             for b in range(B):
                 for h in range(self.nh):
                     att = (q[b, h] @ k[b, h].transpose(0, 1)).softmax(-1)  # (T, T); computed in fp32, rounded once
-                    torch.mm(att, v[b, h], out=y[b, h])  # (T, hd)
+                    y[b, h] = att @ v[b, h]  # (T, hd)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 

@@ -115,7 +115,7 @@ def test_bf16_tower_computes_its_blocks_in_float32(tiny):
 
 
 def test_inference_attention_matches_transformers(tiny):
-    # fastpaths.inference_attention (inference's --int8 and --model) in float32: torch's fused kernel in
+    # fastpaths.inference_attention (every answering command's tower) in float32: torch's fused kernel in
     # place of the written-out softmax, held against the reference as vit.py is
     ref, _, model = tiny
     fused = fastpaths.inference_attention(copy.deepcopy(model))
